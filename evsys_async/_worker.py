@@ -1,0 +1,75 @@
+"""A dedicated daemon thread that runs calls one at a time, awaited from async code.
+
+DESIGN rule 8/10: a ``def`` step or hook runs in one thread of its own for its
+whole life (thread-local device and autocast state stay put, a hung call
+starves nobody), and the thread is a daemon so an abandoned call never holds
+the process open. anyio's ``to_thread`` pool is neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+__all__ = ["DaemonWorker"]
+
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "_Outcome"]
+
+
+class _Outcome:
+    __slots__ = ("done", "error", "event", "token", "value")
+
+    def __init__(self, event: anyio.Event, token: Any) -> None:
+        self.event = event
+        self.token = token
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class DaemonWorker:
+    """One daemon thread; :meth:`call` runs ``fn(*args)`` there and awaits the result.
+
+    Calls run in submission order. Cancelling :meth:`call` does not stop the
+    thread's call (threads cannot be cancelled): it runs on, its result is
+    dropped, and the next call starts after it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, args, outcome = job
+            try:
+                outcome.value = fn(*args)
+            except BaseException as exc:  # handed back to the awaiting task
+                outcome.error = exc
+            outcome.done = True
+            with contextlib.suppress(RuntimeError):  # the loop is gone; nobody awaits this
+                anyio.from_thread.run_sync(outcome.event.set, token=outcome.token)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
+        outcome = _Outcome(anyio.Event(), anyio.lowlevel.current_token())
+        self._queue.put((fn, args, outcome))
+        await outcome.event.wait()
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.value
+
+    def close(self) -> None:
+        """Let the thread end after the calls already submitted. Never blocks."""
+        self._queue.put(None)

@@ -1,0 +1,998 @@
+"""EventBus: one intake, one pump, and a task (or thread) per subscriber.
+
+How an event travels:
+
+1. ``publish`` (any thread) appends the event to the bus's intake and, if the
+   pump is not already due, wakes it. It is O(1) whatever the number of
+   subscribers, never awaits and never raises because of a subscriber.
+2. The pump numbers nothing twice: on the loop thread an event gets its
+   sequence number at ``publish``; from another thread when the loop takes it
+   in. The pump walks new events through the type -> subscribers map fixed at
+   ``subscribe`` and puts a shared ``(seq, event)`` entry into each matching
+   subscriber's buffer; the buffer's policy decides what it keeps.
+3. A subscriber is woken when its backlog reaches ``batch_size`` or its oldest
+   pending event is ``batch_delay`` old (one timer for the whole bus), and at
+   once while a barrier, ``drain`` or close waits. Each wake hands it
+   everything pending: an ``async def`` handler runs in its own task, a
+   ``def`` handler in its own daemon thread, one call at a time.
+
+Guarantees: each subscriber sees its events in publish order; a handler that
+raises, hangs or is slow stalls neither the publisher nor its siblings; a
+``Lossless`` subscriber never loses an event while the bus is open, and
+leaving ``async with`` drains (shielded) before anything is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import math
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import msgspec
+
+from ._log import get_logger
+from .errors import BusClosedError
+from .events import CallbackFailed, Envelope, Event, SubscriberLagged
+from .policies import DropOldest, Entry, Latest, Lossless, Policy
+
+__all__ = [
+    "DrainReport",
+    "EventBus",
+    "SubscriberStats",
+    "Subscription",
+    "current_subscription",
+    "is_async_callable",
+]
+
+_log = get_logger()
+
+Handler = Callable[[Any], Any]
+Hook = Callable[[], Any]
+
+_thread_local = threading.local()
+_current_subscription: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
+    "evsys_current_subscription", default=None
+)
+
+
+class SubscriberStats(msgspec.Struct, frozen=True):
+    """Counts for one subscriber, current at the call of ``EventBus.stats()``."""
+
+    delivered: int
+    pending: int
+    dropped: int
+    failed: int
+    max_pending: int
+    handler_seconds: float
+
+
+class DrainReport(msgspec.Struct, frozen=True):
+    """What ``drain``/``publish_and_wait`` saw when they returned.
+
+    ``ok`` is true when nothing was left; ``pending`` maps each subscriber that
+    was not done to its pending count; ``stuck`` names subscribers whose
+    ``def`` handler is past its timeout (abandoned, not waited for).
+    """
+
+    ok: bool
+    pending: dict[str, int]
+    stuck: tuple[str, ...] = ()
+
+
+def is_async_callable(fn: Any) -> bool:
+    """True if ``fn``, its ``__call__`` or the function in a ``partial`` is a coroutine function."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's coroutine __call__
+    )
+
+
+class Subscription:
+    """One subscriber: its handler, policy, buffer and counters.
+
+    Returned by :meth:`EventBus.subscribe`. Use :meth:`wait` as a barrier and
+    :meth:`aclose` to drain and end it.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        handler: Handler,
+        *,
+        events: tuple[type[Event], ...],
+        policy: Policy,
+        name: str,
+        timeout: float | None,
+        envelopes: bool,
+        run_key: str | None,
+        is_async: bool,
+        on_start: Hook | None,
+        on_batch_end: Hook | None,
+        on_close: Hook | None,
+        hook_name: Callable[[Event], str] | None,
+    ) -> None:
+        self._bus = bus
+        self.handler = handler
+        self.events = events
+        self.policy = policy
+        self.name = name
+        self.timeout = timeout
+        self.envelopes = envelopes
+        self.run_key = run_key
+        self.is_async = is_async
+        self._on_start = on_start
+        self._on_batch_end = on_batch_end
+        self._on_close = on_close
+        self._hook_name = hook_name
+        self._buffer = policy.buffer() if isinstance(policy, Latest | DropOldest) else _Unbounded()
+        self._put = self._buffer.put
+        # Loop-thread state.
+        self._handled_upto = 0  # every matching event with seq < this is handled
+        self._first_pending: float | None = None
+        self._arrivals = 0  # since the last take, for bounded lag reports
+        self._lag_mark = 0  # next pending/arrival count that reports lag
+        self._drop_mark = 1  # next dropped count that reports lag
+        self._running = False
+        self._closing = False
+        self._closed = False
+        self._delivered = 0
+        self._failed = 0
+        self._seconds = 0.0
+        self._max_pending = 0
+        # async subscriber: woken through an anyio.Event
+        self._wake_evt: anyio.Event | None = None
+        self._woken = False
+        # def subscriber: its own thread, fed in batches
+        self._queue: queue.SimpleQueue[tuple[list[Entry], int] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._inflight_end: int | None = None
+        self._stuck_call: float | None = None
+        # written by the subscriber's thread only
+        self._t_done = 0
+        self._t_delivered = 0
+        self._t_failed = 0
+        self._t_seconds = 0.0
+        self._t_call_started: float | None = None
+        self._t_event: Event | None = None
+        self._t_finished = False
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.name!r} policy={self.policy!r}>"
+
+    @property
+    def stuck(self) -> bool:
+        """True while a ``def`` handler is past its timeout (abandoned, not waited for)."""
+        return self._stuck_call is not None and not self._t_finished
+
+    def stats(self) -> SubscriberStats:
+        """This subscriber's counts (see :meth:`EventBus.stats`)."""
+        return self._bus._stats_of(self)
+
+    async def wait(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until this subscriber has handled every matching event up to ``seq``.
+
+        Returns ``False`` if ``timeout`` passed first. A stuck ``def`` handler,
+        an ended subscription and the calling subscriber itself count as done.
+        Cancellation-safe: nothing changes for the subscriber.
+        """
+        return await self._bus._wait_until(lambda: self._reached(seq), timeout)
+
+    async def aclose(self, timeout: float | None = 30.0) -> bool:
+        """Drain this subscriber, then end it: no new events, ``on_close`` runs in its
+        thread or task. Returns ``False`` if the deadline passed first (a stuck
+        ``def`` handler's ``on_close`` then runs when the hung call returns)."""
+        bus = self._bus
+        deadline = _deadline(timeout)
+        ok = await self.wait(bus._next_seq - 1, _remaining(deadline))
+        bus._unsubscribe(self)
+        ended = await bus._wait_until(self._is_closed, _remaining(deadline))
+        return ok and ended
+
+    # -- loop-thread helpers -------------------------------------------------------
+
+    def _is_closed(self) -> bool:
+        return self._closed or self._t_finished
+
+    def _reached(self, seq: int) -> bool:
+        if self._handled_upto > seq or self._stuck_call is not None or self._is_closed():
+            return True
+        return _current_subscription.get() is self
+
+    def _idle(self) -> bool:
+        return not self._running and self._inflight_end is None
+
+    def _accepts(self, event: Event) -> bool:
+        if self.run_key is not None and event.run_key != self.run_key:
+            return False
+        return not (type(event) is SubscriberLagged and event.subscriber == self.name)
+
+    def _label(self, event: Event | None, fallback: str) -> str:
+        if event is None:
+            return fallback
+        if self._hook_name is not None:
+            try:
+                return self._hook_name(event)
+            except Exception:
+                pass
+        return type(event).__name__
+
+
+class _Unbounded:
+    """A ``Lossless`` subscriber's pending entries: a list of shared entries."""
+
+    __slots__ = ("_items", "dropped", "put")
+
+    def __init__(self) -> None:
+        self._items: list[Entry] = []
+        self.put = self._items.append
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self) -> list[Entry]:
+        out = self._items[:]
+        self._items.clear()
+        return out
+
+
+def _deadline(timeout: float | None) -> float:
+    return math.inf if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float) -> float | None:
+    return None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+
+
+class EventBus:
+    """An in-process async event bus for asyncio and trio.
+
+    Use it as an async context manager; it owns its subscriber tasks and
+    threads. ``batch_size`` and ``batch_delay`` set when an idle subscriber is
+    woken (see the module docstring); ``lag_threshold`` when
+    ``SubscriberLagged`` is published; ``close_timeout`` bounds the drain when
+    the block is left.
+    """
+
+    def __init__(
+        self,
+        *,
+        close_timeout: float = 30.0,
+        lag_threshold: int = 1000,
+        batch_size: int = 32,
+        batch_delay: float = 0.005,
+        bus_id: str | None = None,
+    ) -> None:
+        if batch_size < 1 or batch_delay < 0 or lag_threshold < 1:
+            raise ValueError(
+                "EventBus: batch_size and lag_threshold must be >= 1 and batch_delay >= 0, "
+                f"got batch_size={batch_size}, lag_threshold={lag_threshold}, "
+                f"batch_delay={batch_delay}"
+            )
+        self.bus_id = bus_id or uuid.uuid4().hex
+        self.close_timeout = close_timeout
+        self.lag_threshold = lag_threshold
+        self.batch_size = batch_size
+        self.batch_delay = batch_delay
+        self._subs: list[Subscription] = []
+        self._ended: list[Subscription] = []  # unsubscribed; kept for stats and close
+        self._names: set[str] = set()
+        self._routes: dict[type, tuple[Subscription, ...]] = {}
+        self._new: list[Event] = []  # published on the loop thread, not yet walked
+        self._next_seq = 0  # seq of the next event published
+        self._walked = 0  # every event with seq < this has been routed
+        self._intake: deque[Event] = deque()  # published from other threads
+        self._thread_wake_pending = False
+        self._loop_thread: int | None = None
+        self._open = False
+        self._closed = False
+        self._dropped_after_close = 0
+        self._pump_evt: anyio.Event | None = None
+        self._pump_due = False
+        self._timer_armed = False
+        self._progress: anyio.Event | None = None
+        self._waiters = 0
+        self._urgent = 0
+        self._tg: Any = None
+        self._anyio_token: Any = None
+        self._call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._open or self._closed:
+            raise BusClosedError("an EventBus can be entered once; create a new one")
+        token = anyio.lowlevel.current_token()
+        self._anyio_token = token
+        native = token.native_token
+        if hasattr(native, "call_soon_threadsafe"):  # asyncio event loop
+            self._call_soon_threadsafe = native.call_soon_threadsafe
+        else:  # trio token: idempotent, so a burst of wakes costs one callback
+            self._call_soon_threadsafe = functools.partial(_trio_soon, native)
+        self._loop_thread = threading.get_ident()
+        self._pump_evt = anyio.Event()
+        self._progress = anyio.Event()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._open = True
+        self._tg.start_soon(self._pump, name="evsys-bus-pump")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            await self._shutdown()
+        finally:
+            self._tg.cancel_scope.cancel()
+            result: bool | None = await self._tg.__aexit__(exc_type, exc, tb)
+        return result
+
+    async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.close_timeout
+        native_cancel: BaseException | None = None
+        report = None
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    report = await self.drain(timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except BaseException as exc:
+                    # A native asyncio cancellation (uvicorn's shutdown, a nested
+                    # asyncio.timeout) pierces anyio's shield: finish the drain first.
+                    if not _is_native_cancel(exc) or time.monotonic() >= deadline:
+                        raise
+                    native_cancel = exc
+            for sub in list(self._subs):
+                self._unsubscribe(sub)
+            await self._wait_until(
+                lambda: all(s._is_closed() or s.stuck for s in self._ended),
+                max(0.0, deadline - time.monotonic()),
+            )
+            self._open = False
+            self._closed = True
+            self._take_intake()
+            for sub in self._ended:
+                pending = len(sub._buffer)
+                if pending or sub.stuck or not sub._is_closed():
+                    _log.warning(
+                        "bus closed with undelivered events",
+                        subscriber=sub.name,
+                        pending=pending,
+                        stuck=sub.stuck,
+                        delivered=sub._delivered + sub._t_delivered,
+                    )
+            if report is not None and not report.ok:
+                _log.warning("bus drain deadline passed", pending=report.pending)
+        if native_cancel is not None:
+            raise native_cancel
+
+    # -- subscribe ---------------------------------------------------------------
+
+    def subscribe(
+        self,
+        handler: Handler,
+        *,
+        events: Iterable[type[Event]] = (Event,),
+        policy: Policy | None = None,
+        name: str | None = None,
+        timeout: float | None = None,
+        envelopes: bool = False,
+        run_key: str | None = None,
+        sync: bool | None = None,
+        on_start: Hook | None = None,
+        on_batch_end: Hook | None = None,
+        on_close: Hook | None = None,
+        hook_name: Callable[[Event], str] | None = None,
+    ) -> Subscription:
+        """Add a subscriber; it sees matching events published from now on.
+
+        ``events`` matches by type, subclasses included. ``handler`` takes one
+        argument (the event, or an :class:`Envelope` with ``envelopes=True``)
+        and is ``def`` (run in the subscriber's own daemon thread) or
+        ``async def`` (run in its own task); ``sync`` overrides the check.
+        ``on_start``/``on_batch_end``/``on_close`` run in that thread or task
+        before the first event, after each batch, after the last.
+        ``timeout`` bounds each call: an async call is cancelled, a ``def``
+        call abandoned; both count as failed.
+
+        Raises ``TypeError`` for a handler that cannot take one argument or a
+        non-``Event`` type, and :class:`BusClosedError` outside the bus's block.
+        """
+        if not self._open:
+            raise BusClosedError(
+                "subscribe() needs an open bus: call it inside `async with EventBus() as bus:`"
+            )
+        _check_handler(handler)
+        types = tuple(events)
+        for t in types:
+            if not (isinstance(t, type) and issubclass(t, Event)):
+                raise TypeError(
+                    f"subscribe(events=...) takes Event subclasses, got {t!r}; "
+                    "e.g. events=(ev.events.StepEnded,)"
+                )
+        policy = Lossless() if policy is None else policy
+        if not isinstance(policy, Lossless | Latest | DropOldest):
+            raise TypeError(f"policy must be Lossless(), Latest() or DropOldest(n), got {policy!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"subscribe(timeout=...) must be > 0 or None, got {timeout}")
+        is_async = is_async_callable(handler) if sync is None else not sync
+        sub = Subscription(
+            self,
+            handler,
+            events=types,
+            policy=policy,
+            name=self._unique_name(name or _default_name(handler)),
+            timeout=timeout,
+            envelopes=envelopes,
+            run_key=run_key,
+            is_async=is_async,
+            on_start=on_start,
+            on_batch_end=on_batch_end,
+            on_close=on_close,
+            hook_name=hook_name,
+        )
+        self._tick()  # what was published before subscribe is not this subscriber's
+        sub._handled_upto = self._walked
+        self._subs.append(sub)
+        self._routes.clear()
+        if is_async:
+            sub._wake_evt = anyio.Event()
+            self._tg.start_soon(self._run_async, sub, name=f"evsys-sub:{sub.name}")
+        else:
+            sub._queue = queue.SimpleQueue()
+            sub._t_done = self._walked
+            sub._thread = threading.Thread(
+                target=self._run_thread, args=(sub,), name=f"evsys-sub:{sub.name}", daemon=True
+            )
+            sub._thread.start()
+        return sub
+
+    def _unique_name(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._names:
+            n += 1
+            name = f"{base}#{n}"
+        self._names.add(name)
+        return name
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._tick()
+            self._subs.remove(sub)
+            self._routes.clear()
+            self._ended.append(sub)
+        sub._closing = True
+        if sub.is_async:
+            self._wake(sub)
+        elif sub._queue is not None and not sub._t_finished:
+            # the thread drains what it holds, runs on_close, then ends
+            pending = sub._buffer.take()
+            if pending:
+                sub._queue.put((pending, self._walked))
+            sub._queue.put(None)
+
+    # -- publish -----------------------------------------------------------------
+
+    def publish(self, event: Event) -> int | None:
+        """Publish ``event`` to every matching subscriber.
+
+        Never blocks, never awaits, never raises because of a subscriber;
+        callable from any thread. Returns the event's sequence number on the
+        loop thread (``None`` from another thread, where it is numbered when
+        the loop takes it in). After the bus closed the event is counted as
+        dropped and logged once. Raises ``TypeError`` for a non-``Event``.
+        """
+        if threading.get_ident() != self._loop_thread:
+            self._publish_foreign(event)
+            return None
+        if not isinstance(event, Event):
+            raise TypeError(f"publish() takes an Event, got {type(event).__name__}")
+        if not self._open:
+            self._drop_closed(event)
+            return None
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._new.append(event)
+        if not self._pump_due and (
+            not self._timer_armed or self._urgent or len(self._new) >= self.batch_size
+        ):
+            self._pump_due = True
+            self._pump_evt.set()  # type: ignore[union-attr]
+        return seq
+
+    def _publish_foreign(self, event: Event) -> None:
+        if not isinstance(event, Event):
+            raise TypeError(f"publish() takes an Event, got {type(event).__name__}")
+        if self._loop_thread is None:
+            raise BusClosedError(
+                "publish() before the bus was entered: use `async with EventBus() as bus:`"
+            )
+        if self._closed:
+            self._drop_closed(event)
+            return
+        self._intake.append(event)
+        self._wake_from_thread()
+
+    def _drop_closed(self, event: Event) -> None:
+        self._dropped_after_close += 1
+        if self._dropped_after_close == 1:
+            _log.warning(
+                "event published after the bus closed; dropped",
+                event_type=type(event).__name__,
+            )
+
+    def _wake_from_thread(self) -> None:
+        if self._thread_wake_pending:
+            return
+        self._thread_wake_pending = True
+        try:
+            self._call_soon_threadsafe(self._on_thread_wake)  # type: ignore[misc]
+        except RuntimeError:  # the event loop is gone; nothing to wake
+            self._thread_wake_pending = False
+
+    def _on_thread_wake(self) -> None:
+        # Runs on the loop thread as a plain callback: must never raise.
+        self._thread_wake_pending = False
+        try:
+            if self._open:
+                self._take_intake()
+                if not self._pump_due:
+                    self._pump_due = True
+                    self._pump_evt.set()  # type: ignore[union-attr]
+            self._notify()
+        except Exception:  # pragma: no cover - defensive: a wake callback must not raise
+            _log.exception("bus wake callback failed")
+
+    def _take_intake(self) -> None:
+        intake = self._intake
+        while intake:
+            event = intake.popleft()
+            if self._open:
+                self._next_seq += 1
+                self._new.append(event)
+            else:
+                self._drop_closed(event)
+
+    # -- waiting -----------------------------------------------------------------
+
+    async def publish_and_wait(self, event: Event, timeout: float | None = 5.0) -> DrainReport:
+        """Publish ``event`` and wait until every matching subscriber handled it.
+
+        Returns a report naming those that had not when ``timeout`` passed; it
+        does not raise on the deadline. Called from inside a handler, it does
+        not wait for the calling subscriber.
+        """
+        seq = self.publish(event)
+        if seq is None:
+            raise RuntimeError("publish_and_wait() must be awaited on the bus's event loop")
+        self._tick()
+        routed = self._routes.get(type(event))
+        if routed is None:
+            routed = self._route(type(event))
+        waiting = [s for s in routed if s._accepts(event)]
+        await self._wait_until(lambda: all(s._reached(seq) for s in waiting), timeout)
+        return self._report(waiting, seq)
+
+    async def drain(self, timeout: float | None = 30.0) -> DrainReport:
+        """Wait until every subscriber has handled, or dropped by its policy, every
+        event published before the call and while it waits.
+
+        Returns a report; does not raise on the deadline. Stuck ``def``
+        handlers and, inside a handler, the calling subscriber are not waited
+        for. Cancellation-safe.
+        """
+
+        def quiet() -> bool:
+            self._take_intake()
+            if self._new or self._intake:
+                return False
+            # handled_upto == walked implies an empty buffer: entries are all < walked
+            return all(s._reached(self._walked - 1) for s in self._subs)
+
+        await self._wait_until(quiet, timeout)
+        return self._report(self._subs, self._walked - 1)
+
+    def _report(self, subs: list[Subscription], seq: int) -> DrainReport:
+        pending = {s.name: self._pending_of(s) for s in subs if not s._reached(seq)}
+        stuck = tuple(s.name for s in subs if s.stuck)
+        return DrainReport(ok=not pending, pending=pending, stuck=stuck)
+
+    async def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        self._waiters += 1
+        self._urgent += 1
+        try:
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                while True:
+                    self._tick()
+                    if done():
+                        return True
+                    await self._progress.wait()  # type: ignore[union-attr]
+            self._tick()
+            return done()
+        finally:
+            self._waiters -= 1
+            self._urgent -= 1
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._progress.set()  # type: ignore[union-attr]
+            self._progress = anyio.Event()
+
+    # -- stats -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, SubscriberStats]:
+        """``{name: SubscriberStats}`` for every subscriber, ended ones included.
+
+        On the loop thread it first takes in everything published so far, so
+        the counts are current at the call.
+        """
+        if threading.get_ident() == self._loop_thread and self._open:
+            self._tick()
+        return {s.name: self._stats_of(s) for s in self._subs + self._ended}
+
+    def _pending_of(self, sub: Subscription) -> int:
+        inflight = 0
+        if sub._inflight_end is not None or sub._running:
+            inflight = 1  # at least the batch in hand
+        return len(sub._buffer) + inflight
+
+    def _stats_of(self, sub: Subscription) -> SubscriberStats:
+        return SubscriberStats(
+            delivered=sub._delivered + sub._t_delivered,
+            pending=len(sub._buffer),
+            dropped=sub._buffer.dropped,
+            failed=sub._failed + sub._t_failed,
+            max_pending=sub._max_pending,
+            handler_seconds=sub._seconds + sub._t_seconds,
+        )
+
+    @property
+    def dropped_after_close(self) -> int:
+        """Events published after the bus closed (counted, logged once, not delivered)."""
+        return self._dropped_after_close
+
+    # -- the pump ----------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        next_deadline = math.inf
+        while True:
+            delay = next_deadline - time.monotonic()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._pump_evt.wait()  # type: ignore[union-attr]
+            if self._pump_due:
+                self._pump_evt = anyio.Event()
+                self._pump_due = False
+            next_deadline = self._tick()
+            self._timer_armed = next_deadline != math.inf
+
+    def _route(self, cls: type) -> tuple[Subscription, ...]:
+        subs = tuple(s for s in self._subs if issubclass(cls, s.events))
+        self._routes[cls] = subs
+        return subs
+
+    def _tick(self) -> float:
+        """Walk new events into buffers, collect finished batches, wake who is due.
+
+        Returns the earliest deadline at which a subscriber becomes due.
+        """
+        self._take_intake()
+        new = self._new
+        if new:
+            self._new = []
+            routes = self._routes
+            seq = self._walked
+            for event in new:
+                subs = routes.get(event.__class__)
+                if subs is None:
+                    subs = self._route(event.__class__)
+                if subs:
+                    entry = (seq, event)
+                    for sub in subs:
+                        if (
+                            sub.run_key is not None or type(event) is SubscriberLagged
+                        ) and not sub._accepts(event):
+                            continue
+                        sub._put(entry)
+                        sub._arrivals += 1
+                seq += 1
+            self._walked = seq
+        now = time.monotonic()
+        walked = self._walked
+        urgent = self._urgent
+        deadline = math.inf
+        lagged: SubscriberLagged | None = None
+        for sub in self._subs:
+            if not sub.is_async:
+                deadline = min(deadline, self._check_thread(sub, now))
+            n = len(sub._buffer)
+            if n > sub._max_pending:
+                sub._max_pending = n
+            if lagged is None and sub._arrivals:
+                lagged = self._lag(sub, n)
+            if not sub._idle():
+                continue
+            if n == 0:
+                sub._handled_upto = walked
+                continue
+            first = sub._first_pending
+            if first is None:
+                sub._first_pending = first = now
+            if urgent or n >= self.batch_size or now - first >= self.batch_delay:
+                self._wake(sub)
+            else:
+                deadline = min(deadline, first + self.batch_delay)
+        if lagged is not None:
+            self.publish(lagged)
+        self._notify()
+        return deadline
+
+    def _lag(self, sub: Subscription, pending: int) -> SubscriberLagged | None:
+        threshold = self.lag_threshold
+        if isinstance(sub.policy, Lossless):
+            count = pending
+        else:
+            dropped = sub._buffer.dropped
+            if dropped >= sub._drop_mark:
+                sub._drop_mark = max(sub._drop_mark, dropped) * 2
+                return SubscriberLagged(subscriber=sub.name, pending=pending, dropped=dropped)
+            count = sub._arrivals
+        mark = sub._lag_mark or threshold
+        if count < mark:
+            return None
+        sub._lag_mark = mark * 2
+        return SubscriberLagged(subscriber=sub.name, pending=pending, dropped=sub._buffer.dropped)
+
+    def _wake(self, sub: Subscription) -> None:
+        if sub.is_async:
+            if not sub._woken and sub._wake_evt is not None:
+                sub._woken = True
+                sub._wake_evt.set()
+            return
+        if sub._inflight_end is None and len(sub._buffer) and not sub._closing:
+            batch = self._take(sub)
+            sub._inflight_end = self._walked
+            sub._queue.put((batch, self._walked))  # type: ignore[union-attr]
+
+    def _take(self, sub: Subscription) -> list[Entry]:
+        sub._first_pending = None
+        sub._arrivals = 0
+        if isinstance(sub.policy, Lossless):
+            sub._lag_mark = 0  # lag is reported again from the threshold up
+        return sub._buffer.take()
+
+    # -- async subscribers -------------------------------------------------------
+
+    async def _run_async(self, sub: Subscription) -> None:
+        _current_subscription.set(sub)
+        try:
+            if sub._on_start is not None:
+                await self._call_hook_async(sub, sub._on_start, "on_start")
+            while True:
+                await sub._wake_evt.wait()  # type: ignore[union-attr]
+                sub._wake_evt = anyio.Event()
+                sub._woken = False
+                while len(sub._buffer):
+                    sub._running = True
+                    end = self._walked
+                    batch = self._take(sub)
+                    await self._handle_async(sub, batch)
+                    sub._handled_upto = max(sub._handled_upto, end)
+                    sub._running = False
+                    if sub._on_batch_end is not None:
+                        await self._call_hook_async(sub, sub._on_batch_end, "on_batch_end")
+                    self._notify()
+                    if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
+                        break
+                if sub._closing and not len(sub._buffer):
+                    break
+        finally:
+            sub._running = False
+            if sub._on_close is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+                    await self._call_hook_async(sub, sub._on_close, "on_close")
+            sub._closed = True
+            self._notify()
+
+    async def _handle_async(self, sub: Subscription, batch: list[Entry]) -> None:
+        handler = sub.handler
+        timeout = sub.timeout
+        envelopes = sub.envelopes
+        bus_id = self.bus_id
+        started = time.perf_counter()
+        for seq, event in batch:
+            arg = Envelope(bus_id, seq, event) if envelopes else event
+            try:
+                if timeout is None:
+                    await handler(arg)
+                else:
+                    with anyio.fail_after(timeout):
+                        await handler(arg)
+            except Exception as exc:
+                self._failure(sub, event, exc)
+            sub._handled_upto = seq + 1
+        sub._delivered += len(batch)
+        sub._seconds += time.perf_counter() - started
+
+    async def _call_hook_async(self, sub: Subscription, hook: Hook, label: str) -> None:
+        try:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self._failure(sub, None, exc, label)
+
+    # -- def subscribers ---------------------------------------------------------
+
+    def _run_thread(self, sub: Subscription) -> None:
+        q = sub._queue
+        assert q is not None
+        handler = sub.handler
+        envelopes = sub.envelopes
+        bus_id = self.bus_id
+        _thread_local.subscription = sub
+        if sub._on_start is not None:
+            self._call_hook_thread(sub, sub._on_start, "on_start")
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            batch, end = item
+            started = time.perf_counter()
+            for seq, event in batch:
+                arg = Envelope(bus_id, seq, event) if envelopes else event
+                sub._t_event = event
+                sub._t_call_started = time.monotonic()
+                try:
+                    handler(arg)
+                except Exception as exc:
+                    self._failure(sub, event, exc, thread=True)
+                sub._t_call_started = None
+            if sub._on_batch_end is not None:
+                self._call_hook_thread(sub, sub._on_batch_end, "on_batch_end")
+            sub._t_delivered += len(batch)
+            sub._t_seconds += time.perf_counter() - started
+            sub._t_done = end  # after the batch's publishes reached the intake
+            if self._waiters or sub._stuck_call is not None:
+                self._wake_from_thread()
+        if sub._on_close is not None:
+            self._call_hook_thread(sub, sub._on_close, "on_close")
+        sub._t_finished = True
+        self._wake_from_thread()
+
+    def _call_hook_thread(self, sub: Subscription, hook: Hook, label: str) -> None:
+        try:
+            if is_async_callable(hook):
+                anyio.from_thread.run(hook, token=self._anyio_token)
+            else:
+                hook()
+        except Exception as exc:
+            self._failure(sub, None, exc, label, thread=True)
+
+    def _check_thread(self, sub: Subscription, now: float) -> float:
+        """Collect a finished batch, detect a call past its timeout; returns a deadline."""
+        end = sub._inflight_end
+        if end is None:
+            return math.inf
+        done = sub._t_done  # read before taking in what the batch published
+        if done >= end:
+            self._take_intake()
+            sub._handled_upto = max(sub._handled_upto, done)
+            sub._inflight_end = None
+            if sub._stuck_call is not None:
+                sub._stuck_call = None
+            return math.inf
+        started = sub._t_call_started
+        if sub._stuck_call is not None:
+            if started == sub._stuck_call:
+                return math.inf
+            sub._stuck_call = None  # the hung call returned
+        if sub.timeout is None:
+            return math.inf
+        if started is None:
+            return now + sub.timeout
+        if now - started < sub.timeout:
+            return started + sub.timeout
+        sub._stuck_call = started
+        sub._failed += 1
+        self._failure(
+            sub,
+            sub._t_event,
+            TimeoutError(f"def handler still running after {sub.timeout}s; abandoned"),
+            count=False,
+        )
+        return math.inf
+
+    # -- failures ----------------------------------------------------------------
+
+    def _failure(
+        self,
+        sub: Subscription,
+        event: Event | None,
+        exc: BaseException,
+        label: str | None = None,
+        *,
+        thread: bool = False,
+        count: bool = True,
+    ) -> None:
+        if count:
+            if thread:
+                sub._t_failed += 1
+            else:
+                sub._failed += 1
+        hook = sub._label(event, label or "")
+        event_type = type(event).__name__ if event is not None else ""
+        if isinstance(exc, TimeoutError) and sub.timeout is not None:
+            error = f"timeout after {sub.timeout}s"
+        else:
+            error = f"{type(exc).__name__}: {exc}"
+        _log.warning(
+            "callback failed",
+            callback=sub.name,
+            hook=hook,
+            event_type=event_type,
+            error=error,
+            exc_info=exc,
+        )
+        if not isinstance(event, CallbackFailed):
+            self.publish(
+                CallbackFailed(subscriber=sub.name, hook=hook, event_type=event_type, error=error)
+            )
+
+
+def _check_handler(handler: Handler) -> None:
+    if not callable(handler):
+        raise TypeError(f"subscribe() takes a callable handler, got {handler!r}")
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None)
+    except TypeError:
+        raise TypeError(
+            f"handler {_default_name(handler)}{sig} must accept one positional argument "
+            "(the event); e.g. `async def handler(event): ...`"
+        ) from None
+
+
+def _default_name(handler: Any) -> str:
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    owner = getattr(handler, "__self__", None)
+    name = getattr(handler, "__name__", None)
+    if name is None:  # a callable object
+        return type(handler).__name__
+    return f"{type(owner).__name__}.{name}" if owner is not None else str(name)
+
+
+def current_subscription() -> Subscription | None:
+    """The subscription whose handler is running in this task or thread, if any."""
+    return _current_subscription.get() or getattr(_thread_local, "subscription", None)
+
+
+def _is_native_cancel(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError)
+
+
+def _trio_soon(token: Any, fn: Callable[[], None]) -> None:
+    token.run_sync_soon(fn, idempotent=True)

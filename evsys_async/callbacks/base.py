@@ -1,0 +1,363 @@
+"""Callback: the seed's hooks, each ``def`` or ``async def``; ``dispatch``; the adapter
+that turns a callback into one bus subscriber.
+
+Which hook runs (DESIGN rule 21): for a loop-scope event exactly one hook runs,
+the named hook of the nearest class in the event's MRO that the callback
+overrides, otherwise ``on_event``. ``on_envelope`` additionally sees every
+event with its sequence number. Experiment-scope hooks are called only by
+:func:`dispatch`.
+
+A callback is subscribed only to the events of the hooks it overrides, and
+it is decided once, at subscribe time, whether it runs in a task (every
+overridden hook, ``setup``, ``teardown`` and ``flush`` is ``async def``) or in
+its own daemon thread (any of them is ``def``; its ``async def`` hooks are then
+run on the event loop from that thread, one at a time, in order).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from .._log import get_logger
+from .._worker import DaemonWorker
+from ..bus import EventBus, Subscription, is_async_callable
+from ..events import (
+    BenchmarkEvaluated,
+    CheckpointSaved,
+    Envelope,
+    EvalEnded,
+    Event,
+    ExperimentEnded,
+    ExperimentStarted,
+    GroupStarted,
+    RunEnded,
+    RunStarted,
+    StepEnded,
+    TrainEnded,
+    TrainStarted,
+)
+from ..policies import Lossless, Policy
+from ..state import LoopArtifacts, LoopState
+
+__all__ = [
+    "EXPERIMENT_HOOKS",
+    "LOOP_HOOKS",
+    "Callback",
+    "CallbackAdapter",
+    "dispatch",
+    "overrides",
+]
+
+_log = get_logger()
+
+#: event type -> the named loop-scope hook it drives, and that hook's arity (with state)
+LOOP_HOOKS: dict[type[Event], tuple[str, int]] = {
+    TrainStarted: ("on_train_start", 1),
+    StepEnded: ("on_step_end", 4),
+    EvalEnded: ("on_eval", 4),
+    CheckpointSaved: ("on_checkpoint", 2),
+    TrainEnded: ("on_train_end", 2),
+}
+
+#: experiment-scope hooks and their positional arity; called only through dispatch
+EXPERIMENT_HOOKS: dict[str, int] = {
+    "on_experiment_start": 1,
+    "on_group_start": 2,
+    "on_run_start": 1,
+    "on_benchmark_eval": 3,
+    "on_run_end": 3,
+    "on_experiment_end": 2,
+}
+
+_EXPERIMENT_EVENTS = (
+    ExperimentStarted,
+    GroupStarted,
+    RunStarted,
+    BenchmarkEvaluated,
+    RunEnded,
+    ExperimentEnded,
+)
+
+_OTHER_HOOKS: dict[str, int] = {"on_event": 2, "on_envelope": 2, "setup": 1, "teardown": 1}
+
+
+class Callback:
+    """Base class of every callback; every hook is a no-op until overridden.
+
+    Override any hook with ``def`` (runs in the callback's own thread, so
+    blocking I/O there stalls nothing) or ``async def`` (runs on the event
+    loop: await, don't compute — CPU work or ``time.sleep`` in an ``async
+    def`` hook stalls the loop). Class attributes tune delivery:
+
+    * ``policy`` — ``Lossless()`` (default), ``Latest()`` or ``DropOldest(n)``;
+    * ``hook_timeout`` — seconds per hook call, ``None`` for no limit;
+    * ``controls_loop`` — the loop waits for this callback after each event it
+      handles, so a ``request_stop`` on step k's event stops before step k+1;
+    * ``wants_batch`` — ``on_step_end`` gets the live batch (else ``None``).
+
+    A subclass need not call ``super().__init__()``.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type | None] = None
+    policy: ClassVar[Policy] = Lossless()
+    hook_timeout: ClassVar[float | None] = None
+    controls_loop: ClassVar[bool] = False
+    wants_batch: ClassVar[bool] = False
+
+    # -- loop scope --------------------------------------------------------------
+    def on_train_start(self, state: LoopState) -> Any: ...
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
+    ) -> Any: ...
+    def on_eval(
+        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+    ) -> Any: ...
+    def on_checkpoint(self, state: LoopState, row: dict[str, Any]) -> Any: ...
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> Any: ...
+    def on_event(self, state: LoopState, event: Event) -> Any: ...
+    def on_envelope(self, state: LoopState, envelope: Envelope) -> Any: ...
+    def flush(self) -> Any: ...
+    def setup(self, state: LoopState) -> Any: ...
+    def teardown(self, state: LoopState) -> Any: ...
+
+    # -- experiment scope --------------------------------------------------------
+    def on_experiment_start(self, ctx: Any) -> Any: ...
+    def on_group_start(self, ctx: Any, group_name: str) -> Any: ...
+    def on_run_start(self, ctx: Any) -> Any: ...
+    def on_benchmark_eval(
+        self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
+    ) -> Any: ...
+    def on_run_end(self, ctx: Any, run_result: Any, arm: Any) -> Any: ...
+    def on_experiment_end(self, ctx: Any, result: Any) -> Any: ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+def overrides(cb: object, hook: str) -> bool:
+    """True if ``cb``'s class overrides ``hook`` of :class:`Callback` (or defines it)."""
+    own = getattr(type(cb), hook, None)
+    return own is not None and own is not getattr(Callback, hook, None)
+
+
+def _check_signature(cb: object, hook: str, arity: int) -> None:
+    method = getattr(cb, hook)
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*([None] * arity))
+    except TypeError:
+        expected = inspect.signature(getattr(Callback, hook))
+        raise TypeError(
+            f"{type(cb).__name__}.{hook}{sig} cannot take the hook's arguments; "
+            f"define it as `def {hook}{expected}` (or async def)"
+        ) from None
+
+
+class CallbackAdapter:
+    """Subscribes one callback to a bus as one subscriber, for one run's state.
+
+    The loop owns one adapter per callback per run. ``offer_batch`` hands the
+    live batch out of band to ``wants_batch`` callbacks (only the newest is
+    held: an older step's ``on_step_end`` gets ``None``).
+    """
+
+    def __init__(self, callback: Callback, state: LoopState) -> None:
+        self.callback = callback
+        self.state = state
+        self.name = type(callback).__name__
+        self._batch: tuple[int, Any] | None = None
+        cls = type(callback)
+        self._named: dict[type[Event], str] = {}
+        for hook, arity in {**dict(LOOP_HOOKS.values()), **_OTHER_HOOKS}.items():
+            if overrides(callback, hook):
+                _check_signature(callback, hook, arity)
+        for hook, arity in EXPERIMENT_HOOKS.items():
+            if overrides(callback, hook):
+                _check_signature(callback, hook, arity)
+        self._wants_event = overrides(callback, "on_event")
+        self._wants_envelope = overrides(callback, "on_envelope")
+        self._hook_cache: dict[type[Event], str | None] = {}
+        self.event_types: tuple[type[Event], ...]
+        if self._wants_event or self._wants_envelope:
+            self.event_types = (Event,)
+        else:
+            self.event_types = tuple(
+                t for t, (hook, _) in LOOP_HOOKS.items() if overrides(callback, hook)
+            )
+        used = [h for h in self._used_methods() if overrides(callback, h)]
+        self.is_async = bool(used) and all(is_async_callable(getattr(callback, h)) for h in used)
+        self.policy: Policy = getattr(cls, "policy", None) or Lossless()
+        self.timeout: float | None = getattr(cls, "hook_timeout", None)
+        self.subscription: Subscription | None = None
+        self.control_timeouts = 0
+        self._token: Any = None
+
+    def _used_methods(self) -> list[str]:
+        hooks = [hook for hook, _ in LOOP_HOOKS.values()]
+        return [*hooks, "on_event", "on_envelope", "setup", "teardown", "flush"]
+
+    @property
+    def controls_loop(self) -> bool:
+        return bool(getattr(self.callback, "controls_loop", False))
+
+    def hook_for(self, event_type: type[Event]) -> str | None:
+        """The hook that handles ``event_type`` for this callback, or ``None``."""
+        try:
+            return self._hook_cache[event_type]
+        except KeyError:
+            pass
+        hook: str | None = None
+        for klass in event_type.__mro__:
+            named = LOOP_HOOKS.get(klass)
+            if named is not None and overrides(self.callback, named[0]):
+                hook = named[0]
+                break
+        if hook is None and self._wants_event and not issubclass(event_type, _EXPERIMENT_EVENTS):
+            hook = "on_event"
+        self._hook_cache[event_type] = hook
+        return hook
+
+    def handles(self, event_type: type[Event]) -> bool:
+        """True if an event of this type reaches this callback at all."""
+        return self._wants_envelope or self.hook_for(event_type) is not None
+
+    def offer_batch(self, step: int, batch: Any) -> None:
+        self._batch = (step, batch)
+
+    def _args(self, hook: str, event: Any) -> tuple[Any, ...]:
+        state = self.state
+        if hook == "on_step_end":
+            held = self._batch
+            batch = held[1] if held is not None and held[0] == event.step else None
+            return (state, event.step, batch, event.metrics)
+        if hook == "on_eval":
+            return (state, event.step, event.eval_name, event.metrics)
+        if hook == "on_checkpoint":
+            return (state, event.row)
+        if hook == "on_train_end":
+            return (state, self._artifacts(event))
+        if hook == "on_train_start":
+            return (state,)
+        return (state, event)
+
+    def _artifacts(self, event: TrainEnded) -> LoopArtifacts:
+        if self.state.artifacts is not None:
+            return self.state.artifacts
+        return LoopArtifacts(
+            run_dir=Path(self.state.output_dir),
+            total_requested_steps=event.num_steps,
+            steps_completed=event.steps_completed,
+            status=event.status,
+            stop_reason=event.stop_reason,
+            train_seconds=event.train_seconds,
+            error=event.error,
+        )
+
+    def _label(self, event: Event) -> str:
+        return self.hook_for(type(event)) or "on_envelope"
+
+    async def _handle_async(self, envelope: Envelope) -> None:
+        cb = self.callback
+        event = envelope.event
+        hook = self.hook_for(type(event))
+        try:
+            if hook is not None:
+                await getattr(cb, hook)(*self._args(hook, event))
+        finally:
+            if self._wants_envelope:
+                await cb.on_envelope(self.state, envelope)
+
+    def _handle_sync(self, envelope: Envelope) -> None:
+        cb = self.callback
+        event = envelope.event
+        hook = self.hook_for(type(event))
+        try:
+            if hook is not None:
+                _call_from_thread(self._token, getattr(cb, hook), *self._args(hook, event))
+        finally:
+            if self._wants_envelope:
+                _call_from_thread(self._token, cb.on_envelope, self.state, envelope)
+
+    def subscribe(self, bus: EventBus, *, run_key: str | None = None) -> Subscription:
+        """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task."""
+        cb = self.callback
+        state = self.state
+        self._token = anyio.lowlevel.current_token()
+
+        def hook(name: str, *args: Any) -> Callable[[], Any] | None:
+            if not overrides(cb, name):
+                return None
+            method = getattr(cb, name)
+            return lambda: method(*args)
+
+        self.subscription = bus.subscribe(
+            self._handle_async if self.is_async else self._handle_sync,
+            events=self.event_types,
+            policy=self.policy,
+            name=self.name,
+            timeout=self.timeout,
+            envelopes=True,
+            run_key=run_key,
+            sync=not self.is_async,
+            on_start=hook("setup", state),
+            on_batch_end=hook("flush"),
+            on_close=hook("teardown", state),
+            hook_name=self._label,
+        )
+        self.name = self.subscription.name
+        return self.subscription
+
+
+def _call_from_thread(token: Any, fn: Callable[..., Any], *args: Any) -> None:
+    """Call a hook from the callback's thread; an ``async def`` hook runs on the loop."""
+    if is_async_callable(fn):
+        anyio.from_thread.run(fn, *args, token=token)
+    else:
+        fn(*args)
+
+
+async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs: Any) -> None:
+    """Call ``hook`` on each callback in list order, each call isolated.
+
+    ``async def`` hooks are awaited; ``def`` hooks run in a daemon thread (the
+    loop stays responsive) and are awaited. A hook that raises is logged at
+    WARNING with the callback's class and the hook, and the next callback
+    runs. Callbacks without the hook are skipped. Cancellation propagates.
+    """
+    worker: DaemonWorker | None = None
+    try:
+        for cb in callbacks:
+            method = getattr(cb, hook, None)
+            if method is None:
+                continue
+            if isinstance(cb, Callback) and not overrides(cb, hook):
+                continue
+            try:
+                if is_async_callable(method):
+                    await method(*args, **kwargs)
+                else:
+                    if worker is None:
+                        worker = DaemonWorker(f"evsys-dispatch:{hook}")
+                    await worker.call(lambda m=method: m(*args, **kwargs))
+            except Exception as exc:
+                _log.warning(
+                    "callback failed",
+                    callback=type(cb).__name__,
+                    hook=hook,
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=exc,
+                )
+    finally:
+        if worker is not None:
+            worker.close()

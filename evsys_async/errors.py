@@ -1,0 +1,61 @@
+"""The exception tree of evsys-async.
+
+Every error the library raises on purpose derives from :class:`EvsysError`
+and also from the builtin it behaves like, so ``except ValueError`` keeps
+working for code that does not know this library::
+
+    EvsysError
+    ├── ConfigError(ValueError)        a config, a spec or a callback's params is wrong
+    ├── EventDecodeError(ValueError)   an encoded event or event log is malformed
+    ├── MissingExtraError(ImportError) an optional dependency is not installed
+    └── BusClosedError(RuntimeError)   the bus is not open (subscribe before enter/after exit)
+
+Messages name the place (file, line, ``callbacks[1].params.patiense``), the
+problem and, where one exists, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusClosedError",
+    "ConfigError",
+    "EventDecodeError",
+    "EvsysError",
+    "MissingExtraError",
+    "missing_extra",
+]
+
+
+class EvsysError(Exception):
+    """Base of every error raised on purpose by evsys-async."""
+
+
+class ConfigError(EvsysError, ValueError):
+    """A config file, a callback spec or its params are invalid.
+
+    The message starts with the place (``run.yaml:12: callbacks[1].params``)
+    and ends with the fix or the likely name.
+    """
+
+
+class EventDecodeError(EvsysError, ValueError):
+    """An encoded event, envelope or event-log line could not be decoded."""
+
+
+class MissingExtraError(EvsysError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+class BusClosedError(EvsysError, RuntimeError):
+    """The operation needs an open bus (inside ``async with EventBus()``)."""
+
+
+def missing_extra(module: str, extra: str, what: str) -> MissingExtraError:
+    """Build the error for a missing optional dependency.
+
+    ``what`` is the feature that needs it, e.g. ``"tensorboard_logger"``.
+    """
+    return MissingExtraError(
+        f"{what} needs the optional dependency {module!r}, which is not installed; "
+        f"install it with: pip install 'evsys-async[{extra}]'"
+    )

@@ -1,0 +1,140 @@
+"""Delivery policies: what a lagging subscriber's buffer keeps.
+
+* :class:`Lossless` — every event, in order; the buffer grows; never drops.
+  Lag is reported through ``SubscriberLagged``.
+* :class:`Latest` — a pending level-like event (``Event.coalesce``:
+  ``StepEnded``, ``SubscriberLagged``, user classes that opt in) is replaced
+  by a newer one of the same type and run; other events are kept in publish
+  order, at most ``max_kept`` of them (past that the oldest are dropped).
+* :class:`DropOldest` — at most ``maxlen`` pending events of any type; the
+  oldest go first.
+
+Drops are counted in ``SubscriberStats.dropped`` and reported through
+``SubscriberLagged`` (DESIGN rules 3 and 4). Memory under a stuck bounded
+subscriber is bounded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from .events import Event
+
+__all__ = ["DropOldest", "Latest", "Lossless", "Policy"]
+
+#: One pending entry: the event's sequence number and the event.
+Entry: TypeAlias = tuple[int, Event]
+
+
+@dataclass(frozen=True, slots=True)
+class Lossless:
+    """Every event, in publish order, never dropped (the default)."""
+
+    bounded = False
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    """Keep only the newest pending level-like event per type and run.
+
+    Other events are kept in order, up to ``max_kept``.
+    """
+
+    max_kept: int = 1000
+    bounded = True
+
+    def __post_init__(self) -> None:
+        if self.max_kept < 1:
+            raise ValueError(f"Latest(max_kept=...) must be >= 1, got {self.max_kept}")
+
+    def buffer(self) -> _LatestBuffer:
+        return _LatestBuffer(self.max_kept)
+
+
+@dataclass(frozen=True, slots=True)
+class DropOldest:
+    """A window of at most ``maxlen`` pending events; older ones are dropped."""
+
+    maxlen: int
+    bounded = True
+
+    def __post_init__(self) -> None:
+        if self.maxlen < 1:
+            raise ValueError(f"DropOldest(maxlen=...) must be >= 1, got {self.maxlen}")
+
+    def buffer(self) -> _WindowBuffer:
+        return _WindowBuffer(self.maxlen)
+
+
+Policy: TypeAlias = Lossless | Latest | DropOldest
+
+
+class _WindowBuffer:
+    """Pending entries of a ``DropOldest`` subscriber."""
+
+    __slots__ = ("_items", "dropped")
+
+    def __init__(self, maxlen: int) -> None:
+        self._items: deque[Entry] = deque(maxlen=maxlen)
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, entry: Entry) -> None:
+        items = self._items
+        if len(items) == items.maxlen:
+            self.dropped += 1
+        items.append(entry)
+
+    def take(self) -> list[Entry]:
+        out = list(self._items)
+        self._items.clear()
+        return out
+
+
+class _LatestBuffer:
+    """Pending entries of a ``Latest`` subscriber, in publish order.
+
+    Coalescing events are keyed by (type, run_key) and move to the end when
+    replaced; the others are keyed by their unique seq.
+    """
+
+    __slots__ = ("_items", "_kept", "_max_kept", "dropped")
+
+    def __init__(self, max_kept: int) -> None:
+        self._items: OrderedDict[Any, Entry] = OrderedDict()
+        self._kept = 0  # how many non-coalescing entries are pending
+        self._max_kept = max_kept
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, entry: Entry) -> None:
+        items = self._items
+        event = entry[1]
+        if event.coalesce:
+            key: Any = (type(event), event.run_key)
+            if items.pop(key, None) is not None:
+                self.dropped += 1
+            items[key] = entry
+            return
+        items[entry[0]] = entry
+        self._kept += 1
+        if self._kept > self._max_kept:
+            # drop the oldest kept (non-coalescing) entry; coalescing keys are few
+            for key in items:
+                if not isinstance(key, tuple):
+                    del items[key]
+                    break
+            self._kept -= 1
+            self.dropped += 1
+
+    def take(self) -> list[Entry]:
+        out = list(self._items.values())
+        self._items.clear()
+        self._kept = 0
+        return out

@@ -1,0 +1,157 @@
+"""What a run shares with its callbacks: LoopState, LogContext, StepOutput, LoopArtifacts.
+
+This module exists so that ``loop.py`` and ``callbacks/base.py`` do not import
+each other. ``LoopState`` is live: hooks get the object itself, so
+``state.request_stop()`` works from any hook, in any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .bus import current_subscription
+from .events import Event
+
+__all__ = [
+    "CallbackHealth",
+    "LogContext",
+    "LoopArtifacts",
+    "LoopState",
+    "StepOutput",
+]
+
+
+@dataclass
+class LogContext:
+    """Shared context of a run or an experiment (the seed's fields).
+
+    ``ids`` and ``extras`` are free-form: callbacks write there (a wandb URL,
+    a store id) for the callbacks after them and for the caller.
+    """
+
+    output_dir: Path | str = "runs"
+    config: dict[str, Any] = field(default_factory=dict)
+    store: Any = None
+    run_key: str = ""
+    run_config: dict[str, Any] = field(default_factory=dict)
+    group_name: str | None = None
+    ids: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """What a step may return: its metrics and, optionally, the batch (live, in-process)."""
+
+    metrics: Mapping[str, Any]
+    batch: Any = None
+
+
+class CallbackHealth(msgspec.Struct, frozen=True):
+    """One callback's line in the artifacts' callback report."""
+
+    delivered: int
+    failed: int
+    dropped: int
+    pending: int
+    stuck: bool = False
+    control_timeouts: int = 0
+
+
+@dataclass
+class LoopArtifacts:
+    """What a run leaves behind; returned by ``TrainingLoop.run()``.
+
+    ``train_seconds`` runs from just before the first step to the end of the
+    last (evals and control waits included); ``drain_seconds`` is the
+    shutdown after it. ``callback_report`` is ``None`` in ``on_train_end``
+    (the drain has not happened yet) and filled on the value ``run()`` returns.
+    """
+
+    run_dir: Path
+    manifest_path: Path | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    total_requested_steps: int = 0
+    steps_completed: int = 0
+    status: str = "running"
+    stop_reason: str | None = None
+    train_seconds: float = 0.0
+    drain_seconds: float = 0.0
+    error: str | None = None
+    callback_report: dict[str, CallbackHealth] | None = None
+
+
+@dataclass
+class LoopState:
+    """The live state of a run, handed to every hook.
+
+    ``step`` is the loop's position now (it may have moved on past the event
+    a hook is handling; hooks take the step from ``step_idx``). The request
+    methods are safe from any thread and take effect at the next step boundary.
+    """
+
+    num_steps: int = 0
+    output_dir: Path = field(default_factory=lambda: Path("runs"))
+    step: int = 0
+    stop_requested: bool = False
+    stop_reason: str | None = None
+    stop_failed: bool = False
+    stop_source: str = ""
+    ctx: LogContext = field(default_factory=LogContext)
+    rank: int = 0
+    world_size: int = 1
+    artifacts: LoopArtifacts | None = None
+    model: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    _publish: Callable[[Event], Any] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _checkpoint_requests: list[str] = field(default_factory=list, repr=False)
+    _eval_requested: bool = field(default=False, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's files go: ``output_dir`` (the loop's run dir)."""
+        return self.output_dir
+
+    def request_stop(self, reason: str | None = None, *, failed: bool = False) -> None:
+        """End the run after the current step: status ``stopped`` (``failed`` if asked).
+
+        The first request wins its reason; later ones are ignored.
+        """
+        with self._lock:
+            if self.stop_requested:
+                return
+            sub = current_subscription()
+            self.stop_source = sub.name if sub is not None else ""
+            self.stop_reason = reason
+            self.stop_failed = failed
+            self.stop_requested = True
+
+    def request_checkpoint(self, name: str) -> None:
+        """Save a checkpoint named ``name`` at the next step boundary."""
+        with self._lock:
+            self._checkpoint_requests.append(name)
+
+    def request_eval(self) -> None:
+        """Run every evaluator at the next step boundary, due or not."""
+        self._eval_requested = True
+
+    def publish(self, event: Event) -> None:
+        """Publish a custom event on the run's bus, stamped with the run's key.
+
+        Safe from any thread; a no-op outside a run.
+        """
+        if self._publish is not None:
+            self._publish(event)
+
+    def _take_requests(self) -> tuple[list[str], bool]:
+        with self._lock:
+            names, self._checkpoint_requests = self._checkpoint_requests, []
+        wants_eval, self._eval_requested = self._eval_requested, False
+        return names, wants_eval
