@@ -44,6 +44,7 @@ class DaemonWorker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._last: _Outcome | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -64,11 +65,17 @@ class DaemonWorker:
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
         outcome = _Outcome(anyio.Event(), anyio.lowlevel.current_token())
+        self._last = outcome
         self._queue.put((fn, args, outcome))
         await outcome.event.wait()
         if outcome.error is not None:
             raise outcome.error
         return outcome.value
+
+    async def wait_idle(self) -> None:
+        """Wait until the latest call submitted has returned (e.g. after cancelling it)."""
+        if self._last is not None and not self._last.done:
+            await self._last.event.wait()
 
     def close(self) -> None:
         """Let the thread end after the calls already submitted. Never blocks."""

@@ -167,6 +167,8 @@ class Subscription:
         self._t_seconds = 0.0
         self._t_call_started: float | None = None
         self._t_event: Event | None = None
+        #: the exception of the most recent failure (re-raised by callback_errors="raise")
+        self.last_error: BaseException | None = None
         self._t_finished = False
 
     def __repr__(self) -> str:
@@ -215,7 +217,8 @@ class Subscription:
         return not self._running and self._inflight_end is None
 
     def _accepts(self, event: Event) -> bool:
-        if self.run_key is not None and event.run_key != self.run_key:
+        # a run_key subscriber sees its run's events and the run-less ones (health events)
+        if self.run_key is not None and event.run_key not in (self.run_key, ""):
             return False
         return not (type(event) is SubscriberLagged and event.subscriber == self.name)
 
@@ -664,6 +667,11 @@ class EventBus:
         )
 
     @property
+    def last_seq(self) -> int:
+        """The sequence number of the latest event numbered so far (-1 before any)."""
+        return self._next_seq - 1
+
+    @property
     def dropped_after_close(self) -> int:
         """Events published after the bus closed (counted, logged once, not delivered)."""
         return self._dropped_after_close
@@ -932,6 +940,7 @@ class EventBus:
         thread: bool = False,
         count: bool = True,
     ) -> None:
+        sub.last_error = exc
         if count:
             if thread:
                 sub._t_failed += 1

@@ -116,8 +116,10 @@ class LoopState:
 
     @property
     def run_dir(self) -> Path:
-        """Where this run's files go: ``output_dir`` (the loop's run dir)."""
-        return self.output_dir
+        """Where this run's files go: ``output_dir/<run_key>``, or ``output_dir``
+        when the run has no key."""
+        key = self.ctx.run_key
+        return Path(self.output_dir) / key if key else Path(self.output_dir)
 
     def request_stop(self, reason: str | None = None, *, failed: bool = False) -> None:
         """End the run after the current step: status ``stopped`` (``failed`` if asked).

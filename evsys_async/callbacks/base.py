@@ -177,7 +177,6 @@ class CallbackAdapter:
         self.state = state
         self.name = type(callback).__name__
         self._batch: tuple[int, Any] | None = None
-        cls = type(callback)
         self._named: dict[type[Event], str] = {}
         for hook, arity in {**dict(LOOP_HOOKS.values()), **_OTHER_HOOKS}.items():
             if overrides(callback, hook):
@@ -197,8 +196,10 @@ class CallbackAdapter:
             )
         used = [h for h in self._used_methods() if overrides(callback, h)]
         self.is_async = bool(used) and all(is_async_callable(getattr(callback, h)) for h in used)
-        self.policy: Policy = getattr(cls, "policy", None) or Lossless()
-        self.timeout: float | None = getattr(cls, "hook_timeout", None)
+        # class attributes, which an instance may shadow (a progress bar picks
+        # Latest on a TTY and Lossless elsewhere)
+        self.policy: Policy = getattr(callback, "policy", None) or Lossless()
+        self.timeout: float | None = getattr(callback, "hook_timeout", None)
         self.subscription: Subscription | None = None
         self.control_timeouts = 0
         self._token: Any = None

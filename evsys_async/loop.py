@@ -1,0 +1,651 @@
+"""TrainingLoop: the steps, evaluators and checkpoints of one run, published as events.
+
+The loop knows nothing of any particular callback: each callback becomes one
+bus subscriber through :class:`~evsys_async.callbacks.base.CallbackAdapter`.
+The loop waits only for callbacks that ask it to (``controls_loop``, or every
+callback with ``callback_errors="raise"``), after each event they handle, up
+to ``control_timeout``. Everything else runs beside training.
+
+Ending (DESIGN rules 14 and 23): whichever way ``run()`` ends — completed,
+stopped, a step that raised, cancelled — the shutdown runs shielded under one
+``drain_timeout`` deadline: the step in progress, in-flight evals, the last
+checkpoint, ``TrainEnded``, a drain until quiet, each callback's teardown,
+then the bus (if the loop owns it). A step's exception or an outer
+cancellation is re-raised after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from ._log import get_logger
+from ._worker import DaemonWorker
+from .bus import EventBus, Subscription, is_async_callable
+from .callbacks.base import Callback, CallbackAdapter
+from .evaluators import Evaluator
+from .events import (
+    CheckpointSaved,
+    EvalEnded,
+    EvalFailed,
+    Event,
+    StepEnded,
+    StopRequested,
+    TrainEnded,
+    TrainStarted,
+)
+from .state import CallbackHealth, LogContext, LoopArtifacts, LoopState, StepOutput
+
+__all__ = ["TrainingLoop"]
+
+_log = get_logger()
+
+T = TypeVar("T")
+StepFn = Callable[[LoopState, int], Any]
+CheckpointFn = Callable[[LoopState, str], Any]
+
+
+class _StepFailed(Exception):
+    """Internal: the step (or its metrics) raised; carries the original exception."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+class TrainingLoop:
+    """Runs ``step(state, step_idx)`` ``num_steps`` times and publishes what happens.
+
+    ``step`` may be ``async def`` (awaited) or ``def`` (run in one dedicated
+    daemon thread for the whole run); it returns a metrics mapping or a
+    :class:`StepOutput`. Pass ``bus=`` to publish on a bus you own (the loop
+    then ends only its own subscriptions); otherwise the loop owns one per run.
+
+    Raises ``ValueError`` for bad arguments, naming the allowed range.
+    """
+
+    def __init__(
+        self,
+        step: StepFn,
+        *,
+        num_steps: int,
+        output_dir: str | os.PathLike[str] = "runs",
+        run_key: str = "",
+        evaluators: Sequence[Evaluator] | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        bus: EventBus | None = None,
+        save_every: int = 0,
+        checkpoint: CheckpointFn | None = None,
+        eval_mode: Literal["inline", "background"] = "inline",
+        eval_timeout: float = 300.0,
+        max_evals_in_flight: int = 2,
+        snapshot: Callable[[LoopState], Any] | None = None,
+        control_timeout: float = 10.0,
+        drain_timeout: float = 60.0,
+        callback_errors: Literal["log", "raise"] = "log",
+        checkpoint_on_error: bool = True,
+        ctx: LogContext | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not callable(step):
+            raise TypeError(f"TrainingLoop: step must be callable (state, step_idx), got {step!r}")
+        _check_steps(num_steps, 0)
+        if save_every < 0:
+            raise ValueError(f"TrainingLoop: save_every must be >= 0 (0 = never), got {save_every}")
+        if eval_mode not in ("inline", "background"):
+            raise ValueError(
+                f"TrainingLoop: eval_mode must be 'inline' or 'background', got {eval_mode!r}"
+            )
+        if callback_errors not in ("log", "raise"):
+            raise ValueError(
+                f"TrainingLoop: callback_errors must be 'log' or 'raise', got {callback_errors!r}"
+            )
+        for name, value in (
+            ("eval_timeout", eval_timeout),
+            ("control_timeout", control_timeout),
+            ("drain_timeout", drain_timeout),
+        ):
+            if value <= 0:
+                raise ValueError(f"TrainingLoop: {name} must be > 0 seconds, got {value}")
+        if max_evals_in_flight < 1:
+            raise ValueError(
+                f"TrainingLoop: max_evals_in_flight must be >= 1, got {max_evals_in_flight}"
+            )
+        for i, ev in enumerate(evaluators or ()):
+            if not (hasattr(ev, "name") and hasattr(ev, "evaluate")):
+                raise TypeError(
+                    f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
+                    "`async def evaluate(state, step_idx)`"
+                )
+        self.step = step
+        self.num_steps = num_steps
+        self.output_dir = Path(output_dir)
+        self.run_key = run_key
+        self.evaluators = list(evaluators or ())
+        self.callbacks = list(callbacks or ())
+        self.bus = bus
+        self.save_every = save_every
+        self.checkpoint = checkpoint
+        self.eval_mode = eval_mode
+        self.eval_timeout = eval_timeout
+        self.max_evals_in_flight = max_evals_in_flight
+        self.snapshot = snapshot
+        self.control_timeout = control_timeout
+        self.drain_timeout = drain_timeout
+        self.callback_errors = callback_errors
+        self.checkpoint_on_error = checkpoint_on_error
+        self.ctx = ctx if ctx is not None else LogContext(output_dir=self.output_dir)
+        if run_key:
+            self.ctx.run_key = run_key
+        self.rank = rank
+        self.world_size = world_size
+        #: the artifacts of the latest run (also when ``run()`` raised)
+        self.artifacts: LoopArtifacts | None = None
+        self.state: LoopState | None = None
+
+    # -- entry points ------------------------------------------------------------
+
+    def run_sync(
+        self,
+        *,
+        backend: str = "asyncio",
+        num_steps: int | None = None,
+        start_step: int = 0,
+    ) -> LoopArtifacts:
+        """``run()`` from a plain script: SIGINT/SIGTERM cancel the run cleanly."""
+        from ._signals import run_with_signals
+
+        artifacts: LoopArtifacts = run_with_signals(
+            lambda: self.run(num_steps=num_steps, start_step=start_step), backend=backend
+        )
+        return artifacts
+
+    async def run(self, num_steps: int | None = None, start_step: int = 0) -> LoopArtifacts:
+        """Run the loop; return the artifacts after the shutdown (rule 14).
+
+        Re-raises a step's exception, a callback's (``callback_errors="raise"``)
+        or an outer cancellation after the shutdown; ``self.artifacts`` then
+        holds the report.
+        """
+        total = self.num_steps if num_steps is None else num_steps
+        _check_steps(total, start_step)
+        state = LoopState(
+            num_steps=total,
+            output_dir=self.output_dir,
+            step=start_step,
+            ctx=self.ctx,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.state = state
+        run_dir = state.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        adapters = [CallbackAdapter(cb, state) for cb in self.callbacks]  # checks hooks
+        artifacts = LoopArtifacts(
+            run_dir=run_dir,
+            manifest_path=run_dir / "manifest.json",
+            total_requested_steps=total,
+            steps_completed=0,
+        )
+        self.artifacts = artifacts
+        if self.bus is not None:
+            return await _Run(self, state, artifacts, adapters, self.bus, start_step).execute()
+        async with EventBus(close_timeout=self.drain_timeout) as bus:
+            return await _Run(self, state, artifacts, adapters, bus, start_step).execute()
+
+
+def _check_steps(num_steps: int, start_step: int) -> None:
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if not isinstance(start_step, int) or not 0 <= start_step < num_steps:
+        raise ValueError(
+            f"start_step must be in [0, {num_steps - 1}] for num_steps={num_steps}, "
+            f"got {start_step!r}"
+        )
+
+
+class _Run:
+    """One execution of a loop: the state it mutates and its shutdown."""
+
+    def __init__(
+        self,
+        loop: TrainingLoop,
+        state: LoopState,
+        artifacts: LoopArtifacts,
+        adapters: list[CallbackAdapter],
+        bus: EventBus,
+        start_step: int,
+    ) -> None:
+        self.loop = loop
+        self.state = state
+        self.artifacts = artifacts
+        self.adapters = adapters
+        self.bus = bus
+        self.start_step = start_step
+        self.run_key = loop.run_key
+        self.subs: list[Subscription] = []
+        self.worker: DaemonWorker | None = None
+        self.step_in_thread = False
+        self.evals_in_flight = 0
+        self.eval_tg: Any = None
+        self.raise_callbacks = loop.callback_errors == "raise"
+        self.callback_error: BaseException | None = None
+        self.failed_seen: dict[str, int] = {}
+        self._eval_slot: anyio.Event
+
+    def publish(self, event: Event) -> int | None:
+        if self.run_key and not event.run_key:
+            event = replace_run_key(event, self.run_key)
+        return self.bus.publish(event)
+
+    async def execute(self) -> LoopArtifacts:
+        loop, state, artifacts = self.loop, self.state, self.artifacts
+        state._publish = self.publish
+        for adapter in self.adapters:
+            self.subs.append(adapter.subscribe(self.bus, run_key=self.run_key or None))
+        self._load_callback_states()
+        self._eval_slot = anyio.Event()
+        status, raised = "failed", None
+        try:
+            async with anyio.create_task_group() as eval_tg:
+                self.eval_tg = eval_tg
+                status, raised = await self._train()
+                await self._finish_background_evals(time.monotonic() + loop.drain_timeout)
+        except BaseException as exc:  # cancelled from outside, or a bug surfacing
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            raised = exc
+            if isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt):
+                status = "cancelled"
+            else:
+                status = "failed"
+                artifacts.error = f"{type(exc).__name__}: {exc}"
+        if raised is None and self.callback_error is not None:
+            raised = self.callback_error
+            status = "failed"
+            artifacts.error = f"{type(raised).__name__}: {raised}"
+        with anyio.CancelScope(shield=True):
+            await self._shutdown(status)
+        if raised is not None:
+            raise raised
+        return artifacts
+
+    # -- the steps ---------------------------------------------------------------
+
+    async def _train(self) -> tuple[str, BaseException | None]:
+        """TrainStarted, the steps; a step's failure ends it as ``failed``."""
+        state, artifacts = self.state, self.artifacts
+        seq = self.publish(
+            TrainStarted(
+                num_steps=state.num_steps,
+                start_step=self.start_step,
+                output_dir=str(state.run_dir),
+            )
+        )
+        await self._control_barrier(seq, TrainStarted)
+        t_start = time.perf_counter()  # rule 14: first step to last step
+        try:
+            return await self._steps(), None
+        except _StepFailed as exc:
+            artifacts.error = f"{type(exc.original).__name__}: {exc.original}"
+            return "failed", exc.original
+        finally:
+            artifacts.train_seconds = time.perf_counter() - t_start
+
+    async def _steps(self) -> str:
+        loop, state = self.loop, self.state
+        step_is_async = is_async_callable(loop.step)
+        if not step_is_async:
+            self.worker = DaemonWorker(f"evsys-step:{self.run_key or 'run'}")
+        wanting_batch = [a for a in self.adapters if getattr(a.callback, "wants_batch", False)]
+        num_steps = state.num_steps
+        for step_idx in range(self.start_step, num_steps):
+            state.step = step_idx
+            try:
+                if step_is_async:
+                    out = await loop.step(state, step_idx)
+                else:
+                    self.step_in_thread = True
+                    out = await self.worker.call(loop.step, state, step_idx)  # type: ignore[union-attr]
+                    self.step_in_thread = False
+                metrics, batch = _metrics_of(out, step_idx)
+            except Exception as exc:
+                raise _StepFailed(exc) from exc
+            self.artifacts.steps_completed = step_idx + 1 - self.start_step
+            for adapter in wanting_batch:
+                adapter.offer_batch(step_idx, batch)
+            seq = self.publish(StepEnded(step=step_idx, num_steps=num_steps, metrics=metrics))
+            await self._control_barrier(seq, StepEnded)
+            names, wants_eval = state._take_requests()
+            await self._evals(step_idx, force=wants_eval)
+            if loop.checkpoint is not None:
+                if loop.save_every and (step_idx + 1) % loop.save_every == 0:
+                    names.insert(0, f"step_{step_idx + 1}")
+                for name in names:
+                    await self._save_checkpoint(step_idx, name)
+            if self.callback_error is not None:
+                return "failed"
+            if state.stop_requested:
+                seq = self.publish(
+                    StopRequested(step=step_idx, reason=state.stop_reason, source=state.stop_source)
+                )
+                await self._control_barrier(seq, StopRequested)
+                return "failed" if state.stop_failed else "stopped"
+            await anyio.lowlevel.checkpoint()  # rule 10: subscribers and cancel make progress
+        return "completed"
+
+    async def _control_barrier(self, seq: int | None, event_type: type[Event]) -> None:
+        """Wait for controlling callbacks that handle ``event_type`` to handle ``seq``."""
+        if seq is None:
+            return
+        waited = [
+            (a, s)
+            for a, s in zip(self.adapters, self.subs, strict=True)
+            if (self.raise_callbacks or a.controls_loop) and a.handles(event_type)
+        ]
+        if not waited:
+            return
+        deadline = time.monotonic() + self.loop.control_timeout
+        for adapter, sub in waited:
+            if not await sub.wait(seq, max(0.0, deadline - time.monotonic())):
+                adapter.control_timeouts += 1
+                _log.warning(
+                    "control callback did not keep up; the loop goes on",
+                    callback=adapter.name,
+                    event_type=event_type.__name__,
+                    control_timeout=self.loop.control_timeout,
+                )
+            if self.raise_callbacks:
+                failed = sub.stats().failed
+                if failed > self.failed_seen.get(sub.name, 0) and self.callback_error is None:
+                    self.callback_error = sub.last_error
+                self.failed_seen[sub.name] = failed
+
+    # -- evaluators --------------------------------------------------------------
+
+    async def _evals(self, step_idx: int, *, force: bool = False) -> None:
+        due = [
+            ev
+            for ev in self.loop.evaluators
+            if force
+            or ((every := int(getattr(ev, "run_every", 0))) and (step_idx + 1) % every == 0)
+        ]
+        if not due:
+            return
+        if self.loop.eval_mode == "background":
+            for ev in due:
+                while self.evals_in_flight >= self.loop.max_evals_in_flight:
+                    await self._eval_slot.wait()
+                self.evals_in_flight += 1
+                self._eval_slot = anyio.Event()
+                view = self._snapshot_state()
+                self.eval_tg.start_soon(self._background_eval, ev, view, step_idx)
+            return
+        results: dict[int, Mapping[str, float] | BaseException] = {}
+        async with anyio.create_task_group() as tg:
+            for i, ev in enumerate(due):
+                tg.start_soon(self._run_eval, ev, self.state, step_idx, results, i)
+        for i, ev in enumerate(due):
+            seq = self._publish_eval(ev, step_idx, results[i])
+            await self._control_barrier(seq, EvalEnded)
+
+    def _snapshot_state(self) -> LoopState:
+        view = copy.copy(self.state)
+        if self.loop.snapshot is not None:
+            view.model = self.loop.snapshot(self.state)
+        return view
+
+    async def _background_eval(self, ev: Evaluator, view: LoopState, step_idx: int) -> None:
+        results: dict[int, Mapping[str, float] | BaseException] = {}
+        try:
+            await self._run_eval(ev, view, step_idx, results, 0)
+            self._publish_eval(ev, step_idx, results[0])
+        finally:
+            self.evals_in_flight -= 1
+            self._eval_slot.set()
+
+    async def _run_eval(
+        self,
+        ev: Evaluator,
+        state: LoopState,
+        step_idx: int,
+        results: dict[int, Mapping[str, float] | BaseException],
+        i: int,
+    ) -> None:
+        try:
+            with anyio.fail_after(self.loop.eval_timeout):
+                out: Any = ev.evaluate(state, step_idx)
+                if isinstance(out, Awaitable):
+                    out = await out
+            results[i] = _floats(out, f"evaluator {ev.name!r}")
+        except Exception as exc:
+            results[i] = exc
+
+    def _publish_eval(
+        self, ev: Evaluator, step_idx: int, result: Mapping[str, float] | BaseException
+    ) -> int | None:
+        if isinstance(result, BaseException):
+            error = (
+                f"timeout after {self.loop.eval_timeout}s"
+                if isinstance(result, TimeoutError)
+                else f"{type(result).__name__}: {result}"
+            )
+            _log.warning(
+                "evaluator failed; training goes on",
+                evaluator=ev.name,
+                step=step_idx,
+                error=error,
+                exc_info=result,
+            )
+            return self.publish(EvalFailed(step=step_idx, eval_name=ev.name, error=error))
+        return self.publish(EvalEnded(step=step_idx, eval_name=ev.name, metrics=dict(result)))
+
+    async def _finish_background_evals(self, deadline: float) -> None:
+        if not self.evals_in_flight:
+            return
+        with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+            while self.evals_in_flight:
+                await self._eval_slot.wait()
+        if self.evals_in_flight:
+            _log.warning(
+                "background evals still running at the deadline; cancelled",
+                count=self.evals_in_flight,
+            )
+            self.eval_tg.cancel_scope.cancel()
+
+    # -- checkpoints and callback state ------------------------------------------
+
+    async def _save_checkpoint(self, step_idx: int, name: str) -> None:
+        fn = self.loop.checkpoint
+        assert fn is not None
+        await self._save_callback_states()
+        if is_async_callable(fn):
+            result = await fn(self.state, name)
+        else:
+            if self.worker is None:
+                self.worker = DaemonWorker(f"evsys-step:{self.run_key or 'run'}")
+            result = await self.worker.call(fn, self.state, name)
+        row: dict[str, Any] = {"step": step_idx, "name": name, "ts": time.time()}
+        path: str | None = None
+        if isinstance(result, str | os.PathLike):
+            path = str(result)
+        elif isinstance(result, Mapping):
+            row.update(result)
+            path = str(result["path"]) if result.get("path") is not None else None
+        row["path"] = path
+        row["steps_completed"] = self.artifacts.steps_completed
+        self.artifacts.checkpoints.append(row)
+        if self.state.rank == 0:
+            _append_line(self.state.run_dir / "checkpoints.jsonl", json.dumps(row, default=str))
+        seq = self.publish(CheckpointSaved(step=step_idx, name=name, path=path, row=row))
+        await self._control_barrier(seq, CheckpointSaved)
+
+    async def _save_callback_states(self) -> None:
+        stateful = [
+            (a, s)
+            for a, s in zip(self.adapters, self.subs, strict=True)
+            if callable(getattr(a.callback, "state_dict", None))
+        ]
+        if not stateful or self.state.rank != 0:
+            return
+        last = self.bus.last_seq
+        states: dict[str, Any] = {}
+        for adapter, sub in stateful:
+            await sub.wait(last, self.loop.control_timeout)
+            try:
+                states[adapter.name] = adapter.callback.state_dict()  # type: ignore[attr-defined]
+            except Exception as exc:
+                _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
+        _write_json_atomic(self.state.run_dir / "callbacks_state.json", states)
+
+    def _load_callback_states(self) -> None:
+        path = self.state.run_dir / "callbacks_state.json"
+        if self.start_step == 0 or not path.exists():
+            return
+        states = json.loads(path.read_text(encoding="utf-8"))
+        for adapter in self.adapters:
+            saved = states.get(adapter.name)
+            loader = getattr(adapter.callback, "load_state_dict", None)
+            if saved is not None and callable(loader):
+                loader(saved)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def _shutdown(self, status: str) -> None:
+        """Rule 23, in order, under one ``drain_timeout`` deadline (runs shielded)."""
+        loop, state, artifacts = self.loop, self.state, self.artifacts
+        started = time.perf_counter()
+        deadline = time.monotonic() + loop.drain_timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if self.worker is not None and self.step_in_thread:
+            with anyio.move_on_after(left()):
+                await self.worker.wait_idle()  # a def step cannot be cancelled: await it
+        if self.evals_in_flight and self.eval_tg is not None:
+            self.eval_tg.cancel_scope.cancel()
+        if loop.checkpoint is not None and (
+            status in ("completed", "stopped") or loop.checkpoint_on_error
+        ):
+            name = "final" if status in ("completed", "stopped") else "interrupted"
+            with anyio.move_on_after(left()):
+                try:
+                    await self._save_checkpoint(max(state.step, 0), name)
+                except Exception as exc:
+                    _log.warning("final checkpoint failed", name=name, error=repr(exc))
+        if self.worker is not None:
+            self.worker.close()
+        artifacts.status = status
+        artifacts.stop_reason = state.stop_reason
+        state.artifacts = replace(artifacts, checkpoints=list(artifacts.checkpoints))
+        self.publish(
+            TrainEnded(
+                status=status,
+                steps_completed=artifacts.steps_completed,
+                num_steps=state.num_steps,
+                stop_reason=state.stop_reason,
+                train_seconds=artifacts.train_seconds,
+                error=artifacts.error,
+            )
+        )
+        report = await self.bus.drain(left())
+        closed = [True] * len(self.subs)
+
+        async def close(i: int, sub: Subscription) -> None:
+            closed[i] = await sub.aclose(left())
+
+        async with anyio.create_task_group() as tg:
+            for i, sub in enumerate(self.subs):
+                tg.start_soon(close, i, sub)
+        health: dict[str, CallbackHealth] = {}
+        for adapter, sub, ok in zip(self.adapters, self.subs, closed, strict=True):
+            st = sub.stats()
+            health[adapter.name] = CallbackHealth(
+                delivered=st.delivered,
+                failed=st.failed,
+                dropped=st.dropped,
+                pending=report.pending.get(sub.name, 0) if not ok else 0,
+                stuck=sub.stuck or not ok,
+                control_timeouts=adapter.control_timeouts,
+            )
+        short = {n: h.pending for n, h in health.items() if h.pending or h.stuck}
+        if short:
+            _log.warning("drain deadline passed; callbacks left behind", callbacks=short)
+        artifacts.callback_report = health
+        artifacts.drain_seconds = time.perf_counter() - started
+        state._publish = None
+        if state.rank == 0 and artifacts.manifest_path is not None:
+            _write_json_atomic(artifacts.manifest_path, _manifest(artifacts, self.run_key))
+
+
+def replace_run_key(event: Event, run_key: str) -> Event:
+    """A copy of ``event`` stamped with ``run_key`` (events are frozen)."""
+    import msgspec
+
+    return msgspec.structs.replace(event, run_key=run_key)
+
+
+def _floats(values: Any, what: str) -> dict[str, float]:
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{what} must return a mapping of metric name to number, got {values!r}")
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        try:
+            out[str(key)] = float(value)  # a tensor syncs here, once
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{what} returned metric {key!r} = {value!r}, which is not a number; "
+                "return floats (or 0-d tensors)"
+            ) from None
+    return out
+
+
+def _metrics_of(out: Any, step_idx: int) -> tuple[dict[str, float], Any]:
+    what = f"step {step_idx}"
+    if isinstance(out, StepOutput):
+        return _floats(out.metrics, what), out.batch
+    if out is None:
+        return {}, None
+    return _floats(out, what), None
+
+
+def _manifest(artifacts: LoopArtifacts, run_key: str) -> dict[str, Any]:
+    import msgspec
+
+    return {
+        "run_key": run_key,
+        "status": artifacts.status,
+        "steps_completed": artifacts.steps_completed,
+        "total_requested_steps": artifacts.total_requested_steps,
+        "stop_reason": artifacts.stop_reason,
+        "error": artifacts.error,
+        "train_seconds": artifacts.train_seconds,
+        "drain_seconds": artifacts.drain_seconds,
+        "checkpoints": artifacts.checkpoints,
+        "callback_report": msgspec.to_builtins(artifacts.callback_report),
+    }
+
+
+def _append_line(path: Path, line: str) -> None:
+    # one short line per checkpoint: cheaper inline than a thread hop
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, path)
