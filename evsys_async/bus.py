@@ -310,6 +310,9 @@ class EventBus:
         self._waiters = 0
         self._urgent = 0
         self._tg: Any = None
+        # Subscriber tasks and the pump are shielded from the block's cancellation
+        # (they must drain first); close cancels them through their own scopes.
+        self._task_scopes: list[anyio.CancelScope] = []
         self._anyio_token: Any = None
         self._call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
 
@@ -343,7 +346,13 @@ class EventBus:
         try:
             await self._shutdown()
         finally:
+            for scope in self._task_scopes:
+                scope.cancel()
             self._tg.cancel_scope.cancel()
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                # the block's own error propagates as is, not wrapped in an ExceptionGroup
+                await self._tg.__aexit__(None, None, None)
+                return None
             result: bool | None = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
@@ -679,6 +688,11 @@ class EventBus:
     # -- the pump ----------------------------------------------------------------
 
     async def _pump(self) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._task_scopes.append(scope)
+            await self._pump_loop()
+
+    async def _pump_loop(self) -> None:
         next_deadline = math.inf
         while True:
             delay = next_deadline - time.monotonic()
@@ -789,6 +803,11 @@ class EventBus:
     # -- async subscribers -------------------------------------------------------
 
     async def _run_async(self, sub: Subscription) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            self._task_scopes.append(scope)
+            await self._run_async_shielded(sub)
+
+    async def _run_async_shielded(self, sub: Subscription) -> None:
         _current_subscription.set(sub)
         try:
             if sub._on_start is not None:
