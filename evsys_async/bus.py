@@ -349,11 +349,10 @@ class EventBus:
             for scope in self._task_scopes:
                 scope.cancel()
             self._tg.cancel_scope.cancel()
-            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-                # the block's own error propagates as is, not wrapped in an ExceptionGroup
-                await self._tg.__aexit__(None, None, None)
-                return None
-            result: bool | None = await self._tg.__aexit__(exc_type, exc, tb)
+            # the block's own error propagates as is, not wrapped in an ExceptionGroup
+            own_error = exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class())
+            args = (None, None, None) if own_error else (exc_type, exc, tb)
+            result: bool | None = await self._tg.__aexit__(*args)
         return result
 
     async def _shutdown(self) -> None:
