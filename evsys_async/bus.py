@@ -353,7 +353,7 @@ class EventBus:
             own_error = exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class())
             args = (None, None, None) if own_error else (exc_type, exc, tb)
             result: bool | None = await self._tg.__aexit__(*args)
-        return result
+        return None if own_error else result
 
     async def _shutdown(self) -> None:
         deadline = time.monotonic() + self.close_timeout
