@@ -1,0 +1,68 @@
+"""The public surface: __all__ matches docs/api.md; imports point one way (STYLE rule 3)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import evsys_async
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "evsys_async"
+
+# STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
+# -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
+ORDER = [
+    "errors", "_log", "events", "policies", "bus", "transports", "store", "_files", "state",
+    "_worker", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
+    "replay", "testing", "cli", "__main__",
+]  # fmt: skip
+
+
+def test_all_is_sorted_and_matches_the_api_reference() -> None:
+    assert evsys_async.__all__ == sorted(evsys_async.__all__)
+    documented = re.findall(r"^\| `(\w+)` \|", (ROOT / "docs" / "api.md").read_text(), re.M)
+    assert sorted(documented) == sorted(evsys_async.__all__)
+    for name in evsys_async.__all__:
+        assert hasattr(evsys_async, name), name
+
+
+def _rank(module: str) -> int:
+    top = module.split(".")[0]
+    return ORDER.index(top)
+
+
+def test_imports_point_one_way() -> None:
+    """A module imports only modules ranked at or below it (built-ins: no bus, no loop)."""
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).with_suffix("")
+        parts = rel.parts
+        if parts[-1] == "__init__":
+            continue
+        own = parts[0]
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = list(parts[: len(parts) - node.level])
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                if not target:
+                    continue
+                top = target.split(".")[0]
+                if top not in ORDER or own not in ORDER:
+                    continue
+                assert _rank(top) <= _rank(own), f"{rel} imports {target}: against STYLE rule 3"
+                if own == "callbacks" and parts[1] not in ("base", "registry", "_builtins"):
+                    assert top not in ("bus", "loop"), f"built-in {rel} imports {target}"
+
+
+def test_import_does_not_pull_optional_extras() -> None:
+    code = (
+        "import sys, evsys_async; "
+        "bad = [m for m in ('tensorboardX', 'wandb', 'redis') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
