@@ -367,15 +367,22 @@ class EventBus:
                 except BaseException as exc:
                     # A native asyncio cancellation (uvicorn's shutdown, a nested
                     # asyncio.timeout) pierces anyio's shield: finish the drain first.
-                    if not _is_native_cancel(exc) or time.monotonic() >= deadline:
+                    if not _absorb_native_cancel(exc, deadline):
                         raise
                     native_cancel = exc
             for sub in list(self._subs):
                 self._unsubscribe(sub)
-            await self._wait_until(
-                lambda: all(s._is_closed() or s.stuck for s in self._ended),
-                max(0.0, deadline - time.monotonic()),
-            )
+            while True:
+                try:
+                    await self._wait_until(
+                        lambda: all(s._is_closed() or s.stuck for s in self._ended),
+                        max(0.0, deadline - time.monotonic()),
+                    )
+                    break
+                except BaseException as exc:
+                    if not _absorb_native_cancel(exc, deadline):
+                        raise
+                    native_cancel = exc
             self._open = False
             self._closed = True
             self._take_intake()
@@ -429,6 +436,11 @@ class EventBus:
         if not self._open:
             raise BusClosedError(
                 "subscribe() needs an open bus: call it inside `async with EventBus() as bus:`"
+            )
+        if threading.get_ident() != self._loop_thread:
+            raise RuntimeError(
+                "subscribe() must be called on the bus's event loop thread; from a worker "
+                "thread use anyio.from_thread.run_sync(bus.subscribe, ...)"
             )
         _check_handler(handler)
         types = tuple(events)
@@ -749,6 +761,10 @@ class EventBus:
             if lagged is None and sub._arrivals:
                 lagged = self._lag(sub, n)
             if not sub._idle():
+                if n and not sub.is_async:
+                    # its thread is busy and more waits: look again soon (the thread
+                    # also wakes us when it finishes with a backlog)
+                    deadline = min(deadline, now + self.batch_delay)
                 continue
             if n == 0:
                 sub._handled_upto = walked
@@ -795,8 +811,7 @@ class EventBus:
     def _take(self, sub: Subscription) -> list[Entry]:
         sub._first_pending = None
         sub._arrivals = 0
-        if isinstance(sub.policy, Lossless):
-            sub._lag_mark = 0  # lag is reported again from the threshold up
+        sub._lag_mark = 0  # lag is reported again from the threshold up
         return sub._buffer.take()
 
     # -- async subscribers -------------------------------------------------------
@@ -896,7 +911,7 @@ class EventBus:
             sub._t_delivered += len(batch)
             sub._t_seconds += time.perf_counter() - started
             sub._t_done = end  # after the batch's publishes reached the intake
-            if self._waiters or sub._stuck_call is not None:
+            if self._waiters or sub._stuck_call is not None or len(sub._buffer):
                 self._wake_from_thread()
         if sub._on_close is not None:
             self._call_hook_thread(sub, sub._on_close, "on_close")
@@ -1015,10 +1030,20 @@ def current_subscription() -> Subscription | None:
     return _current_subscription.get() or getattr(_thread_local, "subscription", None)
 
 
-def _is_native_cancel(exc: BaseException) -> bool:
+def _absorb_native_cancel(exc: BaseException, deadline: float) -> bool:
+    """True if ``exc`` is a native asyncio cancellation to hold until the drain ends.
+
+    The task's cancel request is withdrawn (``uncancel``) so anyio's own scopes
+    inside the drain keep working; the caller re-raises ``exc`` afterwards.
+    """
     import asyncio
 
-    return isinstance(exc, asyncio.CancelledError)
+    if not isinstance(exc, asyncio.CancelledError) or time.monotonic() >= deadline:
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
 
 
 def _trio_soon(token: Any, fn: Callable[[], None]) -> None:
