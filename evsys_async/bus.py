@@ -306,6 +306,7 @@ class EventBus:
         self._pump_evt: anyio.Event | None = None
         self._pump_due = False
         self._timer_armed = False
+        self._last_tick = -math.inf
         self._progress: anyio.Event | None = None
         self._waiters = 0
         self._urgent = 0
@@ -713,7 +714,12 @@ class EventBus:
             if self._pump_due:
                 self._pump_evt = anyio.Event()
                 self._pump_due = False
+            walked = self._walked
             next_deadline = self._tick()
+            if self._walked != walked:
+                # events are flowing: tick again after batch_delay instead of being
+                # woken by every publish (publish still wakes us for a full batch)
+                next_deadline = min(next_deadline, time.monotonic() + self.batch_delay)
             self._timer_armed = next_deadline != math.inf
 
     def _route(self, cls: type) -> tuple[Subscription, ...]:
@@ -771,11 +777,13 @@ class EventBus:
                 continue
             first = sub._first_pending
             if first is None:
-                sub._first_pending = first = now
+                # its oldest event was published after the previous tick, at the earliest
+                sub._first_pending = first = self._last_tick
             if urgent or n >= self.batch_size or now - first >= self.batch_delay:
                 self._wake(sub)
             else:
                 deadline = min(deadline, first + self.batch_delay)
+        self._last_tick = now
         if lagged is not None:
             self.publish(lagged)
         self._notify()

@@ -242,6 +242,7 @@ class _Run:
         self.raise_callbacks = loop.callback_errors == "raise"
         self.callback_error: BaseException | None = None
         self.failed_seen: dict[str, int] = {}
+        self._barriers: dict[type[Event], list[tuple[CallbackAdapter, Subscription]]] = {}
         self._eval_slot: anyio.Event
 
     def publish(self, event: Event) -> int | None:
@@ -349,11 +350,13 @@ class _Run:
         """Wait for controlling callbacks that handle ``event_type`` to handle ``seq``."""
         if seq is None:
             return
-        waited = [
-            (a, s)
-            for a, s in zip(self.adapters, self.subs, strict=True)
-            if (self.raise_callbacks or a.controls_loop) and a.handles(event_type)
-        ]
+        waited = self._barriers.get(event_type)
+        if waited is None:  # fixed per event type for the run: computed once
+            waited = self._barriers[event_type] = [
+                (a, s)
+                for a, s in zip(self.adapters, self.subs, strict=True)
+                if (self.raise_callbacks or a.controls_loop) and a.handles(event_type)
+            ]
         if not waited:
             return
         deadline = time.monotonic() + self.loop.control_timeout
