@@ -202,7 +202,9 @@ class TrainingLoop:
         if self.bus is not None:
             return await _Run(self, state, artifacts, adapters, self.bus, start_step).execute()
         async with EventBus(close_timeout=self.drain_timeout) as bus:
-            return await _Run(self, state, artifacts, adapters, bus, start_step).execute()
+            run = _Run(self, state, artifacts, adapters, bus, start_step)
+            run.owns_bus = True
+            return await run.execute()
 
 
 def _check_steps(num_steps: int, start_step: int) -> None:
@@ -234,6 +236,7 @@ class _Run:
         self.bus = bus
         self.start_step = start_step
         self.run_key = loop.run_key
+        self.owns_bus = False
         self.subs: list[Subscription] = []
         self.worker: DaemonWorker | None = None
         self.step_in_thread = False
@@ -563,7 +566,10 @@ class _Run:
                 error=artifacts.error,
             )
         )
-        report = await self.bus.drain(left())
+        # keep the deadline's tail for teardowns, so one stuck callback cannot leave
+        # its healthy siblings' files open (rule 27)
+        reserve = min(1.0, 0.2 * loop.drain_timeout)
+        report = await self.bus.drain(max(0.0, left() - reserve))
         closed = [True] * len(self.subs)
 
         async def close(i: int, sub: Subscription) -> None:
@@ -587,6 +593,8 @@ class _Run:
         if short:
             _log.warning("drain deadline passed; callbacks left behind", callbacks=short)
         artifacts.callback_report = health
+        if self.owns_bus:
+            self.bus.close_timeout = left()  # one deadline covers the bus's close too
         artifacts.drain_seconds = time.perf_counter() - started
         state._publish = None
         if state.rank == 0 and artifacts.manifest_path is not None:

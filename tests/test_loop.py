@@ -603,3 +603,46 @@ async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None
     loop = ev.TrainingLoop(step, num_steps=5, output_dir=tmp_path)
     with pytest.raises(TypeError, match="metric 'loss' = 'low', which is not a number"):
         await loop.run()
+
+
+async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    """Rule 27: one drain_timeout bounds the shutdown; teardown runs when the call returns."""
+    release = threading.Event()
+    torn_down = threading.Event()
+    teardown_thread: list[int] = []
+
+    class Hung(ev.Callback):
+        def __init__(self) -> None:
+            self.handled: list[int] = []
+            self.thread = 0
+
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            self.thread = threading.get_ident()
+            if step_idx == 1:
+                release.wait(60)
+            self.handled.append(step_idx)
+
+        def teardown(self, state: ev.LoopState) -> None:
+            teardown_thread.append(threading.get_ident())
+            torn_down.set()
+
+    hung, rec = Hung(), Recorder()
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=5, output_dir=tmp_path, callbacks=[hung, rec], drain_timeout=0.5
+    )
+    with anyio.fail_after(20):
+        artifacts = await loop.run()
+    assert rec.calls[-1] == ("end", "completed")  # siblings complete
+    report = artifacts.callback_report
+    assert report is not None
+    assert report["Hung"].stuck
+    assert not report["Recorder"].stuck
+    assert "callbacks left behind" in warnings_log.text
+    assert not torn_down.is_set()
+    release.set()
+    with anyio.fail_after(20):
+        while not torn_down.is_set():
+            await anyio.sleep(0.01)
+    assert teardown_thread == [hung.thread]  # in its own thread, after the hung call
