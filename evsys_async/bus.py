@@ -220,7 +220,10 @@ class Subscription:
         # a run_key subscriber sees its run's events and the run-less ones (health events)
         if self.run_key is not None and event.run_key not in (self.run_key, ""):
             return False
-        return not (type(event) is SubscriberLagged and event.subscriber == self.name)
+        # never told about itself: no lag loops, no failure storms (rules 4 and 7)
+        return not (
+            type(event) in _ABOUT_A_SUBSCRIBER and event.subscriber == self.name  # type: ignore[attr-defined]
+        )
 
     def _label(self, event: Event | None, fallback: str) -> str:
         if event is None:
@@ -746,7 +749,7 @@ class EventBus:
                     entry = (seq, event)
                     for sub in subs:
                         if (
-                            sub.run_key is not None or type(event) is SubscriberLagged
+                            sub.run_key is not None or type(event) in _ABOUT_A_SUBSCRIBER
                         ) and not sub._accepts(event):
                             continue
                         sub._put(entry)
@@ -846,7 +849,9 @@ class EventBus:
                     sub._handled_upto = max(sub._handled_upto, end)
                     sub._running = False
                     if sub._on_batch_end is not None:
-                        await self._call_hook_async(sub, sub._on_batch_end, "on_batch_end")
+                        await self._call_hook_async(
+                            sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
+                        )
                     self._notify()
                     if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
                         break
@@ -880,13 +885,15 @@ class EventBus:
         sub._delivered += len(batch)
         sub._seconds += time.perf_counter() - started
 
-    async def _call_hook_async(self, sub: Subscription, hook: Hook, label: str) -> None:
+    async def _call_hook_async(
+        self, sub: Subscription, hook: Hook, label: str, *, quiet: bool = False
+    ) -> None:
         try:
             result = hook()
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            self._failure(sub, None, exc, label)
+            self._failure(sub, None, exc, label, quiet=quiet)
 
     # -- def subscribers ---------------------------------------------------------
 
@@ -915,7 +922,9 @@ class EventBus:
                     self._failure(sub, event, exc, thread=True)
                 sub._t_call_started = None
             if sub._on_batch_end is not None:
-                self._call_hook_thread(sub, sub._on_batch_end, "on_batch_end")
+                self._call_hook_thread(
+                    sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
+                )
             sub._t_delivered += len(batch)
             sub._t_seconds += time.perf_counter() - started
             sub._t_done = end  # after the batch's publishes reached the intake
@@ -926,14 +935,16 @@ class EventBus:
         sub._t_finished = True
         self._wake_from_thread()
 
-    def _call_hook_thread(self, sub: Subscription, hook: Hook, label: str) -> None:
+    def _call_hook_thread(
+        self, sub: Subscription, hook: Hook, label: str, *, quiet: bool = False
+    ) -> None:
         try:
             if is_async_callable(hook):
                 anyio.from_thread.run(hook, token=self._anyio_token)
             else:
                 hook()
         except Exception as exc:
-            self._failure(sub, None, exc, label, thread=True)
+            self._failure(sub, None, exc, label, thread=True, quiet=quiet)
 
     def _check_thread(self, sub: Subscription, now: float) -> float:
         """Collect a finished batch, detect a call past its timeout; returns a deadline."""
@@ -980,7 +991,10 @@ class EventBus:
         *,
         thread: bool = False,
         count: bool = True,
+        quiet: bool = False,
     ) -> None:
+        """Count, log and announce a failure. ``quiet``: announce nothing (rule 7: a
+        failure over ``CallbackFailed`` events must not start a storm)."""
         sub.last_error = exc
         if count:
             if thread:
@@ -1001,10 +1015,17 @@ class EventBus:
             error=error,
             exc_info=exc,
         )
-        if not isinstance(event, CallbackFailed):
+        if not quiet and not isinstance(event, CallbackFailed):
             self.publish(
                 CallbackFailed(subscriber=sub.name, hook=hook, event_type=event_type, error=error)
             )
+
+
+_ABOUT_A_SUBSCRIBER = (SubscriberLagged, CallbackFailed)
+
+
+def _only_failures(batch: list[Entry]) -> bool:
+    return all(type(event) is CallbackFailed for _, event in batch)
 
 
 def _check_handler(handler: Handler) -> None:

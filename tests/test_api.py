@@ -16,8 +16,8 @@ PKG = ROOT / "evsys_async"
 # STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
 ORDER = [
-    "errors", "_log", "events", "policies", "bus", "transports", "store", "_files", "state",
-    "_worker", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
+    "errors", "_log", "_worker", "events", "policies", "bus", "transports", "store", "_files",
+    "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
     "replay", "testing", "cli", "__main__",
 ]  # fmt: skip
 

@@ -1,0 +1,22 @@
+"""Transports: the event stream out of the process (sinks) and back in (sources).
+
+Transports know only events and their codec. A sink is a ``def`` bus handler
+of envelopes with ``flush()`` (one write per delivered batch) and ``close()``;
+:func:`attach` subscribes one. Sources read envelopes and publish their events
+onto a local bus, from their own thread (``publish`` is thread-safe).
+"""
+
+from __future__ import annotations
+
+from .base import EnvelopeSink, attach
+from .jsonl import JsonlSink, read_jsonl
+from .redis import RedisStreamSink, RedisStreamSource
+
+__all__ = [
+    "EnvelopeSink",
+    "JsonlSink",
+    "RedisStreamSink",
+    "RedisStreamSource",
+    "attach",
+    "read_jsonl",
+]
