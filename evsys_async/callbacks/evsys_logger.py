@@ -1,0 +1,216 @@
+"""``evsys_logger``: the experiment's records into the store ``ctx.store`` names.
+
+By default that is a :class:`~evsys_async.store.LocalStore` under
+``<output_dir>/store`` (or ``store_dir``), in the seed's layout: the
+experiment record, then per run ``run.json`` (status, config, result) and the
+``metrics``, ``evals``, ``predictions`` and ``checkpoints`` rows. The store is
+put on ``ctx.store`` when none was there, and the ids on ``ctx.ids``
+(``experiment_id``, ``run_id`` = ``<experiment_id>/<run_key>``) for the
+callbacks after it.
+
+As in the seed, it disables itself with one WARNING when the experiment
+already owns the store (``ctx.store.owned_by_experiment``): the records are
+written once. Rows are buffered and appended once per delivered batch
+(``flush()``), in the callback's own thread; record updates are atomic JSON
+rewrites. Rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .._log import get_logger
+from ..state import LoopArtifacts, LoopState
+from ..store import LocalStore, RowKind
+from .base import Callback
+from .registry import register_callback
+
+__all__ = ["EvsysLoggerCallback"]
+
+_log = get_logger()
+
+
+@register_callback("evsys_logger")
+class EvsysLoggerCallback(Callback):
+    """Write experiment, run, metric, eval, prediction and checkpoint records to a store."""
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        store_dir: str | None = None
+        experiment: str | None = None
+
+    def __init__(
+        self, store_dir: str | os.PathLike[str] | None = None, experiment: str | None = None
+    ) -> None:
+        self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.experiment = experiment
+        self.store: Any = None
+        self.experiment_id: str | None = None
+        self.disabled = False
+        self._run_key: str | None = None
+        self._rows: dict[RowKind, list[dict[str, Any]]] = {}
+
+    # -- the store ----------------------------------------------------------------
+
+    def _resolve(self, ctx: Any) -> Any:
+        if self.disabled:
+            return None
+        if getattr(ctx.store, "owned_by_experiment", False):
+            self.disabled = True
+            _log.warning(
+                "the experiment owns the store; evsys_logger is off (records are written once)",
+                callback=type(self).__name__,
+            )
+            return None
+        if self.store is None:
+            if ctx.store is not None and callable(getattr(ctx.store, "append", None)):
+                self.store = ctx.store
+            else:
+                root = self.store_dir or Path(ctx.output_dir) / "store"
+                self.store = LocalStore(root)
+                if ctx.store is None:
+                    ctx.store = self.store
+        if self.experiment_id is None:
+            eid = ctx.ids.get("experiment_id")
+            name = self.experiment or str((ctx.config or {}).get("experiment") or "default")
+            self.experiment_id = self.store.create_experiment(
+                name, experiment_id=eid, config=_plain(ctx.config)
+            )
+            ctx.ids["experiment_id"] = self.experiment_id
+        return self.store
+
+    # -- experiment scope (through dispatch) ----------------------------------------
+
+    def on_experiment_start(self, ctx: Any) -> None:
+        self._resolve(ctx)
+
+    def on_group_start(self, ctx: Any, group_name: str) -> None:
+        if self._resolve(ctx) is not None:
+            ctx.ids[f"group:{group_name}"] = group_name
+
+    def on_benchmark_eval(
+        self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
+    ) -> None:
+        store = self._resolve(ctx)
+        if store is None:
+            return
+        eid, key = self.experiment_id, ctx.run_key or "run"
+        name = _get(eval_result, "name") or "benchmark"
+        metrics = dict(_get(eval_result, "metrics") or {})
+        now = time.time()
+        store.append(
+            eid, key, "evals", [{"name": name, "step": step, "ts": now, "metrics": metrics}]
+        )
+        rows = [
+            {
+                "benchmark": name,
+                "step": step,
+                **(dict(p) if isinstance(p, Mapping) else {"prediction": p}),
+            }
+            for p in (predictions or ())
+        ]
+        store.append(eid, key, "predictions", rows)
+
+    def on_run_end(self, ctx: Any, run_result: Any, arm: Any) -> None:
+        store = self._resolve(ctx)
+        if store is None:
+            return
+        fields = {
+            "status": getattr(run_result, "status", None),
+            "metrics": getattr(run_result, "metrics", None),
+            "error": getattr(run_result, "error", None),
+        }
+        store.update_run(self.experiment_id, ctx.run_key or "run", **_plain(fields))
+
+    def on_experiment_end(self, ctx: Any, result: Any) -> None:
+        store = self._resolve(ctx)
+        if store is None:
+            return
+        to_dict = getattr(result, "to_dict", None)
+        summary = to_dict() if callable(to_dict) else _plain(result)
+        store.update_experiment(self.experiment_id, status="completed", result=summary)
+
+    # -- loop scope ---------------------------------------------------------------
+
+    def setup(self, state: LoopState) -> None:
+        self._rows = {}
+        self._run_key = None
+        if state.rank != 0:
+            return
+        ctx = state.ctx
+        store = self._resolve(ctx)
+        if store is None:
+            return
+        self._run_key = ctx.run_key or "run"
+        store.start_run(
+            self.experiment_id,
+            self._run_key,
+            group=ctx.group_name,
+            run_config=_plain(ctx.run_config),
+            num_steps=state.num_steps,
+            start_step=state.step,
+            run_dir=str(state.run_dir),
+        )
+        ctx.ids["run_id"] = f"{self.experiment_id}/{self._run_key}"
+
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
+    ) -> None:
+        if self._run_key is not None:
+            self._rows.setdefault("metrics", []).append(
+                {"step": step_idx, "split": "train", "ts": time.time(), "metrics": metrics}
+            )
+
+    def on_eval(
+        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+    ) -> None:
+        if self._run_key is not None:
+            self._rows.setdefault("evals", []).append(
+                {"name": eval_name, "step": step_idx, "ts": time.time(), "metrics": metrics}
+            )
+
+    def on_checkpoint(self, state: LoopState, row: dict[str, Any]) -> None:
+        if self._run_key is not None:
+            self._rows.setdefault("checkpoints", []).append(_plain(row))
+
+    def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
+        if self._run_key is None:
+            return
+        self.flush()
+        self.store.update_run(
+            self.experiment_id,
+            self._run_key,
+            status=artifacts.status,
+            steps_completed=artifacts.steps_completed,
+            stop_reason=artifacts.stop_reason,
+            train_seconds=artifacts.train_seconds,
+            error=artifacts.error,
+            wandb_url=state.ctx.extras.get("wandb_url"),
+        )
+
+    def flush(self) -> None:
+        rows, self._rows = self._rows, {}
+        if self._run_key is None:
+            return
+        for kind, batch in rows.items():
+            self.store.append(self.experiment_id, self._run_key, kind, batch)
+
+    def teardown(self, state: LoopState) -> None:
+        self.flush()
+        self._run_key = None
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able builtins (dataclasses, Structs, paths become dicts and strings)."""
+    return msgspec.to_builtins(value, enc_hook=str)

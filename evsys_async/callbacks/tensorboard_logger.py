@@ -1,0 +1,111 @@
+"""``tensorboard_logger``: scalars into TensorBoard event files, through tensorboardX.
+
+Train metrics go in per step under their own names; eval metrics under
+``val/<eval_name>/<key>`` at the eval's step; benchmark metrics (through
+``dispatch``) under ``eval/<name>/<key>``. One event directory per run:
+``state.run_dir / "tensorboard"`` by default, or ``log_dir/<run_key>`` when
+``log_dir`` is given and the run has a key (so arms never share a directory).
+
+tensorboardX is the optional extra ``tensorboard``, imported when the callback
+is constructed (so a missing extra fails before the run, with the install
+command), never by ``import evsys_async``. Every writer call runs in the
+callback's own thread (``def`` hooks); the writer opens in ``setup``, is
+flushed once per delivered batch and closes in ``teardown``. Rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ..errors import missing_extra
+from ..state import LoopState
+from .base import Callback
+from .registry import register_callback
+
+__all__ = ["TensorBoardLoggerCallback"]
+
+
+def _summary_writer() -> Any:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as exc:
+        raise missing_extra("tensorboardX", "tensorboard", "tensorboard_logger") from exc
+    return SummaryWriter
+
+
+@register_callback("tensorboard_logger")
+class TensorBoardLoggerCallback(Callback):
+    """Log scalars to TensorBoard. Raises :class:`~evsys_async.MissingExtraError`
+    when tensorboardX is not installed."""
+
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        log_dir: str | None = None
+        flush_secs: int = 30
+
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, flush_secs: int = 30) -> None:
+        self._writer_cls = _summary_writer()
+        if flush_secs < 1:
+            raise ValueError(f"flush_secs must be >= 1, got {flush_secs}")
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.flush_secs = flush_secs
+        self.run_log_dir: Path | None = None
+        self._writer: Any = None
+
+    def setup(self, state: LoopState) -> None:
+        if state.rank != 0:
+            return
+        if self.log_dir is None:
+            path = state.run_dir / "tensorboard"
+        else:
+            key = state.ctx.run_key
+            path = self.log_dir / key if key else self.log_dir
+        path.mkdir(parents=True, exist_ok=True)
+        self.run_log_dir = path
+        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs)
+
+    def teardown(self, state: LoopState) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def on_step_end(
+        self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
+    ) -> None:
+        writer = self._writer
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step=step_idx)
+
+    def on_eval(
+        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
+    ) -> None:
+        writer = self._writer
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(f"val/{eval_name}/{key}", value, global_step=step_idx)
+
+    def on_benchmark_eval(
+        self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
+    ) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        name = _get(eval_result, "name") or "benchmark"
+        for key, value in dict(_get(eval_result, "metrics") or {}).items():
+            if isinstance(value, int | float):
+                writer.add_scalar(f"eval/{name}/{key}", float(value), global_step=step or 0)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)

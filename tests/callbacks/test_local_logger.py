@@ -1,0 +1,121 @@
+"""local_logger: metrics.jsonl, events.jsonl (envelopes, the input of replay),
+predictions/<name>.jsonl and summary.md, read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import evsys_async as ev
+from evsys_async.callbacks.local_logger import LocalLoggerCallback
+from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded, decode_envelope
+
+from .helpers import drive, make_state, run_events
+
+pytestmark = pytest.mark.anyio
+
+
+def lines(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cb = LocalLoggerCallback(print_every=5, keys=["loss"])
+    state = make_state(tmp_path, num_steps=12)
+    events = run_events(
+        12, lambda i: {"loss": 1 / (i + 1), "lr": 0.1}, evals={4: {"acc": 0.25}, 9: {"acc": 0.5}}
+    )
+    events.insert(-1, CheckpointSaved(step=11, name="final", path="ckpt"))
+    events.insert(-1, StopRequested(step=11, reason="r", source="x"))
+    events[-1] = TrainEnded(
+        status="stopped", steps_completed=12, num_steps=12, stop_reason="plateau"
+    )
+    await drive(cb, state, events)
+    run_dir = tmp_path / "r1"
+
+    rows = lines(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in train] == list(range(12))
+    assert train[2]["metrics"] == {"loss": 1 / 3, "lr": 0.1}
+    assert [(r["eval_name"], r["step"], r["metrics"]) for r in val] == [
+        ("val", 4, {"acc": 0.25}),
+        ("val", 9, {"acc": 0.5}),
+    ]
+
+    envelopes = [
+        decode_envelope(line) for line in (run_dir / "events.jsonl").read_bytes().splitlines()
+    ]
+    assert [type(e.event) for e in envelopes] == [type(e) for e in events]
+    assert [e.event for e in envelopes] == events  # lossless and in order
+    seqs = [e.seq for e in envelopes]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len({e.bus_id for e in envelopes}) == 1
+
+    summary = (run_dir / "summary.md").read_text(encoding="utf-8")
+    assert (
+        "# r1" in summary and "- status: stopped" in summary and "- stop reason: plateau" in summary
+    )
+    assert "| train | 11 | loss | 0.0833 |" in summary
+    assert "| val/val | 9 | acc | 0.5000 |" in summary
+
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "[5/12] loss=0.2000",
+        "  [eval val @ 4] acc=0.2500",
+        "[10/12] loss=0.1000",
+        "  [eval val @ 9] acc=0.5000",
+        "[12/12] loss=0.0833",
+    ]
+    assert cb._metrics_file is None and cb._events_file is None  # closed in teardown
+
+
+async def test_predictions_through_dispatch(tmp_path: Path) -> None:
+    cb = LocalLoggerCallback(print_every=0)
+    ctx = ev.LogContext(output_dir=tmp_path, run_key="arm-a")
+    preds = [{"task_id": i, "reward": i / 2} for i in range(3)]
+    await ev.dispatch(
+        [cb], "on_benchmark_eval", ctx, {"name": "math/v1", "metrics": {"acc": 1.0}}, preds, step=7
+    )
+    await ev.dispatch([cb], "on_benchmark_eval", ctx, {"name": "math/v1"}, ["raw"], step=None)
+    rows = lines(tmp_path / "arm-a" / "predictions" / "math_v1.jsonl")
+    assert rows == [
+        {"task_id": 0, "reward": 0.0, "benchmark": "math/v1", "step": 7},
+        {"task_id": 1, "reward": 0.5, "benchmark": "math/v1", "step": 7},
+        {"task_id": 2, "reward": 1.0, "benchmark": "math/v1", "step": 7},
+        {"prediction": "raw", "benchmark": "math/v1"},
+    ]
+
+
+async def test_resume_appends(tmp_path: Path) -> None:
+    await drive(
+        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4), run_events(2)[:-1]
+    )
+    await drive(
+        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4, step=2), run_events(1)
+    )
+    rows = lines(tmp_path / "r1" / "metrics.jsonl")
+    assert len(rows) == 3
+    buses = {
+        decode_envelope(x).bus_id
+        for x in (tmp_path / "r1" / "events.jsonl").read_bytes().splitlines()
+    }
+    assert len(buses) == 2  # a new bus id keeps (bus_id, seq) unique
+
+
+async def test_only_rank_zero_writes(tmp_path: Path) -> None:
+    await drive(
+        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=3, rank=2), run_events(3)
+    )
+    assert not (tmp_path / "r1").exists()
+
+
+def test_config() -> None:
+    (cb,) = ev.build_callbacks(
+        [{"kind": "local_logger", "params": {"print_every": 0, "keys": ["loss"]}}]
+    )
+    assert isinstance(cb, LocalLoggerCallback) and cb.keys == ["loss"]
