@@ -203,6 +203,12 @@ class CallbackAdapter:
         self.subscription: Subscription | None = None
         self.control_timeouts = 0
         self._token: Any = None
+        # decided once (STYLE rule 8): which hooks are coroutine functions
+        self._async_hook = {
+            h: is_async_callable(getattr(callback, h))
+            for h in self._used_methods()
+            if overrides(callback, h)
+        }
 
     def _used_methods(self) -> list[str]:
         hooks = [hook for hook, _ in LOOP_HOOKS.values()]
@@ -285,10 +291,17 @@ class CallbackAdapter:
         hook = self.hook_for(type(event))
         try:
             if hook is not None:
-                _call_from_thread(self._token, getattr(cb, hook), *self._args(hook, event))
+                method = getattr(cb, hook)
+                if self._async_hook[hook]:
+                    anyio.from_thread.run(method, *self._args(hook, event), token=self._token)
+                else:
+                    method(*self._args(hook, event))
         finally:
             if self._wants_envelope:
-                _call_from_thread(self._token, cb.on_envelope, self.state, envelope)
+                if self._async_hook["on_envelope"]:
+                    anyio.from_thread.run(cb.on_envelope, self.state, envelope, token=self._token)
+                else:
+                    cb.on_envelope(self.state, envelope)
 
     def subscribe(self, bus: EventBus, *, run_key: str | None = None) -> Subscription:
         """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task."""
@@ -318,14 +331,6 @@ class CallbackAdapter:
         )
         self.name = self.subscription.name
         return self.subscription
-
-
-def _call_from_thread(token: Any, fn: Callable[..., Any], *args: Any) -> None:
-    """Call a hook from the callback's thread; an ``async def`` hook runs on the loop."""
-    if is_async_callable(fn):
-        anyio.from_thread.run(fn, *args, token=token)
-    else:
-        fn(*args)
 
 
 async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs: Any) -> None:

@@ -22,7 +22,6 @@ get every key). Rank 0 only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ import msgspec
 
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
+from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
 
@@ -199,16 +199,6 @@ class LocalLoggerCallback(Callback):
             lines += ["", "| split | step | metric | value |", "|---|---|---|---|"]
             lines += [f"| {s} | {st} | {k} | {_fmt_value(v)} |" for s, st, k, v in table]
         return "\n".join(lines) + "\n"
-
-
-def _fmt_value(value: Any) -> str:
-    # the seed's _fmt_value; print_progress has the same (built-ins don't import each other)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    v = float(value)
-    if math.isinf(v) or (v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e6)):
-        return f"{v:.2e}"
-    return f"{v:.4f}"
 
 
 def _get(obj: Any, name: str, default: Any) -> Any:

@@ -14,7 +14,6 @@ TTY it draws one tqdm bar with the same ``k=v`` postfix and subscribes
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Mapping
 from typing import IO, Any, ClassVar, Literal
@@ -23,20 +22,11 @@ import msgspec
 
 from ..policies import Latest, Lossless, Policy
 from ..state import LoopArtifacts, LoopState
+from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
 
 __all__ = ["PrintProgressCallback"]
-
-
-def _fmt_value(value: Any) -> str:
-    """``.4f``; ``.2e`` for a nonzero magnitude below 1e-3 or from 1e6; non-numbers as str."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    v = float(value)
-    if math.isinf(v) or (v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e6)):
-        return f"{v:.2e}"
-    return f"{v:.4f}"
 
 
 def _cells(metrics: Mapping[str, Any], keys: list[str] | None) -> str:

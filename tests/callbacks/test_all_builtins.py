@@ -203,6 +203,7 @@ def test_builtins_import_no_bus_loop_or_sibling() -> None:
         "_files",
         "store",
         "policies",
+        "_format",
     }
     pkg = Path(ev.__file__).parent / "callbacks"
     for name in (

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import evsys_async as ev
-from evsys_async.callbacks.print_progress import PrintProgressCallback, _fmt_value
+from evsys_async.callbacks._format import fmt_value as _fmt_value
+from evsys_async.callbacks.print_progress import PrintProgressCallback
 
 from .helpers import drive, make_state, run_events
 
