@@ -1,0 +1,503 @@
+"""Run and experiment configs: typed msgspec Structs, loaded from YAML, TOML or JSON.
+
+A config names everything by kind or by dotted path, so a file describes a run
+completely::
+
+    name: demo                  # the run's key: files go to <output_dir>/<name>/
+    num_steps: 200
+    step: demo                  # or "package.module:function"
+    params: {lr: 0.5}           # the step's hyperparameters: state.ctx.run_config
+    evaluators: [{kind: demo_accuracy, params: {run_every: 20}}]
+    callbacks:  [{kind: print_progress, params: {every: 20}}]
+
+A file with ``arms`` (or ``run``) is an :class:`ExperimentConfig`.
+
+:func:`load_config` checks everything a run needs before anything runs: the
+structure and types, every callback's and evaluator's params (each is built
+once and dropped) and the dotted-path imports. Every error is a
+:class:`~evsys_async.errors.ConfigError` that starts with the place::
+
+    run.yaml:14: callbacks[1].params.patiense (early_stopping): unknown field 'patiense'
+    — did you mean 'patience'?
+
+YAML is read with ``yaml.SafeLoader`` only (no Python objects). User code is
+imported only through the keys that hold a dotted path (``step``,
+``checkpoint``); the config file's directory and the working directory are
+put on ``sys.path`` first, so a module beside the config imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from .callbacks.registry import (
+    CallbackSpec,
+    PlacedConfigError,
+    build_callbacks,
+    explain_validation,
+)
+from .errors import ConfigError
+from .evaluators import build_evaluators
+from .experiment import Arm, Experiment
+from .loop import TrainingLoop
+from .state import LogContext
+
+__all__ = [
+    "DEMO_STEP",
+    "EvaluatorSpec",
+    "ExperimentConfig",
+    "RunConfig",
+    "build_experiment",
+    "build_loop",
+    "check_config",
+    "encode_config",
+    "import_object",
+    "load_config",
+]
+
+#: What ``step: demo`` stands for.
+DEMO_STEP = "evsys_async.demo:train_step"
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Annotated[str, msgspec.Meta(pattern=_NAME)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Path_ = tuple[str | int, ...]
+
+
+class EvaluatorSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """``{kind, params}``: which registered evaluator to build, with what arguments."""
+
+    kind: str
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One run. Files go to ``<output_dir>/<name>/``.
+
+    ``step`` is ``"demo"`` (the built-in demo) or ``"package.module:function"``,
+    called as ``step(state, step_idx)``; ``params`` plus ``seed`` reach it as
+    ``state.ctx.run_config``. ``checkpoint`` (optional) is
+    ``"package.module:function"`` called as ``checkpoint(state, name)``.
+    The other fields are :class:`TrainingLoop`'s arguments of the same name.
+    """
+
+    name: Name = "run"
+    output_dir: str = "runs"
+    num_steps: PositiveInt
+    step: str = "demo"
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    seed: int = 0
+    evaluators: list[EvaluatorSpec] = msgspec.field(default_factory=list)
+    callbacks: list[CallbackSpec] = msgspec.field(default_factory=list)
+    eval_mode: Literal["inline", "background"] = "inline"
+    eval_timeout: Seconds = 300.0
+    max_evals_in_flight: PositiveInt = 2
+    save_every: NonNegativeInt = 0
+    checkpoint: str | None = None
+    control_timeout: Seconds = 10.0
+    drain_timeout: Seconds = 60.0
+    callback_errors: Literal["log", "raise"] = "log"
+
+
+#: RunConfig fields an arm may override (the rest are shared by every arm).
+ARM_FIELDS = ("step", "params", "evaluators")
+
+
+class ExperimentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Several runs: every arm ``repeats`` times, over the base ``run``.
+
+    ``arms`` maps an arm name to its overrides of ``step``, ``params``
+    (merged key by key into the base's) and ``evaluators``. ``callbacks`` are
+    experiment-level (they also get the experiment-scope hooks); the base
+    run's callbacks are loop-level. Repeat ``r`` runs with seed ``run.seed + r``.
+    """
+
+    name: Name
+    run: RunConfig
+    arms: dict[Name, dict[str, Any]] = msgspec.field(default_factory=lambda: {"base": {}})
+    repeats: PositiveInt = 1
+    success_metric: str | None = None
+    mode: Literal["max", "min"] = "max"
+    max_concurrency: PositiveInt = 1
+    callbacks: list[CallbackSpec] = msgspec.field(default_factory=list)
+
+
+AnyConfig = RunConfig | ExperimentConfig
+
+
+# -- importing user code ---------------------------------------------------------------
+
+
+def import_object(target: str, *, key: str = "step") -> Any:
+    """Import ``"package.module:attr"`` (``attr`` may be dotted); ``"demo"`` is the demo.
+
+    Raises :class:`PlacedConfigError` at ``key`` saying which module or
+    attribute could not be imported and why.
+    """
+    path: Path_ = (key,)
+    if target == "demo":
+        target = DEMO_STEP
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise PlacedConfigError(
+            path,
+            f'expected "package.module:function" (or "demo"), got {target!r}'
+            + (
+                f' — did you mean "{target.rpartition(".")[0]}:{target.rpartition(".")[2]}"?'
+                if "." in target and not sep
+                else ""
+            ),
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        raise PlacedConfigError(
+            path,
+            f"could not import module {module_name!r} for {target!r}: no module named "
+            f"{missing!r} (is it installed, or beside the config file?)",
+        ) from None
+    except Exception as exc:
+        raise PlacedConfigError(
+            path,
+            f"importing module {module_name!r} for {target!r} raised {type(exc).__name__}: {exc}",
+        ) from exc
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            where = ".".join([module_name, *attr.split(".")[:i]])
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" — did you mean {close[0]!r}?" if close else ""
+            raise PlacedConfigError(
+                path, f"could not import {target!r}: {where!r} has no attribute {part!r}{hint}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise PlacedConfigError(path, f"{target!r} is {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _add_import_dirs(*dirs: Path) -> None:
+    for d in dirs:
+        text = str(d.resolve())
+        if text not in sys.path:
+            sys.path.insert(0, text)
+
+
+# -- checking and building -------------------------------------------------------------
+
+
+def _arm_run(config: ExperimentConfig, arm: str, overrides: Mapping[str, Any]) -> RunConfig:
+    """The base run with an arm's overrides (``params`` merged key by key)."""
+    base = msgspec.to_builtins(config.run)
+    for key, value in overrides.items():
+        if key not in ARM_FIELDS:
+            close = difflib.get_close_matches(key, ARM_FIELDS, n=1)
+            hint = (
+                f" — did you mean {close[0]!r}?"
+                if close
+                else f"; an arm may override only {', '.join(ARM_FIELDS)} "
+                "(set the rest under 'run')"
+            )
+            raise PlacedConfigError(("arms", arm, key), f"cannot override {key!r}{hint}")
+        if key == "params" and isinstance(value, Mapping):
+            base["params"] = {**base["params"], **value}
+        else:
+            base[key] = value
+    try:
+        return msgspec.convert(base, RunConfig)
+    except msgspec.ValidationError as exc:
+        err = explain_validation(str(exc), RunConfig, base)
+        # point at the arm when the bad value came from it
+        if err.path and err.path[0] in overrides:
+            raise PlacedConfigError(("arms", arm, *err.path), err.detail) from None
+        raise PlacedConfigError(("run", *err.path), err.detail) from None
+
+
+def _prefixed(prefix: Path_, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except PlacedConfigError as exc:
+        raise PlacedConfigError((*prefix, *exc.path), exc.detail, kind=exc.kind) from exc
+
+
+def _check_run(config: RunConfig, prefix: Path_) -> None:
+    _prefixed(prefix, lambda: import_object(config.step, key="step"))
+    if config.checkpoint is not None:
+        checkpoint = config.checkpoint
+        _prefixed(prefix, lambda: import_object(checkpoint, key="checkpoint"))
+    _prefixed(prefix, lambda: build_evaluators(config.evaluators, place="evaluators"))
+    _prefixed(prefix, lambda: build_callbacks(config.callbacks, place="callbacks"))
+
+
+def check_config(config: AnyConfig) -> None:
+    """Check what a run needs beyond types: imports, kinds, params (each callback
+    and evaluator is built once and dropped; files open only in ``setup``).
+
+    Raises :class:`PlacedConfigError` with the path inside the config.
+    """
+    if isinstance(config, RunConfig):
+        _check_run(config, ())
+        return
+    _check_run(config.run, ("run",))
+    for arm, overrides in config.arms.items():
+        run = _arm_run(config, arm, overrides)
+        for key in ARM_FIELDS:
+            if key in overrides and key != "params":
+                if key == "step":
+                    _prefixed(("arms", arm), partial(import_object, run.step, key="step"))
+                else:
+                    _prefixed(("arms", arm), partial(build_evaluators, run.evaluators))
+    build_callbacks(config.callbacks, place="callbacks")
+
+
+def _context(config: RunConfig) -> LogContext:
+    return LogContext(
+        output_dir=config.output_dir,
+        config=msgspec.to_builtins(config),
+        run_key=config.name,
+        run_config={**config.params, "seed": config.seed},
+    )
+
+
+def _loop_options(config: RunConfig) -> dict[str, Any]:
+    checkpoint = import_object(config.checkpoint, key="checkpoint") if config.checkpoint else None
+    return {
+        "save_every": config.save_every,
+        "checkpoint": checkpoint,
+        "eval_mode": config.eval_mode,
+        "eval_timeout": config.eval_timeout,
+        "max_evals_in_flight": config.max_evals_in_flight,
+        "control_timeout": config.control_timeout,
+        "drain_timeout": config.drain_timeout,
+        "callback_errors": config.callback_errors,
+    }
+
+
+def build_loop(config: RunConfig) -> TrainingLoop:
+    """A :class:`TrainingLoop` for ``config``: files in ``<output_dir>/<name>/``.
+
+    Imports the step (and checkpoint) and builds the evaluators and callbacks;
+    raises :class:`ConfigError` naming the place for anything wrong.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"build_loop takes a RunConfig, got {type(config).__name__}")
+    step = import_object(config.step, key="step")
+    return TrainingLoop(
+        step,
+        num_steps=config.num_steps,
+        output_dir=config.output_dir,
+        run_key=config.name,
+        evaluators=build_evaluators(config.evaluators),
+        callbacks=build_callbacks(config.callbacks),
+        ctx=_context(config),
+        **_loop_options(config),
+    )
+
+
+def build_experiment(config: ExperimentConfig) -> Experiment:
+    """An :class:`Experiment` for ``config``: runs in ``<run.output_dir>/<name>/<arm>[-rN]/``.
+
+    With ``max_concurrency == 1`` one set of callbacks (experiment-level, then
+    the run's) sees every arm; above it the run's callbacks are built fresh
+    for each run and only the experiment-level ones get the experiment hooks.
+    """
+    run = config.run
+    arms = []
+    for name, overrides in config.arms.items():
+        arm_run = _arm_run(config, name, overrides)
+        arms.append(
+            Arm(
+                name=name,
+                step=_prefixed(("arms", name), partial(import_object, arm_run.step)),
+                params=dict(arm_run.params),
+                evaluators=(
+                    _prefixed(("arms", name), partial(build_evaluators, arm_run.evaluators))
+                    if "evaluators" in overrides
+                    else None
+                ),
+            )
+        )
+    experiment_callbacks = build_callbacks(config.callbacks, place="callbacks")
+    concurrent = config.max_concurrency > 1
+    run_callbacks = (
+        [] if concurrent else _prefixed(("run",), lambda: build_callbacks(run.callbacks))
+    )
+    options = _loop_options(run)
+    return Experiment(
+        config.name,
+        arms,
+        num_steps=run.num_steps,
+        repeats=config.repeats,
+        output_dir=run.output_dir,
+        callbacks=[*experiment_callbacks, *run_callbacks],
+        callback_factory=(lambda: build_callbacks(run.callbacks)) if concurrent else None,
+        evaluators=_prefixed(("run",), lambda: build_evaluators(run.evaluators)),
+        success_metric=config.success_metric,
+        mode=config.mode,
+        max_concurrency=config.max_concurrency,
+        base_seed=run.seed,
+        ctx=LogContext(
+            output_dir=Path(run.output_dir) / config.name, config=msgspec.to_builtins(config)
+        ),
+        loop_options=options,
+    )
+
+
+# -- files -----------------------------------------------------------------------------
+
+_FORMATS = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+
+def _format_of(path: Path) -> str:
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            f"{path}: unknown config format {path.suffix or '(no suffix)'!r}; "
+            "use .yaml/.yml, .toml or .json"
+        )
+    return fmt
+
+
+class _Source:
+    """A config file's text and, for YAML, its node tree (to map paths to lines)."""
+
+    def __init__(self, path: Path, text: str, fmt: str) -> None:
+        self.path = path
+        self.text = text
+        self.fmt = fmt
+        self.root: yaml.Node | None = None
+
+    def parse(self) -> Any:
+        if self.fmt == "yaml":
+            try:
+                self.root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+                _check_duplicate_keys(self.root, self)
+                return yaml.safe_load(self.text)
+            except yaml.MarkedYAMLError as exc:
+                mark = exc.problem_mark or exc.context_mark
+                line = f":{mark.line + 1}" if mark is not None else ""
+                problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+                raise ConfigError(f"{self.path}{line}: malformed YAML: {problem}") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{self.path}: malformed YAML: {exc}") from None
+        if self.fmt == "toml":
+            try:
+                return tomllib.loads(self.text)
+            except tomllib.TOMLDecodeError as exc:
+                m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+                line = f":{m.group(1)}" if m else ""
+                raise ConfigError(f"{self.path}{line}: malformed TOML: {exc}") from None
+        try:
+            return json.loads(self.text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{self.path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
+
+    def line_of(self, path: Path_) -> int | None:
+        """The 1-based line of the deepest node ``path`` reaches (YAML only)."""
+        node = self.root
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if key.value == str(part):
+                        line = key.start_mark.line + 1
+                        node = value
+                        break
+                else:
+                    return line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+                if part >= len(node.value):
+                    return line
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                return line
+        return line
+
+    def error(self, exc: PlacedConfigError) -> ConfigError:
+        line = self.line_of(exc.path)
+        where = f"{self.path}:{line}" if line is not None else str(self.path)
+        return ConfigError(f"{where}: {exc}")
+
+
+def _check_duplicate_keys(node: yaml.Node | None, source: _Source) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                raise ConfigError(
+                    f"{source.path}:{line}: duplicate key {key.value!r} "
+                    f"(first on line {seen[key.value]}); YAML keeps only the last"
+                )
+            seen[key.value] = line
+            _check_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, source)
+
+
+def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfig:
+    """Load a :class:`RunConfig` or :class:`ExperimentConfig` from YAML, TOML or JSON.
+
+    The format follows the suffix. With ``check`` (default) it also runs
+    :func:`check_config`: the dotted-path imports, and every callback and
+    evaluator built once. Raises :class:`ConfigError` naming the file, the
+    line (YAML, and malformed TOML/JSON) and the path inside, e.g.
+    ``run.yaml:14: callbacks[1].params.patiense (early_stopping): unknown
+    field 'patiense' — did you mean 'patience'?``.
+    """
+    file = Path(path)
+    fmt = _format_of(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
+    source = _Source(file, text, fmt)
+    data = source.parse()
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{file}: a config is a mapping of settings (name, num_steps, step, ...), "
+            f"got {type(data).__name__}"
+        )
+    kind: type[RunConfig] | type[ExperimentConfig] = (
+        ExperimentConfig if ("arms" in data or "run" in data) else RunConfig
+    )
+    try:
+        try:
+            config: AnyConfig = msgspec.convert(data, kind)
+        except msgspec.ValidationError as exc:
+            raise explain_validation(str(exc), kind, data) from None
+        if check:
+            _add_import_dirs(Path.cwd(), file.parent)
+            check_config(config)
+    except PlacedConfigError as exc:
+        raise source.error(exc) from None
+    return config
+
+
+def encode_config(config: AnyConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    """``config`` as YAML or JSON text that :func:`load_config` reads back equal."""
+    data = msgspec.to_builtins(config)
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return text

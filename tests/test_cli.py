@@ -1,0 +1,228 @@
+"""The command line as a user runs it: `python -m evsys_async ...` in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLUMNS")}
+
+
+def cli(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evsys_async", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=timeout,
+    )
+
+
+def assert_complete_files(run_dir: Path, status: str) -> None:
+    """Every file parses whole; the manifest has the status and a clean callback report."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["split"] in ("train", "val") for line in lines)
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"]["type"] == "TrainEnded"
+    assert events[-1]["event"]["status"] == status
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and rows[0]["step"] == "0"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == status
+    for name, health in manifest["callback_report"].items():
+        assert health["pending"] == 0 and not health["stuck"], name
+    assert f"status: {status}" in (run_dir / "summary.md").read_text()
+
+
+def test_run_without_config_is_the_demo(tmp_path: Path) -> None:
+    proc = cli("run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("[1/200] loss=")
+    evals = [line for line in out.splitlines() if " eval val: " in line]
+    first = float(evals[0].split("pass_rate=")[1].split()[0])
+    last = float(evals[-1].split("pass_rate=")[1].split()[0])
+    assert last > first + 0.2  # pass_rate visibly rises
+    assert "status: completed — 200 of 200 steps" in out
+    assert "best eval: val/pass_rate = " in out
+    assert f"files: {Path('runs') / 'demo'}/" in out
+    assert "EarlyStoppingCallback  ok" in out
+    assert_complete_files(tmp_path / "runs" / "demo", "completed")
+    with open(tmp_path / "runs" / "demo" / "metrics.csv", newline="") as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
+    assert sum(losses[-20:]) < sum(losses[:20]) / 2  # loss visibly falls
+
+
+STEPS = """\
+import anyio
+
+async def step(state, step_idx):
+    await anyio.lowlevel.checkpoint()
+    return {"loss": 1.0 / (step_idx + 1), "lr": state.ctx.run_config["lr"]}
+
+def failing(state, step_idx):
+    if step_idx == 2:
+        raise RuntimeError("diverged")
+    return {"loss": 1.0}
+"""
+
+CONFIG = """\
+name: mine
+num_steps: 12
+step: {step}
+params: {{lr: 0.5}}
+callbacks:
+  - kind: print_progress
+    params: {{every: 4}}
+  - kind: csv_metrics
+    params: {{out_path: metrics.csv}}
+  - kind: local_logger
+    params: {{print_every: 0}}
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_run_a_config_with_its_own_step(tmp_path: Path, backend: str) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mysteps.py").write_text(STEPS)  # beside the config, not in cwd
+    (tmp_path / "conf" / "run.yaml").write_text(CONFIG.format(step="mysteps:step"))
+    out_dir = tmp_path / "elsewhere"
+    proc = cli(
+        "run", "conf/run.yaml", "--backend", backend, "--output-dir", str(out_dir), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[12/12] loss=0.0833 lr=0.5000" in proc.stdout
+    assert "best eval: (no evals ran)" in proc.stdout
+    assert_complete_files(out_dir / "mine", "completed")
+
+
+def test_a_failed_step_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "mysteps.py").write_text(STEPS)
+    (tmp_path / "run.yaml").write_text(CONFIG.format(step="mysteps:failing"))
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "RuntimeError: diverged" in proc.stderr
+    assert "status: failed — 2 of 12 steps" in proc.stdout
+    assert_complete_files(tmp_path / "runs" / "mine", "failed")
+
+
+TYPO = """\
+name: typo
+num_steps: 10
+callbacks:
+  - kind: early_stopping
+    params:
+      metric: pass_rate
+      patiense: 3
+"""
+
+
+def test_validate_catches_a_typo_in_callback_params(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(TYPO)
+    proc = cli("validate", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert (
+        "run.yaml:7: callbacks[0].params.patiense (early_stopping): unknown field 'patiense' "
+        "— did you mean 'patience'?"
+    ) in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+    (tmp_path / "run.yaml").write_text(TYPO.replace("patiense", "patience"))
+    proc = cli("validate", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: run.yaml: run 'typo', 10 steps" in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_and_bad_arguments_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text('num_steps = "ten"\n')
+    proc = cli("run", "run.toml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "run.toml: num_steps: expected int, got str 'ten'" in proc.stderr
+    assert cli("run", "missing.yaml", cwd=tmp_path).returncode == 2
+    proc = cli("run", "--backend", "curio", cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'curio'" in proc.stderr
+    assert cli(cwd=tmp_path).returncode == 2  # no command
+
+
+def test_help_on_each_command(tmp_path: Path) -> None:
+    for args in (["--help"], ["run", "--help"], ["validate", "--help"], ["callbacks", "--help"]):
+        proc = cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0 and "usage: evsys-async" in proc.stdout
+    assert "130 interrupted (SIGINT)" in " ".join(cli("--help", cwd=tmp_path).stdout.split())
+
+
+def test_callbacks_lists_kinds_with_fields_types_defaults(tmp_path: Path) -> None:
+    proc = cli("callbacks", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for kind in ("print_progress", "csv_metrics", "early_stopping", "local_logger"):
+        assert f"\n{kind}  (evsys_async.callbacks." in out
+    assert "  metric: str  (required)" in out
+    assert "  patience: int = 3" in out
+    proc = cli("evaluators", cwd=tmp_path)
+    assert "demo_accuracy  (evsys_async.demo.DemoAccuracy)" in proc.stdout
+    assert "  run_every: int = 20" in proc.stdout
+
+
+# -- signals: the run stops cleanly, the files are complete -----------------------------------
+
+
+SLOW = """\
+name: slow
+num_steps: 100000
+step: demo
+params: {delay: 0.005}
+evaluators: [{kind: demo_accuracy, params: {run_every: 50}}]
+callbacks:
+  - kind: print_progress
+    params: {every: 10}
+  - kind: csv_metrics
+    params: {out_path: metrics.csv}
+  - kind: local_logger
+    params: {print_every: 0}
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "sig", "code"),
+    [
+        ("asyncio", signal.SIGINT, 130),
+        ("trio", signal.SIGINT, 130),
+        ("asyncio", signal.SIGTERM, 143),
+        ("trio", signal.SIGTERM, 143),
+    ],
+)
+def test_signal_stops_cleanly_with_complete_files(
+    tmp_path: Path, backend: str, sig: int, code: int
+) -> None:
+    (tmp_path / "slow.yaml").write_text(SLOW)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evsys_async", "run", "slow.yaml", "--backend", backend],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the run is under way once a progress line is out
+    assert first.startswith("[1/100000] loss="), first
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(sig).name} received" in err
+    assert "status: cancelled" in out
+    assert "Traceback" not in err
+    assert_complete_files(tmp_path / "runs" / "slow", "cancelled")
