@@ -17,6 +17,13 @@ from .callbacks.registry import (
     list_callbacks,
     register_callback,
 )
+from .config import (
+    ExperimentConfig,
+    RunConfig,
+    build_experiment,
+    build_loop,
+    load_config,
+)
 from .errors import (
     BusClosedError,
     ConfigError,
@@ -24,7 +31,13 @@ from .errors import (
     EvsysError,
     MissingExtraError,
 )
-from .evaluators import Evaluator
+from .evaluators import (
+    Evaluator,
+    build_evaluators,
+    get_evaluator,
+    list_evaluators,
+    register_evaluator,
+)
 from .events import Envelope, Event
 from .experiment import Arm, ArmResult, Experiment, ExperimentResult, RunResult
 from .loop import TrainingLoop
@@ -50,6 +63,7 @@ __all__ = [
     "EventDecodeError",
     "EvsysError",
     "Experiment",
+    "ExperimentConfig",
     "ExperimentResult",
     "Latest",
     "LogContext",
@@ -57,15 +71,23 @@ __all__ = [
     "LoopState",
     "Lossless",
     "MissingExtraError",
+    "RunConfig",
     "RunResult",
     "StepOutput",
     "SubscriberStats",
     "Subscription",
     "TrainingLoop",
     "build_callbacks",
+    "build_evaluators",
+    "build_experiment",
+    "build_loop",
     "dispatch",
     "events",
     "get_callback",
+    "get_evaluator",
     "list_callbacks",
+    "list_evaluators",
+    "load_config",
     "register_callback",
+    "register_evaluator",
 ]
