@@ -338,7 +338,7 @@ class EventBus:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._open = True
-        self._tg.start_soon(self._pump, name="evsys-bus-pump")
+        self._tg.start_soon(self._pump, self._task_scope(), name="evsys-bus-pump")
         return self
 
     async def __aexit__(
@@ -481,7 +481,9 @@ class EventBus:
         self._routes.clear()
         if is_async:
             sub._wake_evt = anyio.Event()
-            self._tg.start_soon(self._run_async, sub, name=f"evsys-sub:{sub.name}")
+            self._tg.start_soon(
+                self._run_async, sub, self._task_scope(), name=f"evsys-sub:{sub.name}"
+            )
         else:
             sub._queue = queue.SimpleQueue()
             sub._t_done = self._walked
@@ -702,9 +704,15 @@ class EventBus:
 
     # -- the pump ----------------------------------------------------------------
 
-    async def _pump(self) -> None:
-        with anyio.CancelScope(shield=True) as scope:
-            self._task_scopes.append(scope)
+    def _task_scope(self) -> anyio.CancelScope:
+        # Made before the task starts: a block that never yields may be left (and
+        # the scope cancelled) before the task first runs.
+        scope = anyio.CancelScope(shield=True)
+        self._task_scopes.append(scope)
+        return scope
+
+    async def _pump(self, scope: anyio.CancelScope) -> None:
+        with scope:
             await self._pump_loop()
 
     async def _pump_loop(self) -> None:
@@ -827,9 +835,8 @@ class EventBus:
 
     # -- async subscribers -------------------------------------------------------
 
-    async def _run_async(self, sub: Subscription) -> None:
-        with anyio.CancelScope(shield=True) as scope:
-            self._task_scopes.append(scope)
+    async def _run_async(self, sub: Subscription, scope: anyio.CancelScope) -> None:
+        with scope:
             await self._run_async_shielded(sub)
 
     async def _run_async_shielded(self, sub: Subscription) -> None:
