@@ -23,6 +23,7 @@ Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any, ClassVar, TypeAlias
@@ -84,13 +85,13 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 # -- loop scope -------------------------------------------------------------------
 
 
-class TrainStarted(Event):
+class TrainStarted(Event, kw_only=True):
     num_steps: int
     start_step: int = 0
     output_dir: str = ""
 
 
-class StepEnded(Event):
+class StepEnded(Event, kw_only=True):
     """A step finished. ``step`` is 0-based; ``metrics`` are plain floats."""
 
     step: int
@@ -100,32 +101,32 @@ class StepEnded(Event):
     coalesce: ClassVar[bool] = True
 
 
-class EvalEnded(Event):
+class EvalEnded(Event, kw_only=True):
     step: int
     eval_name: str
     metrics: Metrics = msgspec.field(default_factory=dict)
 
 
-class EvalFailed(Event):
+class EvalFailed(Event, kw_only=True):
     step: int
     eval_name: str
     error: str
 
 
-class CheckpointSaved(Event):
+class CheckpointSaved(Event, kw_only=True):
     step: int
     name: str
     path: str | None = None
     row: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class StopRequested(Event):
+class StopRequested(Event, kw_only=True):
     step: int
     reason: str | None = None
     source: str = ""
 
 
-class TrainEnded(Event):
+class TrainEnded(Event, kw_only=True):
     """The run ended. ``status``: completed | stopped | failed | cancelled."""
 
     status: str
@@ -139,38 +140,38 @@ class TrainEnded(Event):
 # -- experiment scope -----------------------------------------------------------
 
 
-class ExperimentStarted(Event):
+class ExperimentStarted(Event, kw_only=True):
     name: str
 
 
-class GroupStarted(Event):
+class GroupStarted(Event, kw_only=True):
     group_name: str
 
 
-class RunStarted(Event):
+class RunStarted(Event, kw_only=True):
     arm: str
     repeat: int = 0
 
 
-class BenchmarkEvaluated(Event):
+class BenchmarkEvaluated(Event, kw_only=True):
     step: int | None = None
     eval_result: dict[str, Any] = msgspec.field(default_factory=dict)
     predictions: list[Any] = msgspec.field(default_factory=list)
 
 
-class RunEnded(Event):
+class RunEnded(Event, kw_only=True):
     arm: str
     result: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class ExperimentEnded(Event):
+class ExperimentEnded(Event, kw_only=True):
     result: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 # -- runtime health -------------------------------------------------------------
 
 
-class CallbackFailed(Event):
+class CallbackFailed(Event, kw_only=True):
     """A subscriber's handler raised or timed out (``error`` says which)."""
 
     subscriber: str
@@ -179,7 +180,7 @@ class CallbackFailed(Event):
     error: str
 
 
-class SubscriberLagged(Event):
+class SubscriberLagged(Event, kw_only=True):
     """A subscriber fell behind: ``pending`` waiting, ``dropped`` by its policy so far."""
 
     subscriber: str
@@ -232,7 +233,9 @@ def _codec() -> tuple[int, Any, Any, dict[str, type[Event]]]:
         tag = cls.__struct_config__.tag
         assert isinstance(tag, str)
         other = by_tag.get(tag)
-        if other is not None and other is not cls:
+        if other is not None and _same_name(other, cls):
+            pass  # the class was defined again (a re-run notebook cell): the newest wins
+        elif other is not None and other is not cls:
             raise EventDecodeError(
                 f"event classes {other.__module__}.{other.__qualname__} and "
                 f"{cls.__module__}.{cls.__qualname__} share the tag {tag!r}; give one of "
@@ -242,11 +245,16 @@ def _codec() -> tuple[int, Any, Any, dict[str, type[Event]]]:
     union: Any = _union(by_tag.values())
     _codec_cache = (
         n,
-        (msgspec.json.Decoder(union), msgspec.msgpack.Decoder(union)),
+        # strict=False: JSON has no NaN/Infinity, so encode() writes them as strings
+        (msgspec.json.Decoder(union, strict=False), msgspec.msgpack.Decoder(union)),
         (msgspec.json.Decoder(_WireEnvelope), msgspec.msgpack.Decoder(_WireEnvelope)),
         by_tag,
     )
     return _codec_cache
+
+
+def _same_name(a: type, b: type) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 def _union(types: Iterable[type[Event]]) -> Any:
@@ -276,10 +284,34 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 def encode(obj: Event | Envelope, *, format: str = "json") -> bytes:
     """Encode an event or an envelope as JSON (one line, no newline) or msgpack."""
     if format == "json":
-        return _json_encoder.encode(obj)
+        data = _json_encoder.encode(obj)
+        if b"null" in data:  # msgspec writes NaN and +-inf as null: keep them
+            fixed = _non_finite_as_strings(msgspec.to_builtins(obj))
+            if fixed is not None:
+                data = _json_encoder.encode(fixed)
+        return data
     if format == "msgpack":
         return _msgpack_encoder.encode(obj)
     raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
+
+
+def _non_finite_as_strings(value: Any) -> Any:
+    """``value`` with NaN/inf floats as "nan"/"inf"/"-inf", or ``None`` if it has none."""
+    changed = False
+
+    def walk(v: Any) -> Any:
+        nonlocal changed
+        if isinstance(v, float) and not math.isfinite(v):
+            changed = True
+            return str(v)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    out = walk(value)
+    return out if changed else None
 
 
 def _index(format: str) -> int:
@@ -306,8 +338,12 @@ def decode_envelope(data: bytes | str, *, format: str = "json") -> Envelope:
     i = _index(format)
     try:
         raw = wire[i].decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"malformed envelope: {exc}") from None
+    try:
         event = events[i].decode(raw.event)
     except msgspec.DecodeError as exc:
-        msg = str(exc).replace("`$.", "`$.event.") if "raw" in locals() else str(exc)
+        msg = str(exc)
+        msg = msg.replace("`$", "`$.event") if " - at `$" in msg else f"{msg} - at `$.event`"
         raise EventDecodeError(f"malformed envelope: {msg}") from None
     return Envelope(bus_id=raw.bus_id, seq=raw.seq, event=event)
