@@ -239,12 +239,12 @@ class Subscription:
 class _Unbounded:
     """A ``Lossless`` subscriber's pending entries: a list of shared entries."""
 
-    __slots__ = ("_items", "dropped", "put")
+    __slots__ = ("_items", "dropped", "forced", "put")
 
     def __init__(self) -> None:
         self._items: list[Entry] = []
         self.put = self._items.append
-        self.dropped = 0
+        self.dropped = self.forced = 0  # never drops
 
     def __len__(self) -> int:
         return len(self._items)
@@ -309,6 +309,9 @@ class EventBus:
         self._pump_evt: anyio.Event | None = None
         self._pump_due = False
         self._timer_armed = False
+        self._pump_deadline = math.inf  # when the sleeping pump ticks next on its own
+        self._accepting = False  # publish takes events in (False before enter, from close on)
+        self._intake_lock = threading.Lock()
         self._last_tick = -math.inf
         self._progress: anyio.Event | None = None
         self._waiters = 0
@@ -338,6 +341,7 @@ class EventBus:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._open = True
+        self._accepting = True
         self._tg.start_soon(self._pump, self._task_scope(), name="evsys-bus-pump")
         return self
 
@@ -374,6 +378,10 @@ class EventBus:
                     if not _absorb_native_cancel(exc, deadline):
                         raise
                     native_cancel = exc
+            with self._intake_lock:
+                self._take_intake()
+                self._accepting = False  # from here on a publish is counted as dropped
+            self._tick()
             for sub in list(self._subs):
                 self._unsubscribe(sub)
             while True:
@@ -533,7 +541,7 @@ class EventBus:
             return None
         if not isinstance(event, Event):
             raise TypeError(f"publish() takes an Event, got {type(event).__name__}")
-        if not self._open:
+        if not self._accepting:
             self._drop_closed(event)
             return None
         seq = self._next_seq
@@ -553,10 +561,11 @@ class EventBus:
             raise BusClosedError(
                 "publish() before the bus was entered: use `async with EventBus() as bus:`"
             )
-        if self._closed:
-            self._drop_closed(event)
-            return
-        self._intake.append(event)
+        with self._intake_lock:
+            if not self._accepting:
+                self._drop_closed(event)
+                return
+            self._intake.append(event)
         self._wake_from_thread()
 
     def _drop_closed(self, event: Event) -> None:
@@ -593,7 +602,7 @@ class EventBus:
         intake = self._intake
         while intake:
             event = intake.popleft()
-            if self._open:
+            if self._accepting:
                 self._next_seq += 1
                 self._new.append(event)
             else:
@@ -726,12 +735,16 @@ class EventBus:
                 self._pump_evt = anyio.Event()
                 self._pump_due = False
             walked = self._walked
+            self._pump_deadline = math.inf  # this tick decides the next one
             next_deadline = self._tick()
             if self._walked != walked:
                 # events are flowing: tick again after batch_delay instead of being
                 # woken by every publish (publish still wakes us for a full batch)
                 next_deadline = min(next_deadline, time.monotonic() + self.batch_delay)
-            self._timer_armed = next_deadline != math.inf
+            self._pump_deadline = next_deadline
+            # publish may rely on the timer only if it fires within a batch delay; a
+            # def handler's timeout deadline may be far away
+            self._timer_armed = next_deadline <= time.monotonic() + self.batch_delay
 
     def _route(self, cls: type) -> tuple[Subscription, ...]:
         subs = tuple(s for s in self._subs if issubclass(cls, s.events))
@@ -806,14 +819,17 @@ class EventBus:
             count = pending
         else:
             dropped = sub._buffer.dropped
-            if dropped >= sub._drop_mark:
-                sub._drop_mark = max(sub._drop_mark, dropped) * 2
+            forced = sub._buffer.forced  # coalescing is not lag: only forced drops
+            if forced >= sub._drop_mark:
+                sub._drop_mark = max(sub._drop_mark, forced) * 2
                 return SubscriberLagged(subscriber=sub.name, pending=pending, dropped=dropped)
             count = sub._arrivals
         mark = sub._lag_mark or threshold
         if count < mark:
             return None
-        sub._lag_mark = mark * 2
+        while mark <= count:  # one report per crossing, even across several doublings
+            mark *= 2
+        sub._lag_mark = mark
         return SubscriberLagged(subscriber=sub.name, pending=pending, dropped=sub._buffer.dropped)
 
     def _wake(self, sub: Subscription) -> None:
@@ -826,6 +842,14 @@ class EventBus:
             batch = self._take(sub)
             sub._inflight_end = self._walked
             sub._queue.put((batch, self._walked))  # type: ignore[union-attr]
+            if sub.timeout is not None:
+                self._arm(time.monotonic() + sub.timeout)
+
+    def _arm(self, when: float) -> None:
+        # make sure the pump ticks by `when` (whoever's tick woke the subscriber)
+        if when < self._pump_deadline and not self._pump_due and self._pump_evt is not None:
+            self._pump_due = True
+            self._pump_evt.set()
 
     def _take(self, sub: Subscription) -> list[Entry]:
         sub._first_pending = None
@@ -853,12 +877,13 @@ class EventBus:
                     end = self._walked
                     batch = self._take(sub)
                     await self._handle_async(sub, batch)
-                    sub._handled_upto = max(sub._handled_upto, end)
-                    sub._running = False
                     if sub._on_batch_end is not None:
+                        # a flush is part of handling: barriers wait for it (as for def)
                         await self._call_hook_async(
                             sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
                         )
+                    sub._handled_upto = max(sub._handled_upto, end)
+                    sub._running = False
                     self._notify()
                     if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
                         break
@@ -888,7 +913,8 @@ class EventBus:
                         await handler(arg)
             except Exception as exc:
                 self._failure(sub, event, exc)
-            sub._handled_upto = seq + 1
+            if sub._on_batch_end is None:
+                sub._handled_upto = seq + 1
         sub._delivered += len(batch)
         sub._seconds += time.perf_counter() - started
 
@@ -911,6 +937,9 @@ class EventBus:
         envelopes = sub.envelopes
         bus_id = self.bus_id
         _thread_local.subscription = sub
+        # from_thread.run copies this thread's context: drain/publish_and_wait called
+        # from the handler then skip the caller (rule 18)
+        _current_subscription.set(sub)
         if sub._on_start is not None:
             self._call_hook_thread(sub, sub._on_start, "on_start")
         while True:

@@ -83,6 +83,11 @@ class _WindowBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def forced(self) -> int:
+        """Drops forced by the bound (here: every drop)."""
+        return self.dropped
+
     def put(self, entry: Entry) -> None:
         items = self._items
         if len(items) == items.maxlen:
@@ -102,13 +107,14 @@ class _LatestBuffer:
     replaced; the others are keyed by their unique seq.
     """
 
-    __slots__ = ("_items", "_kept", "_max_kept", "dropped")
+    __slots__ = ("_items", "_kept", "_max_kept", "dropped", "forced")
 
     def __init__(self, max_kept: int) -> None:
         self._items: OrderedDict[Any, Entry] = OrderedDict()
         self._kept = 0  # how many non-coalescing entries are pending
         self._max_kept = max_kept
         self.dropped = 0
+        self.forced = 0  # dropped because max_kept was reached (not coalesced)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -132,6 +138,7 @@ class _LatestBuffer:
                     break
             self._kept -= 1
             self.dropped += 1
+            self.forced += 1
 
     def take(self) -> list[Entry]:
         out = list(self._items.values())
