@@ -68,7 +68,11 @@ _current_subscription: contextvars.ContextVar[Subscription | None] = contextvars
 
 
 class SubscriberStats(msgspec.Struct, frozen=True):
-    """Counts for one subscriber, current at the call of ``EventBus.stats()``."""
+    """Counts for one subscriber, current at the call of ``EventBus.stats()``.
+
+    ``pending`` is what waits in the subscriber's buffer (bounded by its
+    policy), not the batch in its hands; ``DrainReport.pending`` counts both.
+    """
 
     delivered: int
     pending: int
@@ -82,7 +86,8 @@ class DrainReport(msgspec.Struct, frozen=True):
     """What ``drain``/``publish_and_wait`` saw when they returned.
 
     ``ok`` is true when nothing was left; ``pending`` maps each subscriber that
-    was not done to its pending count; ``stuck`` names subscribers whose
+    was not done to how many events it has not finished (its batch in hand
+    included); ``stuck`` names subscribers whose
     ``def`` handler is past its timeout (abandoned, not waited for).
     """
 
@@ -146,6 +151,7 @@ class Subscription:
         self._lag_mark = 0  # next pending/arrival count that reports lag
         self._drop_mark = 1  # next dropped count that reports lag
         self._running = False
+        self._in_hand = 0  # events taken into the batch being handled
         self._closing = False
         self._closed = False
         self._delivered = 0
@@ -312,6 +318,7 @@ class EventBus:
         self._pump_deadline = math.inf  # when the sleeping pump ticks next on its own
         self._accepting = False  # publish takes events in (False before enter, from close on)
         self._intake_lock = threading.Lock()
+        self._drop_lock = threading.Lock()
         self._last_tick = -math.inf
         self._progress: anyio.Event | None = None
         self._waiters = 0
@@ -569,8 +576,10 @@ class EventBus:
         self._wake_from_thread()
 
     def _drop_closed(self, event: Event) -> None:
-        self._dropped_after_close += 1
-        if self._dropped_after_close == 1:
+        with self._drop_lock:  # publishers in several threads: count each, log once
+            self._dropped_after_close += 1
+            first = self._dropped_after_close == 1
+        if first:
             _log.warning(
                 "event published after the bus closed; dropped",
                 event_type=type(event).__name__,
@@ -617,6 +626,10 @@ class EventBus:
         does not raise on the deadline. Called from inside a handler, it does
         not wait for the calling subscriber.
         """
+        if not self._accepting:
+            raise BusClosedError(
+                "publish_and_wait() needs an open bus: call it inside `async with EventBus()`"
+            )
         seq = self.publish(event)
         if seq is None:
             raise RuntimeError("publish_and_wait() must be awaited on the bus's event loop")
@@ -686,10 +699,7 @@ class EventBus:
         return {s.name: self._stats_of(s) for s in self._subs + self._ended}
 
     def _pending_of(self, sub: Subscription) -> int:
-        inflight = 0
-        if sub._inflight_end is not None or sub._running:
-            inflight = 1  # at least the batch in hand
-        return len(sub._buffer) + inflight
+        return len(sub._buffer) + sub._in_hand
 
     def _stats_of(self, sub: Subscription) -> SubscriberStats:
         return SubscriberStats(
@@ -855,7 +865,9 @@ class EventBus:
         sub._first_pending = None
         sub._arrivals = 0
         sub._lag_mark = 0  # lag is reported again from the threshold up
-        return sub._buffer.take()
+        batch = sub._buffer.take()
+        sub._in_hand = len(batch)
+        return batch
 
     # -- async subscribers -------------------------------------------------------
 
@@ -884,6 +896,7 @@ class EventBus:
                         )
                     sub._handled_upto = max(sub._handled_upto, end)
                     sub._running = False
+                    sub._in_hand = 0
                     self._notify()
                     if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
                         break
@@ -992,6 +1005,7 @@ class EventBus:
             self._take_intake()
             sub._handled_upto = max(sub._handled_upto, done)
             sub._inflight_end = None
+            sub._in_hand = 0
             if sub._stuck_call is not None:
                 sub._stuck_call = None
             return math.inf
