@@ -71,6 +71,10 @@ class TrainingLoop:
     :class:`StepOutput`. Pass ``bus=`` to publish on a bus you own (the loop
     then ends only its own subscriptions); otherwise the loop owns one per run.
 
+    ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
+    over as one batch while steps flow; barriers and ``controls_loop`` callbacks
+    are served at once.
+
     Raises ``ValueError`` for bad arguments, naming the allowed range.
     """
 
@@ -92,6 +96,7 @@ class TrainingLoop:
         snapshot: Callable[[LoopState], Any] | None = None,
         control_timeout: float = 10.0,
         drain_timeout: float = 60.0,
+        batch_delay: float = 0.02,
         callback_errors: Literal["log", "raise"] = "log",
         checkpoint_on_error: bool = True,
         ctx: LogContext | None = None,
@@ -143,6 +148,12 @@ class TrainingLoop:
         self.snapshot = snapshot
         self.control_timeout = control_timeout
         self.drain_timeout = drain_timeout
+        #: how long a callback's events may wait to be handed over as one batch while
+        #: steps flow (barriers, controls_loop and a lone event on an idle bus go at
+        #: once); only for the bus the loop owns. 20 ms, not the bus's 5: each wake of
+        #: a subscriber costs the loop ~6-10 us, and on a sleeping step every
+        #: microsecond of loop work adds to the step (docs/performance.md)
+        self.batch_delay = batch_delay
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
         self.ctx = ctx if ctx is not None else LogContext(output_dir=self.output_dir)
@@ -201,7 +212,7 @@ class TrainingLoop:
         self.artifacts = artifacts
         if self.bus is not None:
             return await _Run(self, state, artifacts, adapters, self.bus, start_step).execute()
-        async with EventBus(close_timeout=self.drain_timeout) as bus:
+        async with EventBus(close_timeout=self.drain_timeout, batch_delay=self.batch_delay) as bus:
             run = _Run(self, state, artifacts, adapters, bus, start_step)
             run.owns_bus = True
             return await run.execute()

@@ -203,6 +203,7 @@ class CallbackAdapter:
         self.subscription: Subscription | None = None
         self.control_timeouts = 0
         self._token: Any = None
+        self._callers: dict[type[Event], Callable[[Any], Any]] = {}
         # decided once (STYLE rule 8): which hooks are coroutine functions
         self._async_hook = {
             h: is_async_callable(getattr(callback, h))
@@ -242,21 +243,45 @@ class CallbackAdapter:
     def offer_batch(self, step: int, batch: Any) -> None:
         self._batch = (step, batch)
 
-    def _args(self, hook: str, event: Any) -> tuple[Any, ...]:
+    def _argfn(self, hook: str) -> Callable[[Any], tuple[Any, ...]]:
+        """The hook's arguments from an event: decided once per hook, not per call."""
         state = self.state
         if hook == "on_step_end":
-            held = self._batch
-            batch = held[1] if held is not None and held[0] == event.step else None
-            return (state, event.step, batch, event.metrics)
+            if not getattr(self.callback, "wants_batch", False):
+                return lambda e: (state, e.step, None, e.metrics)
+
+            def with_batch(e: Any) -> tuple[Any, ...]:
+                held = self._batch  # only the newest batch is held
+                return (state, e.step, held[1] if held and held[0] == e.step else None, e.metrics)
+
+            return with_batch
         if hook == "on_eval":
-            return (state, event.step, event.eval_name, event.metrics)
+            return lambda e: (state, e.step, e.eval_name, e.metrics)
         if hook == "on_checkpoint":
-            return (state, event.row)
+            return lambda e: (state, e.row)
         if hook == "on_train_end":
-            return (state, self._artifacts(event))
+            return lambda e: (state, self._artifacts(e))
         if hook == "on_train_start":
-            return (state,)
-        return (state, event)
+            return lambda e: (state,)
+        return lambda e: (state, e)
+
+    def _caller(self, event_type: type[Event]) -> Callable[[Any], Any]:
+        """Calls the hook for ``event_type``: in a task it returns the hook's coroutine
+        (the bus awaits it: no wrapper coroutine per event); in the callback's thread
+        it runs the hook, an ``async def`` one on the loop."""
+        hook = self.hook_for(event_type)
+        caller: Callable[[Any], Any]
+        if hook is None:
+            caller = _async_nothing if self.is_async else _nothing
+        else:
+            method, args = getattr(self.callback, hook), self._argfn(hook)
+            if self.is_async or not self._async_hook[hook]:
+                caller = lambda e: method(*args(e))  # noqa: E731
+            else:
+                token = self._token
+                caller = lambda e: anyio.from_thread.run(method, *args(e), token=token)  # noqa: E731
+        self._callers[event_type] = caller
+        return caller
 
     def _artifacts(self, event: TrainEnded) -> LoopArtifacts:
         if self.state.artifacts is not None:
@@ -274,34 +299,33 @@ class CallbackAdapter:
     def _label(self, event: Event) -> str:
         return self.hook_for(type(event)) or "on_envelope"
 
-    async def _handle_async(self, envelope: Envelope) -> None:
-        cb = self.callback
-        event = envelope.event
-        hook = self.hook_for(type(event))
-        try:
-            if hook is not None:
-                await getattr(cb, hook)(*self._args(hook, event))
-        finally:
-            if self._wants_envelope:
-                await cb.on_envelope(self.state, envelope)
+    def _handler(self) -> Callable[[Any], Any]:
+        callers, caller = self._callers, self._caller
+        if not self._wants_envelope:
+            # events, not envelopes: one dict lookup and the hook itself
+            return lambda e: (callers.get(type(e)) or caller(type(e)))(e)
+        on_envelope, state = self.callback.on_envelope, self.state
+        if self.is_async:
 
-    def _handle_sync(self, envelope: Envelope) -> None:
-        cb = self.callback
-        event = envelope.event
-        hook = self.hook_for(type(event))
-        try:
-            if hook is not None:
-                method = getattr(cb, hook)
-                if self._async_hook[hook]:
-                    anyio.from_thread.run(method, *self._args(hook, event), token=self._token)
+            async def handle_async(env: Envelope) -> None:
+                try:
+                    await (callers.get(type(env.event)) or caller(type(env.event)))(env.event)
+                finally:
+                    await on_envelope(state, env)
+
+            return handle_async
+        token, envelope_is_async = self._token, self._async_hook["on_envelope"]
+
+        def handle(env: Envelope) -> None:
+            try:
+                (callers.get(type(env.event)) or caller(type(env.event)))(env.event)
+            finally:
+                if envelope_is_async:
+                    anyio.from_thread.run(on_envelope, state, env, token=token)
                 else:
-                    method(*self._args(hook, event))
-        finally:
-            if self._wants_envelope:
-                if self._async_hook["on_envelope"]:
-                    anyio.from_thread.run(cb.on_envelope, self.state, envelope, token=self._token)
-                else:
-                    cb.on_envelope(self.state, envelope)
+                    on_envelope(state, env)
+
+        return handle
 
     def subscribe(self, bus: EventBus, *, run_key: str | None = None) -> Subscription:
         """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task."""
@@ -316,12 +340,12 @@ class CallbackAdapter:
             return lambda: method(*args)
 
         self.subscription = bus.subscribe(
-            self._handle_async if self.is_async else self._handle_sync,
+            self._handler(),
             events=self.event_types,
             policy=self.policy,
             name=self.name,
             timeout=self.timeout,
-            envelopes=True,
+            envelopes=self._wants_envelope,
             run_key=run_key,
             sync=not self.is_async,
             on_start=hook("setup", state),
@@ -331,6 +355,14 @@ class CallbackAdapter:
         )
         self.name = self.subscription.name
         return self.subscription
+
+
+def _nothing(event: Any) -> None:
+    return None
+
+
+async def _async_nothing(event: Any) -> None:
+    return None
 
 
 async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs: Any) -> None:
