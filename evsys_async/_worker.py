@@ -24,14 +24,20 @@ _Job = tuple[Callable[..., Any], tuple[Any, ...], "_Outcome"]
 
 
 class _Outcome:
-    __slots__ = ("done", "error", "event", "token", "value")
+    __slots__ = ("done", "error", "event", "value", "wake")
 
     def __init__(self, event: anyio.Event, token: Any) -> None:
         self.event = event
-        self.token = token
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
+        # hand event.set to the loop without waiting for it to run (from_thread.run_sync
+        # would block this thread until the loop got to it): asyncio's
+        # call_soon_threadsafe, trio's run_sync_soon
+        native = token.native_token
+        self.wake: Callable[[Callable[[], object]], object] = (
+            getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
+        )
 
 
 class DaemonWorker:
@@ -60,7 +66,7 @@ class DaemonWorker:
                 outcome.error = exc
             outcome.done = True
             with contextlib.suppress(RuntimeError):  # the loop is gone; nobody awaits this
-                anyio.from_thread.run_sync(outcome.event.set, token=outcome.token)
+                outcome.wake(outcome.event.set)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
