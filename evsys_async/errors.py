@@ -16,12 +16,16 @@ problem and, where one exists, the fix.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 __all__ = [
     "BusClosedError",
     "ConfigError",
     "EventDecodeError",
     "EvsysError",
     "MissingExtraError",
+    "import_extra",
     "missing_extra",
 ]
 
@@ -59,3 +63,15 @@ def missing_extra(module: str, extra: str, what: str) -> MissingExtraError:
         f"{what} needs the optional dependency {module!r}, which is not installed; "
         f"install it with: pip install 'evsys-async[{extra}]'"
     )
+
+
+def import_extra(module: str, extra: str, what: str) -> ModuleType:
+    """Import an optional dependency, or raise :func:`missing_extra`'s error.
+
+    Called when the feature is built (a callback's ``__init__``, a transport's
+    constructor), never at ``import evsys_async``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise missing_extra(module, extra, what) from exc

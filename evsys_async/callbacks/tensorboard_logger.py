@@ -22,20 +22,12 @@ from typing import Any
 
 import msgspec
 
-from ..errors import missing_extra
+from ..errors import import_extra
 from ..state import LoopState
 from .base import Callback
 from .registry import register_callback
 
 __all__ = ["TensorBoardLoggerCallback"]
-
-
-def _summary_writer() -> Any:
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError as exc:
-        raise missing_extra("tensorboardX", "tensorboard", "tensorboard_logger") from exc
-    return SummaryWriter
 
 
 @register_callback("tensorboard_logger")
@@ -48,7 +40,9 @@ class TensorBoardLoggerCallback(Callback):
         flush_secs: int = 30
 
     def __init__(self, log_dir: str | os.PathLike[str] | None = None, flush_secs: int = 30) -> None:
-        self._writer_cls = _summary_writer()
+        self._writer_cls = import_extra(
+            "tensorboardX", "tensorboard", "tensorboard_logger"
+        ).SummaryWriter
         if flush_secs < 1:
             raise ValueError(f"flush_secs must be >= 1, got {flush_secs}")
         self.log_dir = Path(log_dir) if log_dir is not None else None

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from .._log import get_logger
-from ..errors import missing_extra
+from ..errors import import_extra
 from ..state import LoopState
 from .base import Callback
 from .registry import register_callback
@@ -35,14 +35,6 @@ from .registry import register_callback
 __all__ = ["WandbLoggerCallback"]
 
 _log = get_logger()
-
-
-def _import_wandb() -> Any:
-    try:
-        import wandb
-    except ImportError as exc:
-        raise missing_extra("wandb", "wandb", "wandb_logger") from exc
-    return wandb
 
 
 @register_callback("wandb_logger")
@@ -68,7 +60,7 @@ class WandbLoggerCallback(Callback):
         max_pred_rows: int = 100,
         finish_timeout: float = 60.0,
     ) -> None:
-        self._wandb = _import_wandb()
+        self._wandb = import_extra("wandb", "wandb", "wandb_logger")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
         if finish_timeout <= 0:

@@ -18,7 +18,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from .._log import get_logger
-from ..errors import missing_extra
+from ..errors import import_extra
 from ..events import Envelope, Event, decode_envelope, encode
 
 __all__ = ["RedisStreamSink", "RedisStreamSource"]
@@ -28,11 +28,7 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 def _client(url: str) -> Any:
-    try:
-        import redis
-    except ImportError:
-        raise missing_extra("redis", "redis", "the Redis transport") from None
-    return redis.Redis.from_url(url)
+    return import_extra("redis", "redis", "the Redis transport").Redis.from_url(url)
 
 
 class RedisStreamSink:
