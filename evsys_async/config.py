@@ -28,7 +28,6 @@ put on ``sys.path`` first, so a module beside the config imports.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
@@ -49,7 +48,7 @@ from .callbacks.registry import (
     build_callbacks,
     explain_validation,
 )
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop
@@ -181,8 +180,7 @@ def import_object(target: str, *, key: str = "step") -> Any:
         if not hasattr(obj, part):
             where = ".".join([module_name, *attr.split(".")[:i]])
             names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f" — did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(part, names)
             raise PlacedConfigError(
                 path, f"could not import {target!r}: {where!r} has no attribute {part!r}{hint}"
             )
@@ -207,12 +205,10 @@ def _arm_run(config: ExperimentConfig, arm: str, overrides: Mapping[str, Any]) -
     base = msgspec.to_builtins(config.run)
     for key, value in overrides.items():
         if key not in ARM_FIELDS:
-            close = difflib.get_close_matches(key, ARM_FIELDS, n=1)
-            hint = (
-                f" — did you mean {close[0]!r}?"
-                if close
-                else f"; an arm may override only {', '.join(ARM_FIELDS)} "
-                "(set the rest under 'run')"
+            hint = did_you_mean(
+                key,
+                ARM_FIELDS,
+                f"; an arm may override only {', '.join(ARM_FIELDS)} (set the rest under 'run')",
             )
             raise PlacedConfigError(("arms", arm, key), f"cannot override {key!r}{hint}")
         if key == "params" and isinstance(value, Mapping):

@@ -16,12 +16,15 @@ problem and, where one exists, the fix.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections.abc import Iterable
 from types import ModuleType
 
 __all__ = [
     "BusClosedError",
     "ConfigError",
+    "did_you_mean",
     "EventDecodeError",
     "EvsysError",
     "MissingExtraError",
@@ -75,3 +78,9 @@ def import_extra(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise missing_extra(module, extra, what) from exc
+
+
+def did_you_mean(name: str, options: Iterable[str], otherwise: str = "") -> str:
+    """`` — did you mean 'x'?`` for the closest of ``options``, else ``otherwise``."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" — did you mean {close[0]!r}?" if close else otherwise

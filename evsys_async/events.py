@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
-from .errors import EventDecodeError
+from .errors import EventDecodeError, did_you_mean
 
 __all__ = [
     "BenchmarkEvaluated",
@@ -270,11 +270,7 @@ def event_type(name: str) -> type[Event]:
     try:
         return types[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, types, n=3)
-        hint = f" — did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise EventDecodeError(f"no event type {name!r}{hint}") from None
+        raise EventDecodeError(f"no event type {name!r}{did_you_mean(name, types)}") from None
 
 
 _json_encoder = msgspec.json.Encoder()

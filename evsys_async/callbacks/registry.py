@@ -23,7 +23,6 @@ it to a file and line.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import re
@@ -34,7 +33,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .._log import get_logger
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from .base import Callback
 
 __all__ = [
@@ -205,12 +204,7 @@ def explain_validation(
     if unknown:
         name = unknown.group(1)
         fields = _fields_of(info)
-        close = difflib.get_close_matches(name, fields, n=1)
-        hint = (
-            f" — did you mean {close[0]!r}?"
-            if close
-            else f"; known fields: {', '.join(fields) or '(none)'}"
-        )
+        hint = did_you_mean(name, fields, f"; known fields: {', '.join(fields) or '(none)'}")
         return PlacedConfigError((*base, *inner, name), f"unknown field {name!r}{hint}", kind=kind)
     missing = re.match(r"Object missing required field `(.+?)`", text)
     if missing:
@@ -238,12 +232,7 @@ def _check_init(cls: type, params: dict[str, Any], base: Path, kind: str | None)
         return params
     for key in params:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = (
-                f" — did you mean {close[0]!r}?"
-                if close
-                else f"; known fields: {', '.join(accepted) or '(none)'}"
-            )
+            hint = did_you_mean(key, accepted, f"; known fields: {', '.join(accepted) or '(none)'}")
             raise PlacedConfigError((*base, key), f"unknown field {key!r}{hint}", kind=kind)
     try:
         sig.bind(None, **params)
@@ -374,8 +363,7 @@ class KindRegistry(Generic[K]):
         if loaded is not None:
             return loaded
         known = self.known()
-        close = difflib.get_close_matches(kind, known, n=1)
-        hint = f" — did you mean {close[0]!r}?" if close else "."
+        hint = did_you_mean(kind, known, ".")
         listed = ", ".join(known) or "(none)"
         raise PlacedConfigError(
             (*path, "kind") if path else path,
@@ -407,8 +395,7 @@ class KindRegistry(Generic[K]):
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - {"kind", "params"})
             if unknown:
-                close = difflib.get_close_matches(str(unknown[0]), ["kind", "params"], n=1)
-                hint = f" — did you mean {close[0]!r}?" if close else ""
+                hint = did_you_mean(str(unknown[0]), ["kind", "params"])
                 raise PlacedConfigError(
                     (*where, unknown[0]),
                     f"unknown key {unknown[0]!r}{hint} A {self.noun} spec has only "
