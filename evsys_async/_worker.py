@@ -17,12 +17,15 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-__all__ = ["DaemonWorker"]
+__all__ = ["DaemonWorker", "Outcome"]
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], "_Outcome"]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "Outcome"]
 
 
-class _Outcome:
+class Outcome:
+    """A result handed from a thread to an awaiting task: ``settle`` in the thread,
+    ``await result()`` on the loop."""
+
     __slots__ = ("done", "error", "event", "value", "wake")
 
     def __init__(self, event: anyio.Event, token: Any) -> None:
@@ -38,6 +41,27 @@ class _Outcome:
             getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
         )
 
+    @classmethod
+    def new(cls) -> Outcome:
+        """Made on the event loop, by the task that will await it."""
+        return cls(anyio.Event(), anyio.lowlevel.current_token())
+
+    def settle(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` here (a thread) and hand its result or error to the loop."""
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:  # handed back to the awaiting task
+            self.error = exc
+        self.done = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone; nobody awaits this
+            self.wake(self.event.set)
+
+    async def result(self) -> Any:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
 
 class DaemonWorker:
     """One daemon thread; :meth:`call` runs ``fn(*args)`` there and awaits the result.
@@ -49,7 +73,7 @@ class DaemonWorker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._last: _Outcome | None = None
+        self._last: Outcome | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -59,23 +83,14 @@ class DaemonWorker:
             if job is None:
                 return
             fn, args, outcome = job
-            try:
-                outcome.value = fn(*args)
-            except BaseException as exc:  # handed back to the awaiting task
-                outcome.error = exc
-            outcome.done = True
-            with contextlib.suppress(RuntimeError):  # the loop is gone; nobody awaits this
-                outcome.wake(outcome.event.set)
+            outcome.settle(fn, *args)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
-        outcome = _Outcome(anyio.Event(), anyio.lowlevel.current_token())
+        outcome = Outcome.new()
         self._last = outcome
         self._queue.put((fn, args, outcome))
-        await outcome.event.wait()
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.value
+        return await outcome.result()
 
     async def wait_idle(self) -> None:
         """Wait until the latest call submitted has returned (e.g. after cancelling it)."""

@@ -33,9 +33,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -43,6 +43,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._log import get_logger
+from ._worker import Outcome
 from .errors import BusClosedError
 from .events import CallbackFailed, Envelope, Event, SubscriberLagged
 from .policies import DropOldest, Entry, Latest, Lossless, Policy
@@ -54,14 +55,18 @@ __all__ = [
     "Subscription",
     "current_subscription",
     "is_async_callable",
+    "shielded",
 ]
 
 _log = get_logger()
+T = TypeVar("T")
 
 Handler = Callable[[Any], Any]
 Hook = Callable[[], Any]
 
 _thread_local = threading.local()
+#: what a def subscriber's thread takes: a batch and its end, a call, or None (end)
+_ThreadItem = tuple[list[Entry], int] | Outcome | None
 _current_subscription: contextvars.ContextVar[Subscription | None] = contextvars.ContextVar(
     "evsys_current_subscription", default=None
 )
@@ -162,7 +167,7 @@ class Subscription:
         self._wake_evt: anyio.Event | None = None
         self._woken = False
         # def subscriber: its own thread, fed in batches
-        self._queue: queue.SimpleQueue[tuple[list[Entry], int] | None] | None = None
+        self._queue: queue.SimpleQueue[_ThreadItem] | None = None
         self._thread: threading.Thread | None = None
         self._inflight_end: int | None = None
         self._stuck_call: float | None = None
@@ -197,6 +202,24 @@ class Subscription:
         Cancellation-safe: nothing changes for the subscriber.
         """
         return await self._bus._wait_until(lambda: self._reached(seq), timeout)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` where this subscriber's handler runs: in its thread, between two
+        batches, for a ``def`` handler (a callback tied to its thread — sqlite3, a
+        GUI — stays safe); on the loop for an ``async def`` one. Waits for a
+        hung ``def`` handler to return; cancel the call to stop waiting.
+        Raises what ``fn`` raised, or :class:`BusClosedError` if the thread ended.
+        """
+        q = self._queue
+        if q is None:
+            return fn()
+        if self._t_finished:
+            raise BusClosedError(f"subscriber {self.name!r} has ended; its thread is gone")
+        outcome = Outcome.new()
+        outcome.value = fn  # the thread calls it: see _run_thread
+        q.put(outcome)
+        result: T = await outcome.result()
+        return result
 
     async def aclose(self, timeout: float | None = 30.0) -> bool:
         """Drain this subscriber, then end it: no new events, ``on_close`` runs in its
@@ -377,51 +400,59 @@ class EventBus:
         deadline = time.monotonic() + self.close_timeout
         native_cancel: BaseException | None = None
         report = None
-        with anyio.CancelScope(shield=True):
-            while True:
-                try:
-                    report = await self.drain(timeout=max(0.0, deadline - time.monotonic()))
-                    break
-                except BaseException as exc:
-                    # A native asyncio cancellation (uvicorn's shutdown, a nested
-                    # asyncio.timeout) pierces anyio's shield: finish the drain first.
-                    if not _absorb_native_cancel(exc, deadline):
-                        raise
-                    native_cancel = exc
-            with self._intake_lock:
-                self._take_intake()
-                self._accepting = False  # from here on a publish is counted as dropped
-            self._tick()
-            for sub in list(self._subs):
-                self._unsubscribe(sub)
-            while True:
-                try:
-                    await self._wait_until(
-                        lambda: all(s._is_closed() or s.stuck for s in self._ended),
-                        max(0.0, deadline - time.monotonic()),
-                    )
-                    break
-                except BaseException as exc:
-                    if not _absorb_native_cancel(exc, deadline):
-                        raise
-                    native_cancel = exc
-            self._open = False
-            self._closed = True
-            self._take_intake()
-            for sub in self._ended:
-                pending = len(sub._buffer)
-                if pending or sub.stuck or not sub._is_closed():
-                    _log.warning(
-                        "bus closed with undelivered events",
-                        subscriber=sub.name,
-                        pending=pending,
-                        stuck=sub.stuck,
-                        delivered=sub._delivered + sub._t_delivered,
-                    )
-            if report is not None and not report.ok:
-                _log.warning("bus drain deadline passed", pending=report.pending)
+        try:
+            with anyio.CancelScope(shield=True):
+                while True:
+                    try:
+                        report = await self.drain(timeout=max(0.0, deadline - time.monotonic()))
+                        break
+                    except BaseException as exc:
+                        # A native asyncio cancellation (uvicorn's shutdown, a nested
+                        # asyncio.timeout) pierces anyio's shield: finish the drain first.
+                        if not _absorb_native_cancel(exc, deadline):
+                            raise
+                        native_cancel = exc
+                with self._intake_lock:
+                    self._take_intake()
+                    self._accepting = False  # from here on a publish is counted as dropped
+                self._tick()
+                for sub in list(self._subs):
+                    self._unsubscribe(sub)
+                while True:
+                    try:
+                        await self._wait_until(
+                            lambda: all(s._is_closed() or s.stuck for s in self._ended),
+                            max(0.0, deadline - time.monotonic()),
+                        )
+                        break
+                    except BaseException as exc:
+                        if not _absorb_native_cancel(exc, deadline):
+                            raise
+                        native_cancel = exc
+                self._close_state()  # before the report: late publishes count as dropped
+                for sub in self._ended:
+                    pending = len(sub._buffer)
+                    if pending or sub.stuck or not sub._is_closed():
+                        _log.warning(
+                            "bus closed with undelivered events",
+                            subscriber=sub.name,
+                            pending=pending,
+                            stuck=sub.stuck,
+                            delivered=sub._delivered + sub._t_delivered,
+                        )
+                if report is not None and not report.ok:
+                    _log.warning("bus drain deadline passed", pending=report.pending)
+        finally:
+            self._close_state()  # also when a native cancel past the deadline ends it
         if native_cancel is not None:
             raise native_cancel
+
+    def _close_state(self) -> None:
+        with self._intake_lock:
+            self._accepting = False
+        self._open = False
+        self._closed = True
+        self._take_intake()  # counted as dropped: nobody is left to deliver them
 
     # -- subscribe ---------------------------------------------------------------
 
@@ -650,24 +681,32 @@ class EventBus:
         await self._wait_until(lambda: all(s._reached(seq) for s in waiting), timeout)
         return self._report(waiting, seq)
 
-    async def drain(self, timeout: float | None = 30.0) -> DrainReport:
+    async def drain(
+        self,
+        timeout: float | None = 30.0,
+        *,
+        subscriptions: Iterable[Subscription] | None = None,
+    ) -> DrainReport:
         """Wait until every subscriber has handled, or dropped by its policy, every
         event published before the call and while it waits.
 
-        Returns a report; does not raise on the deadline. Stuck ``def``
-        handlers and, inside a handler, the calling subscriber are not waited
-        for. Cancellation-safe.
+        ``subscriptions`` limits the wait to those (a run on a shared bus waits
+        for its own callbacks, not for other runs'). Returns a report; does not
+        raise on the deadline. Stuck ``def`` handlers and, inside a handler, the
+        calling subscriber are not waited for. Cancellation-safe.
         """
+        chosen = None if subscriptions is None else list(subscriptions)
 
         def quiet() -> bool:
             self._take_intake()
             if self._new or self._intake:
                 return False
             # handled_upto == walked implies an empty buffer: entries are all < walked
-            return all(s._reached(self._walked - 1) for s in self._subs)
+            subs = self._subs if chosen is None else chosen
+            return all(s._reached(self._walked - 1) for s in subs)
 
         await self._wait_until(quiet, timeout)
-        return self._report(self._subs, self._walked - 1)
+        return self._report(self._subs if chosen is None else chosen, self._walked - 1)
 
     def _report(self, subs: list[Subscription], seq: int) -> DrainReport:
         pending = {s.name: self._pending_of(s) for s in subs if not s._reached(seq)}
@@ -829,7 +868,7 @@ class EventBus:
             else:
                 deadline = min(deadline, first + self.batch_delay)
         self._last_tick = now
-        if lagged is not None:
+        if lagged is not None and self._accepting:
             self.publish(lagged)
         self._notify()
         return deadline
@@ -910,6 +949,8 @@ class EventBus:
                     sub._in_hand = 0
                     self._notify()
                     if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
+                        if len(sub._buffer):  # what came meanwhile: due one delay from now
+                            self._arm(time.monotonic() + self.batch_delay)
                         break
                 if sub._closing and not len(sub._buffer):
                     break
@@ -970,6 +1011,9 @@ class EventBus:
             item = q.get()
             if item is None:
                 break
+            if isinstance(item, Outcome):  # Subscription.call: between two batches
+                item.settle(item.value)
+                continue
             batch, end = item
             started = time.perf_counter()
             for seq, event in batch:
@@ -1118,6 +1162,36 @@ def _default_name(handler: Any) -> str:
 def current_subscription() -> Subscription | None:
     """The subscription whose handler is running in this task or thread, if any."""
     return _current_subscription.get() or getattr(_thread_local, "subscription", None)
+
+
+async def shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even if the caller is cancelled, then re-raise that.
+
+    anyio's shield covers anyio's cancellation; on asyncio a native
+    ``task.cancel()`` (uvicorn's shutdown, a nested ``asyncio.timeout``) pierces
+    it, so there ``coro`` runs in a task of its own behind ``asyncio.shield``.
+    """
+    cancel: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        if not hasattr(anyio.lowlevel.current_token().native_token, "call_soon_threadsafe"):
+            return await coro  # trio: the shield is enough
+        import asyncio
+
+        task = asyncio.ensure_future(coro)
+        while True:
+            try:
+                result = await asyncio.shield(task)
+                break
+            except asyncio.CancelledError as exc:
+                if task.done():
+                    raise
+                cancel = exc
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+    if cancel is not None:
+        raise cancel
+    return result
 
 
 def _absorb_native_cancel(exc: BaseException, deadline: float) -> bool:
