@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ import anyio.lowlevel
 
 from ._log import get_logger
 from ._worker import DaemonWorker
-from .bus import EventBus, Subscription, is_async_callable
+from .bus import EventBus, Subscription, is_async_callable, shielded
 from .callbacks.base import Callback, CallbackAdapter
 from .evaluators import Evaluator
 from .events import (
@@ -257,6 +258,8 @@ class _Run:
         self.callback_error: BaseException | None = None
         self.failed_seen: dict[str, int] = {}
         self._barriers: dict[type[Event], list[tuple[CallbackAdapter, Subscription]]] = {}
+        self._deadline = math.inf  # the shutdown's one deadline (rule 23)
+        self._shutdown_started = 0.0
         self._eval_slot: anyio.Event
 
     def publish(self, event: Event) -> int | None:
@@ -265,7 +268,7 @@ class _Run:
         return self.bus.publish(event)
 
     async def execute(self) -> LoopArtifacts:
-        loop, state, artifacts = self.loop, self.state, self.artifacts
+        state, artifacts = self.state, self.artifacts
         state._publish = self.publish
         for adapter in self.adapters:
             self.subs.append(adapter.subscribe(self.bus, run_key=self.run_key or None))
@@ -276,7 +279,8 @@ class _Run:
             async with anyio.create_task_group() as eval_tg:
                 self.eval_tg = eval_tg
                 status, raised = await self._train()
-                await self._finish_background_evals(time.monotonic() + loop.drain_timeout)
+                self._start_shutdown_clock()  # in-flight evals are part of the shutdown
+                await self._finish_background_evals(self._deadline)
         except BaseException as exc:  # cancelled from outside, or a bug surfacing
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]
@@ -290,8 +294,7 @@ class _Run:
             raised = self.callback_error
             status = "failed"
             artifacts.error = f"{type(raised).__name__}: {raised}"
-        with anyio.CancelScope(shield=True):
-            await self._shutdown(status)
+        await shielded(self._shutdown(status))  # also through a native asyncio cancel
         if raised is not None:
             raise raised
         return artifacts
@@ -309,6 +312,8 @@ class _Run:
             )
         )
         await self._control_barrier(seq, TrainStarted)
+        if self.callback_error is not None:  # callback_errors="raise": before step 0
+            return "failed", None
         t_start = time.perf_counter()  # rule 14: first step to last step
         try:
             return await self._steps(), None
@@ -403,9 +408,9 @@ class _Run:
         if self.loop.eval_mode == "background":
             for ev in due:
                 while self.evals_in_flight >= self.loop.max_evals_in_flight:
-                    await self._eval_slot.wait()
+                    self._eval_slot = slot = anyio.Event()  # set when an eval finishes
+                    await slot.wait()
                 self.evals_in_flight += 1
-                self._eval_slot = anyio.Event()
                 view = self._snapshot_state()
                 self.eval_tg.start_soon(self._background_eval, ev, view, step_idx)
             return
@@ -473,7 +478,8 @@ class _Run:
             return
         with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
             while self.evals_in_flight:
-                await self._eval_slot.wait()
+                self._eval_slot = slot = anyio.Event()  # a fresh one: set ones don't wait
+                await slot.wait()
         if self.evals_in_flight:
             _log.warning(
                 "background evals still running at the deadline; cancelled",
@@ -519,11 +525,18 @@ class _Run:
         last = self.bus.last_seq
         states: dict[str, Any] = {}
         for adapter, sub in stateful:
-            await sub.wait(last, self.loop.control_timeout)
-            try:
-                states[adapter.name] = adapter.callback.state_dict()  # type: ignore[attr-defined]
-            except Exception as exc:
-                _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
+            with anyio.move_on_after(self.loop.control_timeout) as scope:
+                await sub.wait(last)
+                try:  # in the callback's own thread, between its batches (rule 25)
+                    states[adapter.name] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
+            if scope.cancelled_caught:
+                _log.warning(
+                    "state_dict skipped: the callback did not catch up in time",
+                    callback=adapter.name,
+                    control_timeout=self.loop.control_timeout,
+                )
         _write_json_atomic(self.state.run_dir / "callbacks_state.json", states)
 
     def _load_callback_states(self) -> None:
@@ -539,11 +552,16 @@ class _Run:
 
     # -- shutdown ----------------------------------------------------------------
 
+    def _start_shutdown_clock(self) -> None:
+        if self._deadline == math.inf:
+            self._shutdown_started = time.perf_counter()
+            self._deadline = time.monotonic() + self.loop.drain_timeout
+
     async def _shutdown(self, status: str) -> None:
         """Rule 23, in order, under one ``drain_timeout`` deadline (runs shielded)."""
         loop, state, artifacts = self.loop, self.state, self.artifacts
-        started = time.perf_counter()
-        deadline = time.monotonic() + loop.drain_timeout
+        self._start_shutdown_clock()
+        started, deadline = self._shutdown_started, self._deadline
 
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
@@ -580,7 +598,9 @@ class _Run:
         # keep the deadline's tail for teardowns, so one stuck callback cannot leave
         # its healthy siblings' files open (rule 27)
         reserve = min(1.0, 0.2 * loop.drain_timeout)
-        report = await self.bus.drain(max(0.0, left() - reserve))
+        # on a caller's bus, wait for this run's callbacks only, not other runs'
+        mine = None if self.owns_bus else self.subs
+        report = await self.bus.drain(max(0.0, left() - reserve), subscriptions=mine)
         closed = [True] * len(self.subs)
 
         async def close(i: int, sub: Subscription) -> None:

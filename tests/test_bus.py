@@ -1431,3 +1431,28 @@ async def test_handler_that_subscribes_and_publishes_does_not_deadlock() -> None
             for i in range(3):
                 await bus.publish_and_wait(ping(i), timeout=WAIT)
     assert steps_of(late.items) == [0, 100, 1, 101, 2, 102]
+
+
+@pytest.mark.anyio
+async def test_events_that_arrive_while_an_async_handler_is_busy_are_delivered() -> None:
+    """No later publish, no drain: the bus itself comes back for them."""
+    gate, done = anyio.Event(), anyio.Event()
+    seen: list[int] = []
+    async with ev.EventBus(close_timeout=5) as bus:
+
+        async def handler(event: StepEnded) -> None:
+            if event.step == 0:
+                await gate.wait()
+            seen.append(event.step)
+            if event.step == 2:
+                done.set()
+
+        bus.subscribe(handler, events=(StepEnded,))
+        bus.publish(StepEnded(step=0, num_steps=3))
+        await bus.publish_and_wait(StepEnded(step=99, num_steps=3), timeout=0.01)  # handler busy
+        bus.publish(StepEnded(step=1, num_steps=3))
+        bus.publish(StepEnded(step=2, num_steps=3))
+        gate.set()
+        with anyio.fail_after(5):
+            await done.wait()
+    assert seen == [0, 99, 1, 2]  # all delivered, in publish order

@@ -646,3 +646,150 @@ async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
         while not torn_down.is_set():
             await anyio.sleep(0.01)
     assert teardown_thread == [hung.thread]  # in its own thread, after the hung call
+
+
+async def test_state_dict_runs_in_the_callbacks_own_thread(tmp_path: Path) -> None:
+    """Rule 25: a callback tied to its thread (sqlite3, a GUI) is asked there."""
+    threads: dict[str, set[int]] = {"hook": set(), "state_dict": set()}
+
+    class Stateful(ev.Callback):
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            threads["hook"].add(threading.get_ident())
+
+        def state_dict(self) -> dict[str, int]:
+            threads["state_dict"].add(threading.get_ident())
+            return {"n": 1}
+
+    loop = ev.TrainingLoop(
+        loss_step,
+        num_steps=4,
+        output_dir=tmp_path,
+        callbacks=[Stateful()],
+        checkpoint=lambda state, name: None,
+        save_every=2,
+    )
+    with anyio.fail_after(30):
+        await loop.run()
+    assert len(threads["hook"]) == 1
+    assert threads["state_dict"] == threads["hook"]
+    saved = json.loads((tmp_path / "callbacks_state.json").read_text())
+    assert saved == {"Stateful": {"n": 1}}
+
+
+async def test_raise_mode_failure_in_on_train_start_runs_no_step(tmp_path: Path) -> None:
+    stepped: list[int] = []
+
+    class Boom(ev.Callback):
+        def on_train_start(self, state: ev.LoopState) -> None:
+            raise RuntimeError("cannot open the log")
+
+    async def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        stepped.append(step_idx)
+        return {}
+
+    loop = ev.TrainingLoop(
+        step, num_steps=5, output_dir=tmp_path, callbacks=[Boom()], callback_errors="raise"
+    )
+    with anyio.fail_after(30), pytest.raises(RuntimeError, match="cannot open the log"):
+        await loop.run()
+    assert stepped == []
+    assert loop.artifacts is not None
+    assert loop.artifacts.status == "failed"
+
+
+async def test_run_on_a_shared_bus_does_not_wait_for_other_runs(tmp_path: Path) -> None:
+    """A run's shutdown waits for its own callbacks only, not for another run's."""
+    release = threading.Event()
+    other_handled: list[int] = []
+    async with ev.EventBus() as bus:
+
+        def slow_other_run(event: ev.Event) -> None:
+            release.wait(30)  # held until this run has returned
+            other_handled.append(1)
+
+        bus.subscribe(slow_other_run, events=(StepEnded,), run_key="other")
+        bus.publish(StepEnded(step=0, num_steps=1, run_key="other"))
+        rec = Recorder()
+        loop = ev.TrainingLoop(
+            loss_step, num_steps=3, output_dir=tmp_path, run_key="mine", bus=bus, callbacks=[rec]
+        )
+        with anyio.fail_after(20):
+            artifacts = await loop.run()
+        assert other_handled == []  # it returned while the other run's callback was held
+        assert rec.steps() == [0, 1, 2]
+        assert artifacts.callback_report is not None
+        assert artifacts.callback_report["Recorder"].pending == 0
+        release.set()
+
+
+async def test_in_flight_background_evals_count_in_the_one_shutdown_deadline(
+    tmp_path: Path,
+) -> None:
+    class Hangs:
+        name, run_every = "hangs", 1
+
+        async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+    loop = ev.TrainingLoop(
+        loss_step,
+        num_steps=1,
+        output_dir=tmp_path,
+        evaluators=[Hangs()],
+        eval_mode="background",
+        drain_timeout=0.5,
+    )
+    with anyio.fail_after(20):
+        artifacts = await loop.run()
+    # waiting for the eval is part of the shutdown (rule 23): it shows in drain_seconds
+    assert artifacts.drain_seconds >= 0.45
+    assert artifacts.status == "completed"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_asyncio_cancels_do_not_skip_the_shutdown(tmp_path: Path) -> None:
+    """uvicorn-style task.cancel(), twice, while a def callback is behind."""
+    import asyncio
+
+    release = threading.Event()
+
+    class Slow(ev.Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+            self.torn_down = False
+
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            release.wait(30)
+            self.steps.append(step_idx)
+
+        def teardown(self, state: ev.LoopState) -> None:
+            self.torn_down = True
+
+    async def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        await asyncio.sleep(0)
+        return {}
+
+    for shared in (False, True):
+        slow = Slow()
+        release.clear()
+        async with ev.EventBus() as bus:
+            loop = ev.TrainingLoop(
+                step, num_steps=10**6, output_dir=tmp_path, callbacks=[slow],
+                bus=bus if shared else None,
+            )  # fmt: skip
+            task = asyncio.ensure_future(loop.run())
+            while loop.artifacts is None or loop.artifacts.steps_completed < 20:
+                await asyncio.sleep(0)
+            task.cancel()
+            while not (loop.state and loop.state.artifacts):  # the shutdown has begun
+                await asyncio.sleep(0)
+            task.cancel()  # a second one, inside the shielded shutdown
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 30)
+        assert loop.artifacts is not None
+        assert loop.artifacts.status == "cancelled"
+        assert slow.steps == list(range(loop.artifacts.steps_completed))
+        assert slow.torn_down
+        assert loop.artifacts.callback_report is not None
