@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 import anyio
 
-from .bus import EventBus
-from .callbacks.base import Callback, dispatch
+from ._log import get_logger
+from .bus import EventBus, Subscription
+from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides
 from .evaluators import Evaluator
 from .events import (
     EvalEnded,
@@ -44,6 +45,8 @@ from .loop import StepFn, TrainingLoop
 from .state import LogContext, LoopArtifacts
 
 __all__ = ["Arm", "ArmResult", "Experiment", "ExperimentResult", "RunResult"]
+
+_log = get_logger()
 
 
 @dataclass
@@ -169,6 +172,19 @@ class Experiment:
         self.ctx = ctx if ctx is not None else LogContext(output_dir=self.output_dir)
         self.loop_options = dict(loop_options or {})
         self._last_evals: dict[str, dict[str, float]] = {}
+        self._recorder: Subscription | None = None
+        if max_concurrency > 1 and callback_factory is None:
+            loop_scope = [
+                type(cb).__name__
+                for cb in self.callbacks
+                if any(overrides(cb, hook) for hook, _ in LOOP_HOOKS.values())
+            ]
+            if loop_scope:
+                _log.warning(
+                    "with max_concurrency > 1 loop-scope hooks of experiment-level callbacks "
+                    "do not run; pass callback_factory to build them per run",
+                    callbacks=loop_scope,
+                )
         self._hook_lock: anyio.Lock | None = None
 
     async def run(self) -> ExperimentResult:
@@ -176,7 +192,9 @@ class Experiment:
         self._hook_lock = anyio.Lock()
         self.ctx.config.setdefault("experiment", self.name)
         async with EventBus() as bus:
-            bus.subscribe(self._record_eval, events=(EvalEnded,), name="experiment-evals")
+            self._recorder = bus.subscribe(
+                self._record_eval, events=(EvalEnded,), name="experiment-evals"
+            )
             bus.publish(ExperimentStarted(name=self.name))
             await self._hook("on_experiment_start", self.ctx)
             runs: dict[str, list[RunResult]] = {a.name: [] for a in self.arms}
@@ -257,7 +275,11 @@ class Experiment:
         except Exception as exc:  # the run failed; the experiment goes on
             artifacts = loop.artifacts  # type: ignore[assignment]
             error = f"{type(exc).__name__}: {exc}"
-        await bus.drain(timeout=self.loop_options.get("drain_timeout", 60.0))
+        # the evals of this run are recorded; other arms' callbacks are not waited for
+        assert self._recorder is not None
+        await bus.drain(
+            timeout=self.loop_options.get("drain_timeout", 60.0), subscriptions=[self._recorder]
+        )
         result = RunResult(
             run_key=run_key,
             arm=arm.name,

@@ -150,3 +150,22 @@ async def test_failed_run_is_recorded_and_the_experiment_goes_on(tmp_path: Path)
     bad = result.arms["bad"].runs[0]
     assert bad.status == "failed" and bad.error == "RuntimeError: diverged"
     assert result.best_arm == "good"
+
+
+async def test_concurrency_without_a_factory_warns_about_loop_hooks(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    class LoopOnly(ev.Callback):
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            pass
+
+    ev.Experiment(
+        "w",
+        [ev.Arm("a", make_step(1)), ev.Arm("b", make_step(2))],
+        num_steps=1,
+        output_dir=tmp_path,
+        callbacks=[LoopOnly()],
+        max_concurrency=2,
+    )
+    assert "pass callback_factory" in warnings_log.text
+    assert "LoopOnly" in warnings_log.text
