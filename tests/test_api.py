@@ -16,7 +16,7 @@ PKG = ROOT / "evsys_async"
 # STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
 ORDER = [
-    "errors", "_log", "_worker", "events", "policies", "bus", "transports", "store", "_files",
+    "errors", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
     "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
     "replay", "testing", "cli", "__main__",
 ]  # fmt: skip
@@ -44,7 +44,15 @@ def test_imports_point_one_way() -> None:
             continue
         own = parts[0]
         tree = ast.parse(path.read_text())
+        typing_only = {  # `if TYPE_CHECKING:` imports exist for annotations only
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and getattr(block.test, "id", "") == "TYPE_CHECKING"
+            for n in ast.walk(block)
+        }
         for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom) and node.level > 0:
                 base = list(parts[: len(parts) - node.level])
                 target = ".".join([*base, *(node.module.split(".") if node.module else [])])
