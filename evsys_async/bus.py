@@ -104,6 +104,7 @@ class EventBus:
         self.batch_delay = batch_delay
         self._subs: list[Subscription] = []
         self._ended: list[Subscription] = []  # unsubscribed; kept for stats and close
+        self._closing_threads: list[Subscription] = []  # ended, their thread not done yet
         self._names: set[str] = set()
         self._routes: dict[type, tuple[Subscription, ...]] = {}
         self._new: list[Event] = []  # published on the loop thread, not yet walked
@@ -340,11 +341,14 @@ class EventBus:
         if sub.is_async:
             self._wake(sub)
         elif sub._queue is not None and not sub._t_finished:
-            # the thread drains what it holds, runs on_close, then ends
-            pending = sub._buffer.take()
+            # the thread drains what it holds, runs on_close, then ends; its last
+            # calls stay under the handler's timeout (see _tick)
+            pending = self._take(sub)
             if pending:
+                sub._inflight_end = self._walked
                 sub._queue.put((pending, self._walked))
             sub._queue.put(None)
+            self._closing_threads.append(sub)
 
     # -- publish -----------------------------------------------------------------
 
@@ -622,6 +626,10 @@ class EventBus:
         urgent = self._urgent
         deadline = math.inf
         lagged: SubscriberLagged | None = None
+        if self._closing_threads:  # ended def subscribers still finishing their last batch
+            self._closing_threads = [s for s in self._closing_threads if not s._t_finished]
+            for sub in self._closing_threads:
+                deadline = min(deadline, self._check_thread(sub, now))
         for sub in self._subs:
             if not sub.is_async:
                 deadline = min(deadline, self._check_thread(sub, now))

@@ -165,7 +165,9 @@ class Subscription:
     @property
     def stuck(self) -> bool:
         """True while a ``def`` handler is past its timeout (abandoned, not waited for)."""
-        return self._stuck_call is not None and not self._t_finished
+        # read the thread's state now: the hung call may have returned since the last tick
+        call = self._stuck_call
+        return call is not None and not self._t_finished and self._t_call_started == call
 
     def stats(self) -> SubscriberStats:
         """This subscriber's counts (see :meth:`EventBus.stats`)."""
@@ -206,8 +208,10 @@ class Subscription:
         deadline = _deadline(timeout)
         ok = await self.wait(bus._next_seq - 1, _remaining(deadline))
         bus._unsubscribe(self)
-        ended = await bus._wait_until(self._is_closed, _remaining(deadline))
-        return ok and ended
+        # a def handler stuck past its timeout is not waited for (its on_close runs
+        # in its thread when the hung call returns)
+        ended = await bus._wait_until(lambda: self._is_closed() or self.stuck, _remaining(deadline))
+        return ok and ended and self._is_closed()  # False while stuck
 
     # -- loop-thread helpers -------------------------------------------------------
 

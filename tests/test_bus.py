@@ -779,6 +779,8 @@ async def test_hanging_def_handler_abandoned_not_waited_for_and_order_holds() ->
         finally:
             release.set()
         with anyio.fail_after(WAIT):
+            while sub.stuck:  # a stuck handler is not waited for (rule 8): let it return
+                await anyio.sleep(0.001)
             assert await sub.aclose(timeout=WAIT)  # waits for its thread to finish
         assert not sub.stuck
         # order held, and the wait for the hung call did not count against the next ones
@@ -1456,3 +1458,26 @@ async def test_events_that_arrive_while_an_async_handler_is_busy_are_delivered()
         with anyio.fail_after(5):
             await done.wait()
     assert seen == [0, 99, 1, 2]  # all delivered, in publish order
+
+
+@pytest.mark.anyio
+async def test_a_def_handler_hanging_in_its_last_batch_is_abandoned_at_its_timeout() -> None:
+    """aclose and close stop waiting once the handler is past its timeout (rule 8)."""
+    release = threading.Event()
+    closed = threading.Event()
+    async with ev.EventBus(close_timeout=60) as bus:
+
+        def hangs(event: StepEnded) -> None:
+            release.wait(60)
+
+        sub = bus.subscribe(hangs, events=(StepEnded,), timeout=0.1, on_close=closed.set)
+        bus.publish(StepEnded(step=0, num_steps=1))  # still in the buffer: the last batch
+        with anyio.fail_after(20):  # far below close_timeout and the aclose deadline
+            assert not await sub.aclose(timeout=60)
+        assert sub.stuck
+        assert sub.stats().failed == 1
+        assert not closed.is_set()
+        release.set()
+    with anyio.fail_after(20):
+        while not closed.is_set():  # on_close runs in its thread once the call returns
+            await anyio.sleep(0.01)
