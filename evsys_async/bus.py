@@ -71,6 +71,9 @@ __all__ = [
 _log = get_logger()
 T = TypeVar("T")
 
+#: ended subscriptions whose stats stay in ``stats()``; older closed ones are let go
+_ENDED_KEPT = 256
+
 
 class EventBus:
     """An in-process async event bus for asyncio and trio.
@@ -337,6 +340,11 @@ class EventBus:
             self._subs.remove(sub)
             self._routes.clear()
             self._ended.append(sub)
+            if len(self._ended) > _ENDED_KEPT:  # a service bus lives long: bound the history
+                gone = [s for s in self._ended[:-_ENDED_KEPT] if s._is_closed()]
+                for old in gone:
+                    self._ended.remove(old)
+                    self._names.discard(old.name)
         sub._closing = True
         if sub.is_async:
             self._wake(sub)
@@ -521,7 +529,8 @@ class EventBus:
     # -- stats -------------------------------------------------------------------
 
     def stats(self) -> dict[str, SubscriberStats]:
-        """``{name: SubscriberStats}`` for every subscriber, ended ones included.
+        """``{name: SubscriberStats}`` for every subscriber, the latest 256 ended ones
+        included (a long-lived bus lets older ones go, and their names).
 
         On the loop thread it first takes in everything published so far, so
         the counts are current at the call.

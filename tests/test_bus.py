@@ -1481,3 +1481,23 @@ async def test_a_def_handler_hanging_in_its_last_batch_is_abandoned_at_its_timeo
     with anyio.fail_after(20):
         while not closed.is_set():  # on_close runs in its thread once the call returns
             await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_a_long_lived_bus_lets_old_ended_subscriptions_go() -> None:
+    """A service bus that runs many loops must not keep every ended callback."""
+    names: list[str] = []
+    async with ev.EventBus(close_timeout=5) as bus:
+
+        async def handler(event: ev.Event) -> None:
+            pass
+
+        for _ in range(300):
+            sub = bus.subscribe(handler, name="run-callback")
+            names.append(sub.name)
+            with anyio.fail_after(5):
+                assert await sub.aclose(5)
+        kept = bus.stats()
+        assert len(kept) <= 256
+        assert set(names[-200:]) <= set(kept)  # the newest are kept
+        assert len(set(names)) < 300  # released names were reused, not numbered forever
