@@ -243,27 +243,27 @@ class CallbackAdapter:
     def offer_batch(self, step: int, batch: Any) -> None:
         self._batch = (step, batch)
 
-    def _argfn(self, hook: str) -> Callable[[Any], tuple[Any, ...]]:
-        """The hook's arguments from an event: decided once per hook, not per call."""
+    def _bind(self, hook: str, m: Callable[..., Any]) -> Callable[[Any], Any]:
+        """``event -> m(<the hook's arguments>)``, decided once per hook, not per call."""
         state = self.state
         if hook == "on_step_end":
             if not getattr(self.callback, "wants_batch", False):
-                return lambda e: (state, e.step, None, e.metrics)
+                return lambda e: m(state, e.step, None, e.metrics)
 
-            def with_batch(e: Any) -> tuple[Any, ...]:
+            def with_batch(e: Any) -> Any:
                 held = self._batch  # only the newest batch is held
-                return (state, e.step, held[1] if held and held[0] == e.step else None, e.metrics)
+                return m(state, e.step, held[1] if held and held[0] == e.step else None, e.metrics)
 
             return with_batch
         if hook == "on_eval":
-            return lambda e: (state, e.step, e.eval_name, e.metrics)
+            return lambda e: m(state, e.step, e.eval_name, e.metrics)
         if hook == "on_checkpoint":
-            return lambda e: (state, e.row)
+            return lambda e: m(state, e.row)
         if hook == "on_train_end":
-            return lambda e: (state, self._artifacts(e))
+            return lambda e: m(state, self._artifacts(e))
         if hook == "on_train_start":
-            return lambda e: (state,)
-        return lambda e: (state, e)
+            return lambda e: m(state)
+        return lambda e: m(state, e)
 
     def _caller(self, event_type: type[Event]) -> Callable[[Any], Any]:
         """Calls the hook for ``event_type``: in a task it returns the hook's coroutine
@@ -274,11 +274,11 @@ class CallbackAdapter:
         if hook is None:
             caller = _async_nothing if self.is_async else _nothing
         else:
-            method, args = getattr(self.callback, hook), self._argfn(hook)
+            method = getattr(self.callback, hook)
             if self.is_async or not self._async_hook[hook]:
-                caller = lambda e: method(*args(e))  # noqa: E731
-            else:
-                token = self._token
+                caller = self._bind(hook, method)
+            else:  # an async hook of a callback that runs in its thread
+                args, token = self._bind(hook, _as_tuple), self._token
                 caller = lambda e: anyio.from_thread.run(method, *args(e), token=token)  # noqa: E731
         self._callers[event_type] = caller
         return caller
@@ -355,6 +355,10 @@ class CallbackAdapter:
         )
         self.name = self.subscription.name
         return self.subscription
+
+
+def _as_tuple(*args: Any) -> tuple[Any, ...]:
+    return args
 
 
 def _nothing(event: Any) -> None:
