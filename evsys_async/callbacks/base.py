@@ -87,6 +87,9 @@ _EXPERIMENT_EVENTS = (
 
 _OTHER_HOOKS: dict[str, int] = {"on_event": 2, "on_envelope": 2, "setup": 1, "teardown": 1}
 
+#: the methods a callback's subscription runs (its thread-or-task choice looks at these)
+_ROUTED = (*(hook for hook, _ in LOOP_HOOKS.values()), *_OTHER_HOOKS, "flush")
+
 
 class Callback:
     """Base class of every callback; every hook is a no-op until overridden.
@@ -177,11 +180,11 @@ class CallbackAdapter:
         self.state = state
         self.name = type(callback).__name__
         self._batch: tuple[int, Any] | None = None
-        self._named: dict[type[Event], str] = {}
-        for hook, arity in {**dict(LOOP_HOOKS.values()), **_OTHER_HOOKS}.items():
-            if overrides(callback, hook):
-                _check_signature(callback, hook, arity)
-        for hook, arity in EXPERIMENT_HOOKS.items():
+        for hook, arity in {
+            **dict(LOOP_HOOKS.values()),
+            **_OTHER_HOOKS,
+            **EXPERIMENT_HOOKS,
+        }.items():
             if overrides(callback, hook):
                 _check_signature(callback, hook, arity)
         self._wants_event = overrides(callback, "on_event")
@@ -194,8 +197,12 @@ class CallbackAdapter:
             self.event_types = tuple(
                 t for t, (hook, _) in LOOP_HOOKS.items() if overrides(callback, hook)
             )
-        used = [h for h in self._used_methods() if overrides(callback, h)]
-        self.is_async = bool(used) and all(is_async_callable(getattr(callback, h)) for h in used)
+        # decided once (STYLE rule 8): which hooks are coroutine functions, and so
+        # whether the callback runs in a task (all async) or in its own thread
+        self._async_hook = {
+            h: is_async_callable(getattr(callback, h)) for h in _ROUTED if overrides(callback, h)
+        }
+        self.is_async = bool(self._async_hook) and all(self._async_hook.values())
         # class attributes, which an instance may shadow (a progress bar picks
         # Latest on a TTY and Lossless elsewhere)
         self.policy: Policy = getattr(callback, "policy", None) or Lossless()
@@ -204,16 +211,6 @@ class CallbackAdapter:
         self.control_timeouts = 0
         self._token: Any = None
         self._callers: dict[type[Event], Callable[[Any], Any]] = {}
-        # decided once (STYLE rule 8): which hooks are coroutine functions
-        self._async_hook = {
-            h: is_async_callable(getattr(callback, h))
-            for h in self._used_methods()
-            if overrides(callback, h)
-        }
-
-    def _used_methods(self) -> list[str]:
-        hooks = [hook for hook, _ in LOOP_HOOKS.values()]
-        return [*hooks, "on_event", "on_envelope", "setup", "teardown", "flush"]
 
     @property
     def controls_loop(self) -> bool:
