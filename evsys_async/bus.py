@@ -42,7 +42,7 @@ import anyio.lowlevel
 
 from ._log import get_logger
 from ._worker import Outcome
-from .errors import BusClosedError
+from .errors import BusClosedError, describe
 from .events import CallbackFailed, Envelope, Event, SubscriberLagged
 from .policies import DropOldest, Entry, Latest, Lossless, Policy
 from .subscription import (
@@ -905,10 +905,7 @@ class EventBus:
                 sub._failed += 1
         hook = sub._label(event, label or "")
         event_type = type(event).__name__ if event is not None else ""
-        if isinstance(exc, TimeoutError) and sub.timeout is not None:
-            error = f"timeout after {sub.timeout}s"
-        else:
-            error = f"{type(exc).__name__}: {exc}"
+        error = describe(exc, timeout=sub.timeout)
         _log.warning(
             "callback failed",
             callback=sub.name,

@@ -36,7 +36,7 @@ from .config import (
     build_loop,
     load_config,
 )
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .evaluators import list_evaluators
 from .experiment import ExperimentResult
 from .state import LoopArtifacts, LoopState
@@ -148,7 +148,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except Interrupted as exc:
         code = exc.exit_code
     except Exception as exc:
-        print(f"evsys-async: the run failed: {type(exc).__name__}: {exc}", file=err)
+        print(f"evsys-async: the run failed: {describe(exc)}", file=err)
         code = EXIT_FAILED
     result = loop.artifacts
     if result is not None:

@@ -48,7 +48,7 @@ from .callbacks.registry import (
     build_callbacks,
     explain_validation,
 )
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, describe, did_you_mean
 from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop
@@ -174,7 +174,7 @@ def import_object(target: str, *, key: str = "step") -> Any:
     except Exception as exc:
         raise PlacedConfigError(
             path,
-            f"importing module {module_name!r} for {target!r} raised {type(exc).__name__}: {exc}",
+            f"importing module {module_name!r} for {target!r} raised {describe(exc)}",
         ) from exc
     for i, part in enumerate(attr.split(".")):
         if not hasattr(obj, part):

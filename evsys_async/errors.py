@@ -24,6 +24,7 @@ from types import ModuleType
 __all__ = [
     "BusClosedError",
     "ConfigError",
+    "describe",
     "did_you_mean",
     "EventDecodeError",
     "EvsysError",
@@ -84,3 +85,11 @@ def did_you_mean(name: str, options: Iterable[str], otherwise: str = "") -> str:
     """`` — did you mean 'x'?`` for the closest of ``options``, else ``otherwise``."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" — did you mean {close[0]!r}?" if close else otherwise
+
+
+def describe(exc: BaseException, *, timeout: float | None = None) -> str:
+    """The one-line form events and reports carry: ``"ValueError: nan loss"``, or
+    ``"timeout after 5.0s"`` for a ``TimeoutError`` when ``timeout`` is given."""
+    if timeout is not None and isinstance(exc, TimeoutError):
+        return f"timeout after {timeout}s"
+    return f"{type(exc).__name__}: {exc}"

@@ -32,6 +32,7 @@ import anyio
 from ._log import get_logger
 from .bus import EventBus, Subscription
 from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides
+from .errors import describe
 from .evaluators import Evaluator
 from .events import (
     EvalEnded,
@@ -274,7 +275,7 @@ class Experiment:
             artifacts = await loop.run()
         except Exception as exc:  # the run failed; the experiment goes on
             artifacts = loop.artifacts  # type: ignore[assignment]
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe(exc)
         # the evals of this run are recorded; other arms' callbacks are not waited for
         assert self._recorder is not None
         await bus.drain(

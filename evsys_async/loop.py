@@ -34,6 +34,7 @@ from ._log import get_logger
 from ._worker import DaemonWorker
 from .bus import EventBus, Subscription, is_async_callable, shielded
 from .callbacks.base import Callback, CallbackAdapter
+from .errors import describe
 from .evaluators import Evaluator
 from .events import (
     CheckpointSaved,
@@ -289,11 +290,11 @@ class _Run:
                 status = "cancelled"
             else:
                 status = "failed"
-                artifacts.error = f"{type(exc).__name__}: {exc}"
+                artifacts.error = describe(exc)
         if raised is None and self.callback_error is not None:
             raised = self.callback_error
             status = "failed"
-            artifacts.error = f"{type(raised).__name__}: {raised}"
+            artifacts.error = describe(raised)
         await shielded(self._shutdown(status))  # also through a native asyncio cancel
         if raised is not None:
             raise raised
@@ -318,7 +319,7 @@ class _Run:
         try:
             return await self._steps(), None
         except _StepFailed as exc:
-            artifacts.error = f"{type(exc.original).__name__}: {exc.original}"
+            artifacts.error = describe(exc.original)
             return "failed", exc.original
         finally:
             artifacts.train_seconds = time.perf_counter() - t_start
@@ -458,11 +459,7 @@ class _Run:
         self, ev: Evaluator, step_idx: int, result: Mapping[str, float] | BaseException
     ) -> int | None:
         if isinstance(result, BaseException):
-            error = (
-                f"timeout after {self.loop.eval_timeout}s"
-                if isinstance(result, TimeoutError)
-                else f"{type(result).__name__}: {result}"
-            )
+            error = describe(result, timeout=self.loop.eval_timeout)
             _log.warning(
                 "evaluator failed; training goes on",
                 evaluator=ev.name,

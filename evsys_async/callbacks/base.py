@@ -28,6 +28,7 @@ import anyio.lowlevel
 from .._log import get_logger
 from .._worker import DaemonWorker
 from ..bus import EventBus, Subscription, is_async_callable
+from ..errors import describe
 from ..events import (
     BenchmarkEvaluated,
     CheckpointSaved,
@@ -394,7 +395,7 @@ async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs:
                     "callback failed",
                     callback=type(cb).__name__,
                     hook=hook,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=describe(exc),
                     exc_info=exc,
                 )
     finally:

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .._log import get_logger
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, describe, did_you_mean
 from .base import Callback
 
 __all__ = [
@@ -322,7 +322,7 @@ class KindRegistry(Generic[K]):
                 obj = ep.load()
             except Exception as exc:
                 raise PlacedConfigError(
-                    path, f"{origin} failed to import: {type(exc).__name__}: {exc}", kind=name
+                    path, f"{origin} failed to import: {describe(exc)}", kind=name
                 ) from exc
         if not isinstance(obj, type):
             raise PlacedConfigError(path, f"{origin} is {obj!r}, not a class", kind=name)

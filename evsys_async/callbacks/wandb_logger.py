@@ -27,7 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from .._log import get_logger
-from ..errors import import_extra
+from ..errors import describe, import_extra
 from ..state import LoopState
 from .base import Callback
 from .registry import register_callback
@@ -101,7 +101,7 @@ class WandbLoggerCallback(Callback):
                 "wandb init failed; wandb_logger is off for this run",
                 callback=type(self).__name__,
                 run_key=ctx.run_key,
-                error=f"{type(exc).__name__}: {exc}",
+                error=describe(exc),
             )
             return
         ctx.extras["wandb_url"] = getattr(self.run, "url", None)
