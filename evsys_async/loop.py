@@ -264,9 +264,14 @@ class _Run:
         self._eval_slot: anyio.Event
 
     def publish(self, event: Event) -> int | None:
+        """``state.publish``: a user's event, stamped with the run key (a copy: frozen)."""
         if self.run_key and not event.run_key:
             event = replace_run_key(event, self.run_key)
         return self.bus.publish(event)
+
+    def emit(self, cls: type[Event], **fields: Any) -> int | None:
+        """Publish one of the loop's own events, built with the run key (no copy)."""
+        return self.bus.publish(cls(run_key=self.run_key, **fields))
 
     async def execute(self) -> LoopArtifacts:
         state, artifacts = self.state, self.artifacts
@@ -305,12 +310,11 @@ class _Run:
     async def _train(self) -> tuple[str, BaseException | None]:
         """TrainStarted, the steps; a step's failure ends it as ``failed``."""
         state, artifacts = self.state, self.artifacts
-        seq = self.publish(
-            TrainStarted(
-                num_steps=state.num_steps,
-                start_step=self.start_step,
-                output_dir=str(state.run_dir),
-            )
+        seq = self.emit(
+            TrainStarted,
+            num_steps=state.num_steps,
+            start_step=self.start_step,
+            output_dir=str(state.run_dir),
         )
         await self._control_barrier(seq, TrainStarted)
         if self.callback_error is not None:  # callback_errors="raise": before step 0
@@ -346,7 +350,7 @@ class _Run:
             self.artifacts.steps_completed = step_idx + 1 - self.start_step
             for adapter in wanting_batch:
                 adapter.offer_batch(step_idx, batch)
-            seq = self.publish(StepEnded(step=step_idx, num_steps=num_steps, metrics=metrics))
+            seq = self.emit(StepEnded, step=step_idx, num_steps=num_steps, metrics=metrics)
             await self._control_barrier(seq, StepEnded)
             names, wants_eval = state._take_requests()
             await self._evals(step_idx, force=wants_eval)
@@ -358,8 +362,8 @@ class _Run:
             if self.callback_error is not None:
                 return "failed"
             if state.stop_requested:
-                seq = self.publish(
-                    StopRequested(step=step_idx, reason=state.stop_reason, source=state.stop_source)
+                seq = self.emit(
+                    StopRequested, step=step_idx, reason=state.stop_reason, source=state.stop_source
                 )
                 await self._control_barrier(seq, StopRequested)
                 return "failed" if state.stop_failed else "stopped"
@@ -467,8 +471,8 @@ class _Run:
                 error=error,
                 exc_info=result,
             )
-            return self.publish(EvalFailed(step=step_idx, eval_name=ev.name, error=error))
-        return self.publish(EvalEnded(step=step_idx, eval_name=ev.name, metrics=dict(result)))
+            return self.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
+        return self.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=dict(result))
 
     async def _finish_background_evals(self, deadline: float) -> None:
         if not self.evals_in_flight:
@@ -508,7 +512,7 @@ class _Run:
         self.artifacts.checkpoints.append(row)
         if self.state.rank == 0:
             _append_line(self.state.run_dir / "checkpoints.jsonl", json.dumps(row, default=str))
-        seq = self.publish(CheckpointSaved(step=step_idx, name=name, path=path, row=row))
+        seq = self.emit(CheckpointSaved, step=step_idx, name=name, path=path, row=row)
         await self._control_barrier(seq, CheckpointSaved)
 
     async def _save_callback_states(self) -> None:
@@ -582,15 +586,14 @@ class _Run:
         artifacts.status = status
         artifacts.stop_reason = state.stop_reason
         state.artifacts = replace(artifacts, checkpoints=list(artifacts.checkpoints))
-        self.publish(
-            TrainEnded(
-                status=status,
-                steps_completed=artifacts.steps_completed,
-                num_steps=state.num_steps,
-                stop_reason=state.stop_reason,
-                train_seconds=artifacts.train_seconds,
-                error=artifacts.error,
-            )
+        self.emit(
+            TrainEnded,
+            status=status,
+            steps_completed=artifacts.steps_completed,
+            num_steps=state.num_steps,
+            stop_reason=state.stop_reason,
+            train_seconds=artifacts.train_seconds,
+            error=artifacts.error,
         )
         # keep the deadline's tail for teardowns, so one stuck callback cannot leave
         # its healthy siblings' files open (rule 27)
