@@ -621,10 +621,11 @@ class EventBus:
                     subs = self._route(event.__class__)
                 if subs:
                     entry = (seq, event)
+                    about_a_subscriber = type(event) in _ABOUT_A_SUBSCRIBER
                     for sub in subs:
-                        if (
-                            sub.run_key is not None or type(event) in _ABOUT_A_SUBSCRIBER
-                        ) and not sub._accepts(event):
+                        if (about_a_subscriber or sub.run_key is not None) and not sub._accepts(
+                            event
+                        ):
                             continue
                         sub._put(entry)
                         sub._arrivals += 1
