@@ -252,7 +252,6 @@ class _Run:
         self.owns_bus = False
         self.subs: list[Subscription] = []
         self.worker: DaemonWorker | None = None
-        self.step_in_thread = False
         self.evals_in_flight = 0
         self.eval_tg: Any = None
         self.raise_callbacks = loop.callback_errors == "raise"
@@ -341,9 +340,7 @@ class _Run:
                 if step_is_async:
                     out = await loop.step(state, step_idx)
                 else:
-                    self.step_in_thread = True
                     out = await self.worker.call(loop.step, state, step_idx)  # type: ignore[union-attr]
-                    self.step_in_thread = False
                 metrics, batch = _metrics_of(out, step_idx)
             except Exception as exc:
                 raise _StepFailed(exc) from exc
@@ -567,7 +564,7 @@ class _Run:
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        if self.worker is not None and self.step_in_thread:
+        if self.worker is not None:
             with anyio.move_on_after(left()):
                 await self.worker.wait_idle()  # a def step cannot be cancelled: await it
         if self.evals_in_flight and self.eval_tg is not None:
