@@ -550,6 +550,7 @@ class EventBus:
             failed=sub._failed + sub._t_failed,
             max_pending=sub._max_pending,
             handler_seconds=sub._seconds + sub._t_seconds,
+            coalesced=sub._buffer.dropped - sub._buffer.forced,
         )
 
     @property

@@ -62,6 +62,9 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     failed: int
     max_pending: int
     handler_seconds: float
+    #: the part of ``dropped`` that a ``Latest`` policy coalesced by design (a newer
+    #: level-like event replaced a pending one), as opposed to drops forced by a bound
+    coalesced: int = 0
 
 
 class DrainReport(msgspec.Struct, frozen=True):

@@ -905,6 +905,7 @@ async def test_latest_coalesces_steps_keeps_rare_events_and_counts() -> None:
             bus.publish(e)
         st = bus.stats()["progress"]
         assert st.pending == 4 and st.dropped == 3
+        assert st.coalesced == 2  # steps 1a and 2a replaced; e1 was forced out by max_kept
         gate.set()
         with anyio.fail_after(WAIT):
             assert (await bus.drain()).ok
