@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
+from ._frozen import freeze, freeze_flat
 from .errors import EventDecodeError, did_you_mean
 
 __all__ = [
@@ -80,6 +81,50 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _SUBCLASSES.append(cls)
+
+    def __post_init__(self) -> None:
+        # Runs on construction and on decode. One event object reaches every
+        # subscriber: dicts and lists in it become read-only (a ``dict`` subclass),
+        # so no callback can change what its siblings see. A subclass that defines
+        # __post_init__ calls super().__post_init__().
+        cls = type(self)
+        fields = _CONTAINER_FIELDS.get(cls)
+        if fields is None:
+            fields = _CONTAINER_FIELDS[cls] = _container_fields(cls)
+        for name, freezer in fields:
+            value = getattr(self, name)
+            frozen = freezer(value)
+            if frozen is not value:
+                msgspec.structs.force_setattr(self, name, frozen)
+
+
+_CONTAINER_FIELDS: dict[type, tuple[tuple[str, Callable[[Any], Any]], ...]] = {}
+_SCALARS = (
+    msgspec.inspect.IntType,
+    msgspec.inspect.FloatType,
+    msgspec.inspect.StrType,
+    msgspec.inspect.BoolType,
+    msgspec.inspect.NoneType,
+    msgspec.inspect.LiteralType,
+)
+
+
+def _container_fields(cls: type) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    """The fields of ``cls`` that may hold a dict or a list, each with how to freeze it
+    (a mapping of scalars, such as ``metrics``, needs no walk through its values)."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+
+    def scalar(t: msgspec.inspect.Type) -> bool:
+        if isinstance(t, msgspec.inspect.UnionType):
+            return all(scalar(u) for u in t.types)
+        return isinstance(t, _SCALARS)
+
+    def freezer(t: msgspec.inspect.Type) -> Callable[[Any], Any]:
+        flat = isinstance(t, msgspec.inspect.DictType) and scalar(t.value_type)
+        return freeze_flat if flat else freeze
+
+    return tuple((f.name, freezer(f.type)) for f in info.fields if not scalar(f.type))
 
 
 # -- loop scope -------------------------------------------------------------------

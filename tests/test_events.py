@@ -379,3 +379,45 @@ def test_redefining_the_same_class_does_not_break_the_codec() -> None:
     back = events.decode(events.encode(newer(n=2)))
     assert type(back) is newer
     assert events.decode(events.encode(events.StepEnded(step=1, num_steps=1))).step == 1
+
+
+# -- read-only all the way down ----------------------------------------------------------
+
+
+def test_mappings_inside_events_are_read_only_dicts() -> None:
+    import copy
+    import json
+    import pickle
+
+    from evsys_async.events import CheckpointSaved, StepEnded
+
+    metrics = {"loss": 1.0}
+    e = StepEnded(step=0, num_steps=1, metrics=metrics)
+    with pytest.raises(TypeError, match="read-only"):
+        e.metrics["loss"] = -1.0  # type: ignore[index]
+    for mutate in (
+        lambda m: m.update(x=1.0),
+        lambda m: m.pop("loss"),
+        lambda m: m.clear(),
+        lambda m: m.setdefault("x", 1.0),
+        lambda m: m.__delitem__("loss"),
+    ):
+        with pytest.raises(TypeError):
+            mutate(e.metrics)
+    assert e.metrics == {"loss": 1.0} and isinstance(e.metrics, dict)
+    metrics["loss"] = 2.0  # the caller's dict is not the event's
+    assert e.metrics["loss"] == 1.0
+    mine = dict(e.metrics)
+    mine["loss"] = 3.0  # a private copy is a plain dict
+    assert json.loads(json.dumps(e.metrics)) == {"loss": 1.0}
+    assert pickle.loads(pickle.dumps(e)) == e and copy.deepcopy(e) == e
+
+    row = CheckpointSaved(step=0, name="a", row={"files": ["a", {"b": 1}]}).row
+    with pytest.raises(TypeError):
+        row["files"].append("c")
+    with pytest.raises(TypeError):
+        row["files"][1]["b"] = 2
+    decoded = ev.events.decode(ev.events.encode(e))
+    with pytest.raises(TypeError):
+        decoded.metrics["loss"] = 0.0  # type: ignore[attr-defined]
+    assert decoded == e
