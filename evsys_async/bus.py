@@ -135,6 +135,9 @@ class EventBus:
         # (they must drain first); close cancels them through their own scopes.
         self._task_scopes: list[anyio.CancelScope] = []
         self._anyio_token: Any = None
+        #: KeyboardInterrupt/SystemExit from a handler without an owner: raised at exit
+        self._interrupted: BaseException | None = None
+        self._current_task: Callable[[], Any] = _no_task
         self._call_soon_threadsafe: Callable[[Callable[[], None]], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -146,7 +149,10 @@ class EventBus:
         self._anyio_token = token
         native = token.native_token
         if hasattr(native, "call_soon_threadsafe"):  # asyncio event loop
+            import asyncio
+
             self._call_soon_threadsafe = native.call_soon_threadsafe
+            self._current_task = asyncio.current_task  # to undo a handler's self-cancel
         else:  # trio token: idempotent, so a burst of wakes costs one callback
             self._call_soon_threadsafe = functools.partial(_trio_soon, native)
         self._loop_thread = threading.get_ident()
@@ -178,6 +184,8 @@ class EventBus:
             own_error = exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class())
             args = (None, None, None) if own_error else (exc_type, exc, tb)
             result: bool | None = await self._tg.__aexit__(*args)
+        if self._interrupted is not None:  # a handler's KeyboardInterrupt/SystemExit
+            raise self._interrupted
         return None if own_error else result
 
     async def _shutdown(self) -> None:
@@ -215,7 +223,8 @@ class EventBus:
                         native_cancel = exc
                 self._close_state()  # before the report: late publishes count as dropped
                 for sub in self._ended:
-                    pending = len(sub._buffer)
+                    self._abandon(sub)
+                    pending = sub._pending()
                     if pending or sub.stuck or not sub._is_closed():
                         _log.warning(
                             "bus closed with undelivered events",
@@ -254,7 +263,8 @@ class EventBus:
         on_start: Hook | None = None,
         on_batch_end: Hook | None = None,
         on_close: Hook | None = None,
-        hook_name: Callable[[Event], str] | None = None,
+        hook_name: Callable[[Event | str], str] | None = None,
+        on_interrupt: Callable[[BaseException], None] | None = None,
     ) -> Subscription:
         """Add a subscriber; it sees matching events published from now on.
 
@@ -264,8 +274,18 @@ class EventBus:
         ``async def`` (run in its own task); ``sync`` overrides the check.
         ``on_start``/``on_batch_end``/``on_close`` run in that thread or task
         before the first event, after each batch, after the last.
+        ``hook_name(event_or_slot)`` names the hook in failure logs (the slot is
+        ``"on_start"``, ``"on_batch_end"`` or ``"on_close"`` for those).
         ``timeout`` bounds each call: an async call is cancelled, a ``def``
         call abandoned; both count as failed.
+
+        Nothing the handler raises leaves its subscriber: an exception, a stray
+        cancellation (one this bus did not cause) and, in a ``def`` handler's
+        thread, any ``BaseException`` are counted and logged as its failure, and
+        it goes on with its next event. ``KeyboardInterrupt``/``SystemExit`` from
+        an ``async def`` handler (on the event loop's thread) also ask to stop:
+        ``on_interrupt(exc)`` is called on the loop if given, else the bus cancels
+        its ``async with`` block and re-raises the exception after the drain.
 
         Raises ``TypeError`` for a handler that cannot take one argument or a
         non-``Event`` type, and :class:`BusClosedError` outside the bus's block.
@@ -307,6 +327,7 @@ class EventBus:
             on_batch_end=on_batch_end,
             on_close=on_close,
             hook_name=hook_name,
+            on_interrupt=on_interrupt,
         )
         self._tick()  # what was published before subscribe is not this subscriber's
         sub._handled_upto = self._walked
@@ -540,17 +561,18 @@ class EventBus:
         return {s.name: self._stats_of(s) for s in self._subs + self._ended}
 
     def _pending_of(self, sub: Subscription) -> int:
-        return len(sub._buffer) + sub._in_hand
+        return sub._pending()
 
     def _stats_of(self, sub: Subscription) -> SubscriberStats:
         return SubscriberStats(
             delivered=sub._delivered + sub._t_delivered,
-            pending=len(sub._buffer),
-            dropped=sub._buffer.dropped,
+            pending=sub._pending(),
+            dropped=sub._buffer.dropped + sub._dropped_stuck,
             failed=sub._failed + sub._t_failed,
             max_pending=sub._max_pending,
             handler_seconds=sub._seconds + sub._t_seconds,
             coalesced=sub._buffer.dropped - sub._buffer.forced,
+            hook_failures=sub._hook_failures + sub._t_hook_failures,
         )
 
     @property
@@ -715,37 +737,40 @@ class EventBus:
         sub._arrivals = 0
         sub._lag_mark = 0  # lag is reported again from the threshold up
         batch = sub._buffer.take()
-        sub._in_hand = len(batch)
+        sub._taken += len(batch)
         return batch
 
     # -- async subscribers -------------------------------------------------------
 
     async def _run_async(self, sub: Subscription, scope: anyio.CancelScope) -> None:
         with scope:
-            await self._run_async_shielded(sub)
+            await self._run_async_shielded(sub, scope)
 
-    async def _run_async_shielded(self, sub: Subscription) -> None:
+    async def _run_async_shielded(self, sub: Subscription, scope: anyio.CancelScope) -> None:
         _current_subscription.set(sub)
         try:
             if sub._on_start is not None:
-                await self._call_hook_async(sub, sub._on_start, "on_start")
+                await self._call_hook_async(sub, sub._on_start, "on_start", scope)
             while True:
-                await sub._wake_evt.wait()  # type: ignore[union-attr]
+                await self._wait_for_wake(sub, scope)
                 sub._wake_evt = self._new_event()
                 sub._woken = False
                 while len(sub._buffer):
                     sub._running = True
                     end = self._walked
                     batch = self._take(sub)
-                    await self._handle_async(sub, batch)
+                    await self._handle_async(sub, batch, scope)
                     if sub._on_batch_end is not None:
                         # a flush is part of handling: barriers wait for it (as for def)
                         await self._call_hook_async(
-                            sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
+                            sub,
+                            sub._on_batch_end,
+                            "on_batch_end",
+                            scope,
+                            quiet=_only_failures(batch),
                         )
                     sub._handled_upto = max(sub._handled_upto, end)
                     sub._running = False
-                    sub._in_hand = 0
                     self._notify()
                     if not (self._urgent or len(sub._buffer) >= self.batch_size or sub._closing):
                         if len(sub._buffer):  # what came meanwhile: due one delay from now
@@ -757,15 +782,33 @@ class EventBus:
             sub._running = False
             if sub._on_close is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
-                    await self._call_hook_async(sub, sub._on_close, "on_close")
+                    await self._call_hook_async(sub, sub._on_close, "on_close", scope)
             sub._closed = True
             self._notify()
 
-    async def _handle_async(self, sub: Subscription, batch: list[Entry]) -> None:
+    async def _wait_for_wake(self, sub: Subscription, scope: anyio.CancelScope) -> None:
+        """Wait to be woken; a stray cancellation of this task (not the bus's) is ignored."""
+        while True:
+            try:
+                await sub._wake_evt.wait()  # type: ignore[union-attr]
+                return
+            except anyio.get_cancelled_exc_class():
+                if scope.cancel_called:
+                    raise
+                _log.warning("stray cancellation of a subscriber task ignored", subscriber=sub.name)
+                task = self._current_task()
+                if task is not None:
+                    await _undo_self_cancel(task, 0, scope)
+
+    async def _handle_async(
+        self, sub: Subscription, batch: list[Entry], scope: anyio.CancelScope
+    ) -> None:
         handler = sub.handler
         timeout = sub.timeout
         envelopes = sub.envelopes
         bus_id = self.bus_id
+        task = self._current_task()  # None on trio: there a hook cannot cancel its own task
+        base = task.cancelling() if task is not None else 0
         started = time.perf_counter()
         for seq, event in batch:
             arg = Envelope(bus_id, seq, event) if envelopes else event
@@ -777,112 +820,228 @@ class EventBus:
                         await handler(arg)
             except Exception as exc:
                 self._failure(sub, event, exc)
+            except BaseException as exc:
+                self._base_failure(sub, event, exc, scope)
+                if task is not None:
+                    await _undo_self_cancel(task, base, scope)
+            else:
+                if task is not None and task.cancelling() != base and not scope.cancel_called:
+                    # it cancelled its own task and returned: that cancel is not ours
+                    self._failure(sub, event, _self_cancel_error())
+                    await _undo_self_cancel(task, base, scope)
+                else:
+                    sub._delivered += 1
             if sub._on_batch_end is None:
                 sub._handled_upto = seq + 1
-        sub._delivered += len(batch)
         sub._seconds += time.perf_counter() - started
 
     async def _call_hook_async(
-        self, sub: Subscription, hook: Hook, label: str, *, quiet: bool = False
+        self,
+        sub: Subscription,
+        hook: Hook,
+        label: str,
+        scope: anyio.CancelScope,
+        *,
+        quiet: bool = False,
     ) -> None:
+        task = self._current_task()
+        base = task.cancelling() if task is not None else 0
         try:
-            result = hook()
-            if inspect.isawaitable(result):
-                await result
+            with anyio.fail_after(math.inf if sub.timeout is None else sub.timeout):
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
         except Exception as exc:
             self._failure(sub, None, exc, label, quiet=quiet)
+        except BaseException as exc:
+            self._base_failure(sub, None, exc, scope, label)
+            if task is not None:
+                await _undo_self_cancel(task, base, scope)
+        else:
+            if task is not None and task.cancelling() != base and not scope.cancel_called:
+                self._failure(sub, None, _self_cancel_error(), label, quiet=quiet)
+                await _undo_self_cancel(task, base, scope)
+
+    def _base_failure(
+        self,
+        sub: Subscription,
+        event: Event | None,
+        exc: BaseException,
+        scope: anyio.CancelScope,
+        label: str | None = None,
+    ) -> None:
+        """A ``BaseException`` from an ``async def`` handler or hook, on the loop's thread.
+
+        The bus's own cancellation of this subscriber propagates. Anything else
+        is the subscriber's failure (a stray cancellation, ``GeneratorExit``, an
+        exception group); ``KeyboardInterrupt``/``SystemExit`` also ask to stop.
+        """
+        if scope.cancel_called and isinstance(exc, anyio.get_cancelled_exc_class()):
+            raise exc
+        self._failure(sub, event, exc, label)
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            self._interrupt(sub, exc)
+
+    def _interrupt(self, sub: Subscription, exc: BaseException) -> None:
+        """``KeyboardInterrupt``/``SystemExit`` in a handler on the loop: its owner
+        (a run) stops; without one, the bus's block is cancelled and the exception
+        is raised when it is left."""
+        if sub._on_interrupt is not None:
+            try:
+                sub._on_interrupt(exc)
+            except Exception:  # pragma: no cover - the owner's hook must not raise
+                _log.exception("on_interrupt failed", subscriber=sub.name)
+            return
+        if self._interrupted is None:
+            self._interrupted = exc
+            self._tg.cancel_scope.cancel()
 
     # -- def subscribers ---------------------------------------------------------
 
     def _run_thread(self, sub: Subscription) -> None:
         q = sub._queue
         assert q is not None
+        _thread_local.subscription = sub
+        # from_thread.run copies this thread's context: drain/publish_and_wait called
+        # from the handler then skip the caller (see Subscription.wait)
+        _current_subscription.set(sub)
+        try:
+            if sub._on_start is not None:
+                self._call_hook_thread(sub, sub._on_start, "on_start")
+            while not sub._abandoned:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, Outcome):  # Subscription.call: between two batches
+                    item.settle(item.value)
+                    continue
+                batch, end = item
+                self._handle_thread(sub, batch)
+                if sub._on_batch_end is not None and not sub._abandoned:
+                    self._call_hook_thread(
+                        sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
+                    )
+                sub._t_done = end  # after the batch's publishes reached the intake
+                if self._waiters or sub._stuck_call is not None or len(sub._buffer):
+                    self._wake_from_thread()
+            if sub._on_close is not None:
+                self._call_hook_thread(sub, sub._on_close, "on_close")
+        finally:
+            sub._t_finished = True
+            self._wake_from_thread()
+
+    def _handle_thread(self, sub: Subscription, batch: list[Entry]) -> None:
         handler = sub.handler
         envelopes = sub.envelopes
         bus_id = self.bus_id
-        _thread_local.subscription = sub
-        # from_thread.run copies this thread's context: drain/publish_and_wait called
-        # from the handler then skip the caller (rule 18)
-        _current_subscription.set(sub)
-        if sub._on_start is not None:
-            self._call_hook_thread(sub, sub._on_start, "on_start")
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, Outcome):  # Subscription.call: between two batches
-                item.settle(item.value)
-                continue
-            batch, end = item
-            started = time.perf_counter()
-            for seq, event in batch:
-                arg = Envelope(bus_id, seq, event) if envelopes else event
-                sub._t_event = event
-                sub._t_call_started = time.monotonic()
-                try:
-                    handler(arg)
-                except Exception as exc:
-                    self._failure(sub, event, exc, thread=True)
-                sub._t_call_started = None
-            if sub._on_batch_end is not None:
-                self._call_hook_thread(
-                    sub, sub._on_batch_end, "on_batch_end", quiet=_only_failures(batch)
-                )
-            sub._t_delivered += len(batch)
-            sub._t_seconds += time.perf_counter() - started
-            sub._t_done = end  # after the batch's publishes reached the intake
-            if self._waiters or sub._stuck_call is not None or len(sub._buffer):
-                self._wake_from_thread()
-        if sub._on_close is not None:
-            self._call_hook_thread(sub, sub._on_close, "on_close")
-        sub._t_finished = True
-        self._wake_from_thread()
+        timed = sub.timeout is not None
+        started = time.perf_counter()
+        for seq, event in batch:
+            arg = Envelope(bus_id, seq, event) if envelopes else event
+            sub._t_event = event
+            sub._t_call_no = call = sub._t_call_no + 1
+            sub._t_call_started = time.monotonic()
+            error: BaseException | None = None
+            try:
+                handler(arg)
+            except BaseException as exc:  # in its own thread, anything is its failure
+                error = exc
+            if self._call_ended(sub, call, timed):
+                if sub._abandoned:
+                    break  # closed while stuck: the rest was counted as dropped
+                continue  # counted as failed when it was abandoned at its timeout
+            if error is None:
+                sub._t_delivered += 1
+            else:
+                self._failure(sub, event, error, thread=True)
+        sub._t_event = None
+        sub._t_seconds += time.perf_counter() - started
+
+    @staticmethod
+    def _call_ended(sub: Subscription, call: int, timed: bool) -> bool:
+        """Mark the thread's call ``call`` as returned; True if it had been abandoned
+        at its timeout (the loop counted it then)."""
+        if not timed:  # nothing races: only a timeout abandons a call
+            sub._t_call_started = None
+            return False
+        with sub._lock:
+            sub._t_call_started = None
+            return sub._stuck_call == call
 
     def _call_hook_thread(
         self, sub: Subscription, hook: Hook, label: str, *, quiet: bool = False
     ) -> None:
+        sub._t_event = None
+        sub._t_label = label
+        sub._t_call_no = call = sub._t_call_no + 1
+        sub._t_call_started = time.monotonic()
+        error: BaseException | None = None
         try:
             if is_async_callable(hook):
                 anyio.from_thread.run(hook, token=self._anyio_token)
             else:
                 hook()
-        except Exception as exc:
-            self._failure(sub, None, exc, label, thread=True, quiet=quiet)
+        except BaseException as exc:  # in its own thread, anything is its failure
+            error = exc
+        if not self._call_ended(sub, call, sub.timeout is not None) and error is not None:
+            self._failure(sub, None, error, label, thread=True, quiet=quiet)
 
     def _check_thread(self, sub: Subscription, now: float) -> float:
         """Collect a finished batch, detect a call past its timeout; returns a deadline."""
+        deadline = self._check_call(sub, now)
         end = sub._inflight_end
         if end is None:
-            return math.inf
+            return deadline
         done = sub._t_done  # read before taking in what the batch published
         if done >= end:
             self._take_intake()
             sub._handled_upto = max(sub._handled_upto, done)
             sub._inflight_end = None
-            sub._in_hand = 0
-            if sub._stuck_call is not None:
-                sub._stuck_call = None
-            return math.inf
-        started = sub._t_call_started
+            return deadline
+        if sub.timeout is not None and sub._t_call_started is None and not sub.stuck:
+            deadline = min(deadline, now + sub.timeout)  # the batch's first call is due
+        return deadline
+
+    def _check_call(self, sub: Subscription, now: float) -> float:
+        """Abandon a ``def`` call past its timeout (counted as failed, once)."""
         if sub._stuck_call is not None:
-            if started == sub._stuck_call:
+            if sub.stuck:
                 return math.inf
             sub._stuck_call = None  # the hung call returned
-        if sub.timeout is None:
+        timeout, started = sub.timeout, sub._t_call_started
+        if timeout is None or started is None:
             return math.inf
-        if started is None:
-            return now + sub.timeout
-        if now - started < sub.timeout:
-            return started + sub.timeout
-        sub._stuck_call = started
-        sub._failed += 1
+        if now - started < timeout:
+            return started + timeout
+        with sub._lock:
+            if sub._t_call_started != started:  # it returned meanwhile
+                return now
+            sub._stuck_call = sub._t_call_no
+            event, label = sub._t_event, sub._t_label
+            if event is not None:
+                sub._failed += 1
+            else:
+                sub._hook_failures += 1
         self._failure(
             sub,
-            sub._t_event,
-            TimeoutError(f"def handler still running after {sub.timeout}s; abandoned"),
+            event,
+            TimeoutError(f"def handler still running after {timeout}s; abandoned"),
+            None if event is not None else label,
             count=False,
         )
         return math.inf
+
+    def _abandon(self, sub: Subscription) -> None:
+        """Give up on a stuck ``def`` subscriber at close: what it can no longer handle
+        (the rest of its batch, its buffer) is counted as dropped, and its thread
+        stops at the hung call, runs ``on_close`` and ends if that call returns."""
+        with sub._lock:
+            if not sub.stuck or sub._abandoned:
+                return
+            sub._abandoned = True
+            rest = sub._buffer.take()
+            sub._taken += len(rest)
+            sub._dropped_stuck += max(0, sub._taken - sub._decided())
 
     # -- failures ----------------------------------------------------------------
 
@@ -897,11 +1056,17 @@ class EventBus:
         count: bool = True,
         quiet: bool = False,
     ) -> None:
-        """Count, log and announce a failure. ``quiet``: announce nothing (rule 7: a
+        """Count, log and announce a failure. An event's failure counts in ``failed``,
+        a hook's (``label``) in ``hook_failures``. ``quiet``: announce nothing (a
         failure over ``CallbackFailed`` events must not start a storm)."""
         sub.last_error = exc
         if count:
-            if thread:
+            if event is None:
+                if thread:
+                    sub._t_hook_failures += 1
+                else:
+                    sub._hook_failures += 1
+            elif thread:
                 sub._t_failed += 1
             else:
                 sub._failed += 1
@@ -920,6 +1085,38 @@ class EventBus:
             self.publish(
                 CallbackFailed(subscriber=sub.name, hook=hook, event_type=event_type, error=error)
             )
+
+
+def _no_task() -> None:
+    """trio has no task to cancel itself: nothing to undo there."""
+
+
+def _self_cancel_error() -> BaseException:
+    import asyncio
+
+    return asyncio.CancelledError("the handler cancelled its own task")
+
+
+async def _undo_self_cancel(task: Any, base: int, scope: anyio.CancelScope) -> None:
+    """asyncio: withdraw the cancel requests a handler made on its own task.
+
+    ``uncancel`` takes back the request, but before Python 3.13 a cancel that
+    has not landed yet stays armed: let it land here, where it is caught. The
+    bus's own cancellation of the subscriber (``scope``) still propagates.
+    """
+    import asyncio
+
+    while task.cancelling() > base:
+        task.uncancel()
+    if scope.cancel_called:
+        return
+    try:
+        await asyncio.sleep(0)
+    except asyncio.CancelledError:
+        if scope.cancel_called:
+            raise
+        while task.cancelling() > base:
+            task.uncancel()
 
 
 def _only_failures(batch: list[Entry]) -> bool:

@@ -52,8 +52,13 @@ _current_subscription: contextvars.ContextVar[Subscription | None] = contextvars
 class SubscriberStats(msgspec.Struct, frozen=True):
     """Counts for one subscriber, current at the call of ``EventBus.stats()``.
 
-    ``pending`` is what waits in the subscriber's buffer (bounded by its
-    policy), not the batch in its hands; ``DrainReport.pending`` counts both.
+    Every matching event is counted once: ``delivered`` (its handler
+    returned) + ``failed`` (it raised or timed out) + ``dropped`` (by the
+    policy, or never reachable because a ``def`` handler is stuck past its
+    timeout) + ``pending`` (in the buffer, or taken and not yet handled).
+    ``coalesced`` is the part of ``dropped`` that ``Latest`` replaced by design;
+    ``hook_failures`` counts failed ``on_start``/``on_batch_end``/``on_close``
+    calls, which are not events.
     """
 
     delivered: int
@@ -65,6 +70,7 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     #: the part of ``dropped`` that a ``Latest`` policy coalesced by design (a newer
     #: level-like event replaced a pending one), as opposed to drops forced by a bound
     coalesced: int = 0
+    hook_failures: int = 0
 
 
 class DrainReport(msgspec.Struct, frozen=True):
@@ -112,7 +118,8 @@ class Subscription:
         on_start: Hook | None,
         on_batch_end: Hook | None,
         on_close: Hook | None,
-        hook_name: Callable[[Event], str] | None,
+        hook_name: Callable[[Event | str], str] | None,
+        on_interrupt: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._bus = bus
         self.handler = handler
@@ -126,6 +133,7 @@ class Subscription:
         self._on_start = on_start
         self._on_batch_end = on_batch_end
         self._on_close = on_close
+        self._on_interrupt = on_interrupt
         self._hook_name = hook_name
         self._buffer = policy.buffer() if isinstance(policy, Latest | DropOldest) else _Unbounded()
         self._put = self._buffer.put
@@ -136,11 +144,16 @@ class Subscription:
         self._lag_mark = 0  # next pending/arrival count that reports lag
         self._drop_mark = 1  # next dropped count that reports lag
         self._running = False
-        self._in_hand = 0  # events taken into the batch being handled
+        self._taken = 0  # events moved from the buffer into batches, ever
         self._closing = False
         self._closed = False
+        # Every matching event ends in exactly one of these (or is pending): delivered
+        # (its handler returned), failed (raised or timed out), dropped (by the policy,
+        # or never reachable because the callback is stuck). See docs/design.md.
         self._delivered = 0
         self._failed = 0
+        self._dropped_stuck = 0
+        self._hook_failures = 0  # on_start / on_batch_end / on_close (not events)
         self._seconds = 0.0
         self._max_pending = 0
         # async subscriber: woken through an anyio.Event
@@ -150,14 +163,20 @@ class Subscription:
         self._queue: queue.SimpleQueue[_ThreadItem] | None = None
         self._thread: threading.Thread | None = None
         self._inflight_end: int | None = None
-        self._stuck_call: float | None = None
+        self._stuck_call: int | None = None  # the call number abandoned at its timeout
+        self._abandoned = False  # closed while stuck: the thread stops at the hung call
+        # guards a call's end (thread) against its abandonment at the timeout (loop)
+        self._lock = threading.Lock()
         # written by the subscriber's thread only
         self._t_done = 0
         self._t_delivered = 0
         self._t_failed = 0
+        self._t_hook_failures = 0
         self._t_seconds = 0.0
-        self._t_call_started: float | None = None
-        self._t_event: Event | None = None
+        self._t_call_no = 0  # numbers every handler or hook call in the thread
+        self._t_call_started: float | None = None  # set while a call runs
+        self._t_event: Event | None = None  # the event of that call (None: a hook)
+        self._t_label = ""  # the hook of that call, when it is not an event's
         #: the exception of the most recent failure (re-raised by callback_errors="raise")
         self.last_error: BaseException | None = None
         self._t_finished = False
@@ -170,7 +189,22 @@ class Subscription:
         """True while a ``def`` handler is past its timeout (abandoned, not waited for)."""
         # read the thread's state now: the hung call may have returned since the last tick
         call = self._stuck_call
-        return call is not None and not self._t_finished and self._t_call_started == call
+        return (
+            call is not None
+            and not self._t_finished
+            and self._t_call_no == call
+            and self._t_call_started is not None
+        )
+
+    def _decided(self) -> int:
+        """Events whose fate is decided: delivered, failed, or dropped while stuck."""
+        return (
+            self._delivered + self._t_delivered + self._failed + self._t_failed
+        ) + self._dropped_stuck
+
+    def _pending(self) -> int:
+        """Matching events not yet handled: in the buffer, or taken and not yet done."""
+        return len(self._buffer) + max(0, self._taken - self._decided())
 
     def stats(self) -> SubscriberStats:
         """This subscriber's counts (see :meth:`EventBus.stats`)."""
@@ -214,6 +248,7 @@ class Subscription:
         # a def handler stuck past its timeout is not waited for (its on_close runs
         # in its thread when the hung call returns)
         ended = await bus._wait_until(lambda: self._is_closed() or self.stuck, _remaining(deadline))
+        bus._abandon(self)  # stuck: what it can no longer handle counts as dropped
         return ok and ended and self._is_closed()  # False while stuck
 
     # -- loop-thread helpers -------------------------------------------------------
@@ -238,15 +273,15 @@ class Subscription:
             type(event) in _ABOUT_A_SUBSCRIBER and event.subscriber == self.name  # type: ignore[attr-defined]
         )
 
-    def _label(self, event: Event | None, fallback: str) -> str:
-        if event is None:
-            return fallback
+    def _label(self, event: Event | None, slot: str) -> str:
+        """The hook to name in a failure: ``hook_name`` of the event, or of the
+        lifecycle slot (``on_start``, ``on_batch_end``, ``on_close``)."""
         if self._hook_name is not None:
             try:
-                return self._hook_name(event)
+                return self._hook_name(slot if event is None else event)
             except Exception:
                 pass
-        return type(event).__name__
+        return slot if event is None else type(event).__name__
 
 
 class _Unbounded:

@@ -269,3 +269,23 @@ async def test_dispatch_passes_keywords(tmp_path: Path) -> None:
 
     await ev.dispatch([Bench()], "on_benchmark_eval", ev.LogContext(), {"acc": 1}, [1], step=4)
     assert got == [({"acc": 1}, [1], 4)]
+
+
+async def test_dispatch_a_base_exception_in_a_def_hook_is_its_failure(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    order: list[str] = []
+
+    class Exits(ev.Callback):
+        def on_run_start(self, ctx: Any) -> None:
+            order.append("exits")
+            raise SystemExit(3)  # in its thread: a failure, never the process's exit
+
+    class After(ev.Callback):
+        async def on_run_start(self, ctx: Any) -> None:
+            order.append("after")
+
+    with anyio.fail_after(10):
+        await ev.dispatch([Exits(), After()], "on_run_start", None)
+    assert order == ["exits", "after"]
+    assert any("SystemExit" in r.getMessage() for r in warnings_log.records)

@@ -86,6 +86,9 @@ _EXPERIMENT_EVENTS = (
     ExperimentEnded,
 )
 
+#: the subscription's lifecycle slots and the callback hooks that fill them
+_LIFECYCLE = {"on_start": "setup", "on_batch_end": "flush", "on_close": "teardown"}
+
 _OTHER_HOOKS: dict[str, int] = {"on_event": 2, "on_envelope": 2, "setup": 1, "teardown": 1}
 
 #: the methods a callback's subscription runs (its thread-or-task choice looks at these)
@@ -294,7 +297,9 @@ class CallbackAdapter:
             error=event.error,
         )
 
-    def _label(self, event: Event) -> str:
+    def _label(self, event: Event | str) -> str:
+        if isinstance(event, str):  # a lifecycle slot of the subscription
+            return _LIFECYCLE.get(event, event)
         return self.hook_for(type(event)) or "on_envelope"
 
     def _handler(self) -> Callable[[Any], Any]:
@@ -325,8 +330,17 @@ class CallbackAdapter:
 
         return handle
 
-    def subscribe(self, bus: EventBus, *, run_key: str | None = None) -> Subscription:
-        """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task."""
+    def subscribe(
+        self,
+        bus: EventBus,
+        *,
+        run_key: str | None = None,
+        on_interrupt: Callable[[BaseException], None] | None = None,
+    ) -> Subscription:
+        """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task.
+
+        ``on_interrupt`` gets a ``KeyboardInterrupt``/``SystemExit`` that one of its
+        ``async def`` hooks raised (see :meth:`EventBus.subscribe`)."""
         cb = self.callback
         state = self.state
         self._token = anyio.lowlevel.current_token()
@@ -350,6 +364,7 @@ class CallbackAdapter:
             on_batch_end=hook("flush"),
             on_close=hook("teardown", state),
             hook_name=self._label,
+            on_interrupt=on_interrupt,
         )
         self.name = self.subscription.name
         return self.subscription
@@ -367,13 +382,23 @@ async def _async_nothing(event: Any) -> None:
     return None
 
 
+def _guarded(method: Callable[..., Any], args: Any, kwargs: Any) -> BaseException | None:
+    try:
+        method(*args, **kwargs)
+    except BaseException as exc:  # handed back as the callback's failure
+        return exc
+    return None
+
+
 async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs: Any) -> None:
     """Call ``hook`` on each callback in list order, each call isolated.
 
     ``async def`` hooks are awaited; ``def`` hooks run in a daemon thread (the
     loop stays responsive) and are awaited. A hook that raises is logged at
     WARNING with the callback's class and the hook, and the next callback
-    runs. Callbacks without the hook are skipped. Cancellation propagates.
+    runs: in a ``def`` hook's thread that holds for any ``BaseException``.
+    Cancellation, and ``KeyboardInterrupt``/``SystemExit`` from an ``async def``
+    hook, propagate. Callbacks without the hook are skipped.
     """
     worker: DaemonWorker | None = None
     try:
@@ -383,20 +408,24 @@ async def dispatch(callbacks: Sequence[object], hook: str, *args: Any, **kwargs:
                 continue
             if isinstance(cb, Callback) and not overrides(cb, hook):
                 continue
+            error: BaseException | None = None
             try:
                 if is_async_callable(method):
                     await method(*args, **kwargs)
                 else:
                     if worker is None:
                         worker = DaemonWorker(f"evsys-dispatch:{hook}")
-                    await worker.call(lambda m=method: m(*args, **kwargs))
-            except Exception as exc:
+                    # in its thread anything it raises is its failure, BaseException too
+                    error = await worker.call(_guarded, method, args, kwargs)
+            except (Exception, GeneratorExit, BaseExceptionGroup) as exc:
+                error = exc
+            if error is not None:
                 _log.warning(
                     "callback failed",
                     callback=type(cb).__name__,
                     hook=hook,
-                    error=describe(exc),
-                    exc_info=exc,
+                    error=describe(error),
+                    exc_info=error,
                 )
     finally:
         if worker is not None:
