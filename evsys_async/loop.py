@@ -22,7 +22,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -129,6 +130,7 @@ class TrainingLoop:
             raise ValueError(
                 f"TrainingLoop: max_evals_in_flight must be >= 1, got {max_evals_in_flight}"
             )
+        _check_distinct(callbacks or ())
         for i, ev in enumerate(evaluators or ()):
             if not (hasattr(ev, "name") and hasattr(ev, "evaluate")):
                 raise TypeError(
@@ -166,6 +168,7 @@ class TrainingLoop:
         #: the artifacts of the latest run (also when ``run()`` raised)
         self.artifacts: LoopArtifacts | None = None
         self.state: LoopState | None = None
+        self._running = False
 
     # -- entry points ------------------------------------------------------------
 
@@ -185,14 +188,34 @@ class TrainingLoop:
         return artifacts
 
     async def run(self, num_steps: int | None = None, start_step: int = 0) -> LoopArtifacts:
-        """Run the loop; return the artifacts after the shutdown (rule 14).
+        """Run the loop; return the artifacts after the shutdown.
 
         Re-raises a step's exception, a callback's (``callback_errors="raise"``)
         or an outer cancellation after the shutdown; ``self.artifacts`` then
-        holds the report.
+        holds the report. ``KeyboardInterrupt``/``SystemExit`` raised by the
+        step or by an ``async def`` hook end the run as ``cancelled`` through the
+        same shutdown, then leave ``run()`` unwrapped. Never returns ``None``.
+
+        Raises ``RuntimeError`` if this loop is already running, and
+        ``ValueError`` if a run with the same key is active on the shared ``bus``
+        (both before the first step).
         """
         total = self.num_steps if num_steps is None else num_steps
         _check_steps(total, start_step)
+        _check_distinct(self.callbacks)
+        if self._running:
+            raise RuntimeError(
+                "TrainingLoop.run() is already running for this loop; await the first "
+                "run, or build a second TrainingLoop for a concurrent run"
+            )
+        self._running = True
+        try:
+            with _claim_run_key(self.bus, self.run_key):
+                return await self._run(total, start_step)
+        finally:
+            self._running = False
+
+    async def _run(self, total: int, start_step: int) -> LoopArtifacts:
         state = LoopState(
             num_steps=total,
             output_dir=self.output_dir,
@@ -214,10 +237,49 @@ class TrainingLoop:
         self.artifacts = artifacts
         if self.bus is not None:
             return await _Run(self, state, artifacts, adapters, self.bus, start_step).execute()
+        result: LoopArtifacts | None = None
         async with EventBus(close_timeout=self.drain_timeout, batch_delay=self.batch_delay) as bus:
             run = _Run(self, state, artifacts, adapters, bus, start_step)
             run.owns_bus = True
-            return await run.execute()
+            result = await run.execute()
+        if result is None:  # pragma: no cover - the bus swallowed what execute() raised
+            raise RuntimeError("TrainingLoop.run(): the run ended without artifacts or an error")
+        return result
+
+
+#: run keys of the runs active on each shared bus (one key, one run: events are
+#: filtered by run key, so two runs with one key would see each other's events)
+_ACTIVE_KEYS: weakref.WeakKeyDictionary[EventBus, set[str]] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _claim_run_key(bus: EventBus | None, run_key: str) -> Iterator[None]:
+    if bus is None:  # the loop's own bus carries this run only
+        yield
+        return
+    active = _ACTIVE_KEYS.setdefault(bus, set())
+    if run_key in active:
+        raise ValueError(
+            f"TrainingLoop: a run with run_key={run_key!r} is already active on this bus; "
+            "give each concurrent run its own run_key"
+        )
+    active.add(run_key)
+    try:
+        yield
+    finally:
+        active.discard(run_key)
+
+
+def _check_distinct(callbacks: Sequence[Callback]) -> None:
+    """One callback instance subscribes once: twice would interleave its own calls."""
+    seen: dict[int, int] = {}
+    for i, cb in enumerate(callbacks):
+        j = seen.setdefault(id(cb), i)
+        if j != i:
+            raise ValueError(
+                f"TrainingLoop: callbacks[{i}] is the same {type(cb).__name__} instance as "
+                f"callbacks[{j}]; pass one instance per subscription (build it twice)"
+            )
 
 
 def _check_steps(num_steps: int, start_step: int) -> None:
@@ -261,6 +323,16 @@ class _Run:
         self._deadline = math.inf  # the shutdown's one deadline (rule 23)
         self._shutdown_started = 0.0
         self._eval_slot: anyio.Event
+        #: KeyboardInterrupt/SystemExit from one of this run's async hooks
+        self.interrupted: BaseException | None = None
+        self._train_scope = anyio.CancelScope()
+
+    def on_interrupt(self, exc: BaseException) -> None:
+        """An ``async def`` hook raised ``KeyboardInterrupt``/``SystemExit``: the run
+        ends as ``cancelled`` after the current step and re-raises it at the end."""
+        if self.interrupted is None:
+            self.interrupted = exc
+        self._train_scope.cancel()
 
     def publish(self, event: Event) -> int | None:
         """``state.publish``: a user's event, stamped with the run key (a copy: frozen)."""
@@ -276,21 +348,28 @@ class _Run:
         state, artifacts = self.state, self.artifacts
         state._publish = self.publish
         for adapter in self.adapters:
-            self.subs.append(adapter.subscribe(self.bus, run_key=self.run_key or None))
+            self.subs.append(
+                adapter.subscribe(
+                    self.bus, run_key=self.run_key or None, on_interrupt=self.on_interrupt
+                )
+            )
         self._load_callback_states()
         self._eval_slot = anyio.Event()
         status, raised = "failed", None
         try:
             async with anyio.create_task_group() as eval_tg:
                 self.eval_tg = eval_tg
-                status, raised = await self._train()
+                with self._train_scope:
+                    status, raised = await self._train()
+                if self.interrupted is not None:
+                    status, raised = "cancelled", self.interrupted
                 self._start_shutdown_clock()  # in-flight evals are part of the shutdown
                 await self._finish_background_evals(self._deadline)
         except BaseException as exc:  # cancelled from outside, or a bug surfacing
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]
             raised = exc
-            if isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt):
+            if isinstance(exc, anyio.get_cancelled_exc_class() | KeyboardInterrupt | SystemExit):
                 status = "cancelled"
             else:
                 status = "failed"
@@ -300,6 +379,8 @@ class _Run:
             status = "failed"
             artifacts.error = describe(raised)
         await shielded(self._shutdown(status))  # also through a native asyncio cancel
+        if self.interrupted is not None and raised is not self.interrupted:
+            raised = self.interrupted  # from a hook during the shutdown (on_train_end)
         if raised is not None:
             raise raised
         return artifacts
@@ -391,7 +472,8 @@ class _Run:
                     control_timeout=self.loop.control_timeout,
                 )
             if self.raise_callbacks:
-                failed = sub.stats().failed
+                st = sub.stats()
+                failed = st.failed + st.hook_failures
                 if failed > self.failed_seen.get(sub.name, 0) and self.callback_error is None:
                     self.callback_error = sub.last_error
                 self.failed_seen[sub.name] = failed
