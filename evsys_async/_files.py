@@ -1,4 +1,4 @@
-"""Async file writes on both backends (DESIGN rule 29).
+"""Async file writes on both backends.
 
 aiofiles works on asyncio only (under trio it fails with "no running event
 loop"), so :func:`open_async` picks aiofiles on asyncio and
@@ -13,12 +13,12 @@ measured by ``benchmarks/bench_files.py`` and explained in
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any, Protocol
 
 import anyio
-import anyio.lowlevel
+
+from ._async import on_asyncio
 
 __all__ = ["AsyncFile", "append_bytes", "open_async"]
 
@@ -57,18 +57,13 @@ async def open_async(
     """
     if "b" not in mode and encoding is None:
         encoding = "utf-8"
-    if _on_asyncio():
+    if on_asyncio():
         import aiofiles
 
         f = await aiofiles.open(os.fspath(path), mode, encoding=encoding)  # type: ignore[call-overload]
         return _AiofilesFile(f)
     file: AsyncFile = await anyio.open_file(path, mode, encoding=encoding)  # type: ignore[call-overload]
     return file
-
-
-def _on_asyncio() -> bool:
-    # anyio's token holds the native loop: an asyncio loop, or trio's TrioToken
-    return isinstance(anyio.lowlevel.current_token().native_token, asyncio.AbstractEventLoop)
 
 
 async def append_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -1,21 +1,21 @@
 """A dedicated daemon thread that runs calls one at a time, awaited from async code.
 
-DESIGN rule 8/10: a ``def`` step or hook runs in one thread of its own for its
-whole life (thread-local device and autocast state stay put, a hung call
-starves nobody), and the thread is a daemon so an abandoned call never holds
-the process open. anyio's ``to_thread`` pool is neither.
+A ``def`` step or hook runs in one thread of its own for its whole life
+(thread-local device and autocast state stay put, a hung call starves nobody),
+and the thread is a daemon so an abandoned call never holds the process open.
+anyio's ``to_thread`` pool is neither.
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
+
+from ._async import LoopWaker
 
 __all__ = ["DaemonWorker", "Outcome"]
 
@@ -26,35 +26,29 @@ class Outcome:
     """A result handed from a thread to an awaiting task: ``settle`` in the thread,
     ``await result()`` on the loop."""
 
-    __slots__ = ("done", "error", "event", "value", "wake")
+    __slots__ = ("done", "error", "event", "value", "waker")
 
-    def __init__(self, event: anyio.Event, token: Any) -> None:
+    def __init__(self, event: anyio.Event, waker: LoopWaker) -> None:
         self.event = event
         self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
-        # hand event.set to the loop without waiting for it to run (from_thread.run_sync
-        # would block this thread until the loop got to it): asyncio's
-        # call_soon_threadsafe, trio's run_sync_soon
-        native = token.native_token
-        self.wake: Callable[[Callable[[], object]], object] = (
-            getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
-        )
+        self.waker = waker
 
     @classmethod
-    def new(cls) -> Outcome:
+    def new(cls, waker: LoopWaker | None = None) -> Outcome:
         """Made on the event loop, by the task that will await it."""
-        return cls(anyio.Event(), anyio.lowlevel.current_token())
+        return cls(anyio.Event(), waker or LoopWaker())
 
     def settle(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn`` here (a thread) and hand its result or error to the loop."""
+        """Run ``fn`` here (a thread) and hand its result or error to the loop, without
+        waiting for the loop to take it (a dead loop: nobody awaits it)."""
         try:
             self.value = fn(*args)
         except BaseException as exc:  # handed back to the awaiting task
             self.error = exc
         self.done = True
-        with contextlib.suppress(RuntimeError):  # the loop is gone; nobody awaits this
-            self.wake(self.event.set)
+        self.waker.soon(self.event.set)
 
     async def result(self) -> Any:
         await self.event.wait()
@@ -74,6 +68,7 @@ class DaemonWorker:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._last: Outcome | None = None
+        self._waker: LoopWaker | None = None
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -87,7 +82,9 @@ class DaemonWorker:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
-        outcome = Outcome.new()
+        if self._waker is None:
+            self._waker = LoopWaker()
+        outcome = Outcome.new(self._waker)
         self._last = outcome
         self._queue.put((fn, args, outcome))
         return await outcome.result()

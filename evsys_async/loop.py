@@ -31,9 +31,10 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.lowlevel
 
+from ._async import is_async_callable, shielded
 from ._log import get_logger
 from ._worker import DaemonWorker
-from .bus import EventBus, Subscription, is_async_callable, shielded
+from .bus import EventBus, Subscription
 from .callbacks.base import Callback, CallbackAdapter
 from .errors import describe
 from .evaluators import Evaluator

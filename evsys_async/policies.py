@@ -18,14 +18,32 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from .events import Event
 
-__all__ = ["DropOldest", "Latest", "Lossless", "Policy"]
+__all__ = ["Buffer", "DropOldest", "Entry", "Latest", "Lossless", "Policy"]
 
 #: One pending entry: the event's sequence number and the event.
 Entry: TypeAlias = tuple[int, Event]
+
+
+class Buffer(Protocol):
+    """A subscriber's pending entries, as its policy keeps them (one per subscriber).
+
+    ``put`` runs on the event loop for every matching event, so it is cheap;
+    ``take`` hands over everything pending, in publish order, and empties it.
+    ``dropped`` counts what the policy let go, ``forced`` the part of it a bound
+    forced (the rest ``Latest`` coalesced by design).
+    """
+
+    def put(self, entry: Entry, /) -> None: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def forced(self) -> int: ...
+    def __len__(self) -> int: ...
+    def take(self) -> list[Entry]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +51,9 @@ class Lossless:
     """Every event, in publish order, never dropped (the default)."""
 
     bounded = False
+
+    def buffer(self) -> Buffer:
+        return _ListBuffer()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +70,7 @@ class Latest:
         if self.max_kept < 1:
             raise ValueError(f"Latest(max_kept=...) must be >= 1, got {self.max_kept}")
 
-    def buffer(self) -> _LatestBuffer:
+    def buffer(self) -> Buffer:
         return _LatestBuffer(self.max_kept)
 
 
@@ -64,11 +85,30 @@ class DropOldest:
         if self.maxlen < 1:
             raise ValueError(f"DropOldest(maxlen=...) must be >= 1, got {self.maxlen}")
 
-    def buffer(self) -> _WindowBuffer:
+    def buffer(self) -> Buffer:
         return _WindowBuffer(self.maxlen)
 
 
 Policy: TypeAlias = Lossless | Latest | DropOldest
+
+
+class _ListBuffer:
+    """Pending entries of a ``Lossless`` subscriber: the shared entries in a list."""
+
+    __slots__ = ("_items", "dropped", "forced", "put")
+
+    def __init__(self) -> None:
+        self._items: list[Entry] = []
+        self.put = self._items.append  # the C method itself: no Python frame per event
+        self.dropped = self.forced = 0  # never drops
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def take(self) -> list[Entry]:
+        out = self._items[:]
+        self._items.clear()
+        return out
 
 
 class _WindowBuffer:

@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from .bus import current_subscription
 from .events import Event
+from .subscription import current_subscription
 
 __all__ = [
     "CallbackHealth",
