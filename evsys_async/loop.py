@@ -35,7 +35,7 @@ from ._worker import DaemonWorker
 from .bus import EventBus, Subscription, is_async_callable, shielded
 from .callbacks.base import Callback, CallbackAdapter
 from .errors import describe
-from .evaluators import Evaluator
+from .evaluators import Evaluator, close_evaluators, open_evaluators
 from .events import (
     CheckpointSaved,
     EvalEnded,
@@ -283,6 +283,7 @@ class _Run:
         try:
             async with anyio.create_task_group() as eval_tg:
                 self.eval_tg = eval_tg
+                await open_evaluators(self.loop.evaluators, state, timeout=self.loop.eval_timeout)
                 status, raised = await self._train()
                 self._start_shutdown_clock()  # in-flight evals are part of the shutdown
                 await self._finish_background_evals(self._deadline)
@@ -569,6 +570,7 @@ class _Run:
                 await self.worker.wait_idle()  # a def step cannot be cancelled: await it
         if self.evals_in_flight and self.eval_tg is not None:
             self.eval_tg.cancel_scope.cancel()
+        await close_evaluators(loop.evaluators, timeout=left())  # after in-flight evals
         if loop.checkpoint is not None and (
             status in ("completed", "stopped") or loop.checkpoint_on_error
         ):
