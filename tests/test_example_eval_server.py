@@ -3,29 +3,18 @@ background evals come back over loopback HTTP while the steps go on (asyncio and
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import pytest
+from servers import load_example
 
 import evsys_async as ev
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", ROOT / "examples" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 example = load_example("eval_server")
