@@ -75,8 +75,8 @@ class HttpEvaluator:
     """Metrics from an eval server: ``POST url`` at each due step, the JSON reply back.
 
     ``run_every`` is required (after step k when ``(k + 1) % run_every == 0``; 0
-    never). ``timeout`` bounds each request (connect, send, wait, read) in
-    seconds; ``retries`` is how many times a connection error or a 5xx is
+    never). ``timeout`` bounds each attempt, from connecting to the reply's last
+    byte, in seconds; ``retries`` is how many times a connection error or a 5xx is
     tried again, ``backoff`` seconds apart at first, doubling; ``payload(state,
     step_idx)`` (``def`` or ``async def``) adds to the JSON body; ``headers``
     go with every request (an ``Authorization`` token, say) and are never
@@ -255,12 +255,13 @@ class HttpEvaluator:
         reason = ""
         for attempt in range(1, attempts + 1):
             try:
-                response = await client.post(
-                    self.url, content=body, headers={"content-type": "application/json"}
-                )
+                with anyio.fail_after(self.timeout):  # the whole attempt, not each phase
+                    response = await client.post(
+                        self.url, content=body, headers={"content-type": "application/json"}
+                    )
             except hx.ConnectTimeout:
                 reason = f"could not connect within {self.timeout}s"
-            except hx.TimeoutException:
+            except (hx.TimeoutException, TimeoutError):
                 raise HttpEvalError(
                     f"{self._where}: no reply within {self.timeout}s (timeout); not retried"
                 ) from None

@@ -7,6 +7,7 @@ import base64
 import logging
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from servers import free_port, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import evsys_async as ev
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.anyio
 
 
 ROUTES = ("flat", "nested", "flaky", "down5xx", "slow", "garbage", "words", "teapot")
-ROUTES += ("listing", "echo")
+ROUTES += ("listing", "echo", "drip")
 
 
 def written(root: Path) -> list[str]:
@@ -75,6 +76,19 @@ class EvalServer:
         await self._record(request)
         await self.release.wait()
         return JSONResponse({"acc": 1.0})
+
+    async def drip(self, request: Request) -> Response:
+        """A reply that trickles in: each piece in time, the whole far too late."""
+        await self._record(request)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            yield b'{"acc": 1.0'
+            for _ in range(20):
+                await anyio.sleep(0.05)
+                yield b" "
+            yield b"}"
+
+        return StreamingResponse(pieces(), media_type="application/json")
 
     async def garbage(self, request: Request) -> Response:
         await self._record(request)
@@ -196,6 +210,22 @@ async def test_slow_server_past_the_timeout_is_an_eval_failed(tmp_path: Path) ->
         f"HttpEvalError: POST {url}/slow: no reply within 0.2s (timeout); not retried"
     )
     assert len(server.requests) == 2  # a timeout is not retried
+
+
+async def test_timeout_bounds_the_whole_attempt_not_each_read(tmp_path: Path) -> None:
+    server = EvalServer()
+    with anyio.fail_after(30):
+        async with serving(server.app()) as url:
+            drip = HttpEvaluator(f"{url}/drip", run_every=4, timeout=0.3)
+            artifacts, seen = await run_with(tmp_path, drip)
+    assert artifacts.status == "completed"
+    assert evals(seen) == [
+        (
+            "EvalFailed",
+            3,
+            f"HttpEvalError: POST {url}/drip: no reply within 0.3s (timeout); not retried",
+        )
+    ]
 
 
 async def test_500_then_200_is_retried_into_an_eval_ended(tmp_path: Path) -> None:
