@@ -53,10 +53,19 @@ class Service(service_mod.Service):  # type: ignore[name-defined,misc]
         self.streams = 0
         self.stream_opened = anyio.Event()
 
+        self.stream_closed = anyio.Event()
+
     async def open_stream(self, run: Any) -> Any:
         stream = await super().open_stream(run)
         self.streams += 1
         self.stream_opened.set()
+        close = stream.aclose
+
+        async def aclose() -> None:
+            await close()
+            self.stream_closed.set()
+
+        stream.aclose = aclose
         return stream
 
 
@@ -171,6 +180,35 @@ async def test_a_stalled_sse_client_leaves_training_going(
     # the client really was stalled: its subscriber fell behind and dropped the oldest
     assert stats["sse:big"].dropped > 0
     assert stats["history:big"].dropped == 0
+
+
+async def test_a_client_that_goes_away_ends_its_stream_and_subscription(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, _):
+            request = {
+                "run_key": "gone",
+                "step": "gated",
+                "num_steps": 200,
+                "params": {"hold_at": 3},
+            }
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()
+            host, port = str(client.base_url.host), client.base_url.port
+            async with await anyio.connect_tcp(host, port) as conn:
+                await conn.send(f"GET /runs/gone/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                received = b""
+                while b"id: 0\r\n" not in received:  # the first event came: hang up
+                    received += await conn.receive()
+            # the client has gone; the stream notices at once or at its next event
+            gate.release.set()
+            await service.stream_closed.wait()
+            await service.runs["gone"].done.wait()
+            stats = service.bus.stats()
+    assert service.runs["gone"].status == "completed"
+    assert stats["sse:gone"].pending == 0
+    assert stats["sse:gone"].delivered < stats["history:gone"].delivered
 
 
 async def test_delete_stops_the_run_after_its_current_step(
