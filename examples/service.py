@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import signal
 import socket
@@ -61,6 +62,8 @@ from starlette.types import Receive, Scope, Send
 import evsys_async as ev
 from evsys_async.events import Envelope, Event, TrainEnded
 from evsys_async.loop import StepFn
+
+_log = logging.getLogger("evsys_service")
 
 # -- what a request may pick ----------------------------------------------------------
 
@@ -144,6 +147,7 @@ class Service:
         steps: Mapping[str, StepFn] = STEPS,
         callbacks: Sequence[str] = CALLBACKS,
         history: int = 10_000,
+        keep_finished: int = 100,
         client_window: int = 1_000,
         stream_grace: float = 10.0,
         max_body: int = 64 * 1024,
@@ -152,6 +156,7 @@ class Service:
         self.steps = dict(steps)
         self.callbacks = tuple(callbacks)
         self.history = history  # events kept per run for clients that connect late
+        self.keep_finished = keep_finished  # ended runs kept (with their history)
         self.client_window = client_window  # events a slow client may fall behind
         self.stream_grace = stream_grace  # at shutdown, how long a stream may finish
         self.max_body = max_body
@@ -249,6 +254,9 @@ class Service:
             name=f"history:{req.run_key}",
         )
         run = Run(req.run_key, loop, history, recorder)
+        ended = [key for key, r in self.runs.items() if r.done.is_set()]
+        for key in ended[: max(0, len(ended) - self.keep_finished + 1)]:
+            del self.runs[key]  # the oldest ended runs go first: memory stays bounded
         self.runs[run.key] = run
         self.tg.start_soon(self._execute, run, name=f"run:{run.key}")
         return run
@@ -259,7 +267,7 @@ class Service:
                 try:
                     await run.loop.run()
                 except Exception as exc:  # a failed step: this run only, the others go on
-                    print(f"run {run.key} failed: {type(exc).__name__}: {exc}")
+                    _log.warning("run %s failed: %s: %s", run.key, type(exc).__name__, exc)
         finally:
             artifacts = run.loop.artifacts
             status = artifacts.status if artifacts is not None else "failed"
@@ -547,6 +555,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--output-dir", default="runs")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_app(Service(args.output_dir))
 
     async def run() -> None:

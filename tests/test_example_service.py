@@ -38,6 +38,8 @@ class Gate:
         self.release = anyio.Event()
 
     async def step(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        if step_idx == int(state.ctx.run_config.get("fail_at", -1)):
+            raise FloatingPointError("loss is nan")
         if step_idx == int(state.ctx.run_config.get("hold_at", -1)):
             self.holding.set()
             await self.release.wait()
@@ -209,6 +211,34 @@ async def test_a_client_that_goes_away_ends_its_stream_and_subscription(
     assert service.runs["gone"].status == "completed"
     assert stats["sse:gone"].pending == 0
     assert stats["sse:gone"].delivered < stats["history:gone"].delivered
+
+
+async def test_a_failing_run_fails_alone_and_ended_runs_are_let_go(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend, keep_finished=2) as (service, gate, client, _):
+            gate.release.set()
+            runs = [
+                {"run_key": "bad", "step": "gated", "num_steps": 20, "params": {"fail_at": 4}},
+                {"run_key": "good", "step": "gated", "num_steps": 20},
+            ]
+            for request in runs:
+                assert (await client.post("/runs", json=request)).status_code == 201
+            for key in ("bad", "good"):
+                await service.runs[key].done.wait()
+            statuses = {r["run_key"]: r["status"] for r in (await client.get("/runs")).json()}
+            assert statuses == {"bad": "failed", "good": "completed"}
+            events = await read_sse(client, "/runs/bad/events")
+            assert events[-1][2]["status"] == "failed" and "loss is nan" in events[-1][2]["error"]
+            # a third run lets the oldest ended one go (keep_finished=2)
+            third = {"run_key": "third", "step": "gated", "num_steps": 1}
+            assert (await client.post("/runs", json=third)).status_code == 201
+            assert (await client.get("/runs/bad")).status_code == 404
+            assert (await client.get("/runs/good")).status_code == 200
+            again = await client.post("/runs", json={**third, "run_key": "bad"})
+            assert again.status_code == 409  # its run dir stays: the key is still taken
+            await service.runs["third"].done.wait()
 
 
 async def test_delete_stops_the_run_after_its_current_step(
