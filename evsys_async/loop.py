@@ -37,7 +37,7 @@ from ._worker import DaemonWorker
 from .bus import EventBus, Subscription
 from .callbacks.base import Callback, CallbackAdapter
 from .errors import describe
-from .evaluators import Evaluator
+from .evaluators import Evaluator, close_evaluators, open_evaluators
 from .events import (
     CheckpointSaved,
     EvalEnded,
@@ -361,6 +361,9 @@ class _Run:
             async with anyio.create_task_group() as eval_tg:
                 self.eval_tg = eval_tg
                 with self._train_scope:
+                    await open_evaluators(
+                        self.loop.evaluators, state, timeout=self.loop.eval_timeout
+                    )
                     status, raised = await self._train()
                 if self.interrupted is not None:
                     status, raised = "cancelled", self.interrupted
@@ -652,6 +655,7 @@ class _Run:
                 await self.worker.wait_idle()  # a def step cannot be cancelled: await it
         if self.evals_in_flight and self.eval_tg is not None:
             self.eval_tg.cancel_scope.cancel()
+        await close_evaluators(loop.evaluators, timeout=left())  # after in-flight evals
         if loop.checkpoint is not None and (
             status in ("completed", "stopped") or loop.checkpoint_on_error
         ):

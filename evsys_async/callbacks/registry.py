@@ -15,7 +15,7 @@ read on the first lookup and each entry point is imported when its kind is
 first needed, so a broken plug-in fails only the configs that name it.
 
 :class:`KindRegistry` is the machinery, shared with the evaluator registry
-(``evaluators.py``). Its errors are :class:`PlacedConfigError`, a
+(``evaluators/base.py``). Its errors are :class:`PlacedConfigError`, a
 :class:`ConfigError` that also carries the place as a path
 (``("callbacks", 1, "params", "patiense")``) so that a config loader can map
 it to a file and line.

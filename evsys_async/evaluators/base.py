@@ -1,10 +1,16 @@
-"""Evaluators: the protocol the loop calls, and the registry of kinds configs name.
+"""Evaluators: the protocol the loop calls, their lifecycle, and the registry of kinds.
 
 An evaluator has ``name: str``, ``run_every: int`` (it fires after step k when
 ``(k + 1) % run_every == 0``; 0 never) and ``async def evaluate(state,
 step_idx) -> Mapping[str, float]``. The loop runs the due ones concurrently,
 each under ``eval_timeout``; a failure or timeout is a WARNING and an
 ``EvalFailed`` event, and training goes on.
+
+Lifecycle: an evaluator may also define ``async def setup(state)`` and
+``async def aclose()``. The loop calls :func:`open_evaluators` at run start,
+before the first step, and :func:`close_evaluators` in its shutdown, after
+the evals in flight have ended, under the shutdown deadline. Clients and
+connections (an HTTP client, a remote session) open and close there.
 
 Configs name evaluators by kind, like callbacks::
 
@@ -24,22 +30,31 @@ did you mean 'run_every'?``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import anyio
 import msgspec
 
-from .callbacks.registry import KindRegistry, PlacedConfigError
-from .state import LoopState
+from .._log import get_logger
+from ..callbacks.registry import KindRegistry, PlacedConfigError
+from ..errors import describe
+from ..state import LoopState
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "EVALUATORS",
     "Evaluator",
     "build_evaluators",
+    "close_evaluators",
     "get_evaluator",
     "list_evaluators",
+    "open_evaluators",
     "register_evaluator",
 ]
+
+_log = get_logger()
 
 ENTRY_POINT_GROUP = "evsys_async.evaluators"
 
@@ -48,7 +63,11 @@ E = TypeVar("E", bound=type)
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """What the loop needs of an evaluator."""
+    """What the loop needs of an evaluator.
+
+    Optional, found by name: ``async def setup(state)`` (run start) and
+    ``async def aclose()`` (the run's shutdown); see :func:`open_evaluators`.
+    """
 
     name: str
     run_every: int
@@ -129,3 +148,82 @@ def build_evaluators(
                 kind=getattr(ev, "kind", None),
             )
     return built
+
+
+# -- lifecycle -------------------------------------------------------------------------
+
+
+def _hook(ev: Any, name: str) -> Callable[..., Any] | None:
+    hook = getattr(ev, name, None)
+    return hook if callable(hook) else None
+
+
+async def open_evaluators(
+    evaluators: Iterable[Any], state: LoopState, *, timeout: float | None = None
+) -> None:
+    """Call ``await ev.setup(state)`` on each evaluator that has it, concurrently,
+    each under ``timeout`` seconds.
+
+    Never raises for an evaluator: a setup that raises or times out is logged
+    at WARNING and training goes on (that evaluator's evals then fail, each an
+    ``EvalFailed``, as its own errors say). A cancellation propagates.
+    """
+    opening = [(ev, hook) for ev in evaluators if (hook := _hook(ev, "setup")) is not None]
+    if not opening:
+        return
+
+    async def one(ev: Any, hook: Callable[..., Any]) -> None:
+        try:
+            with anyio.fail_after(timeout):
+                result = hook(state)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            _log.warning(
+                "evaluator setup failed; its evals will fail, training goes on",
+                evaluator=getattr(ev, "name", type(ev).__name__),
+                error=describe(exc, timeout=timeout),
+                exc_info=exc,
+            )
+
+    async with anyio.create_task_group() as tg:
+        for ev, hook in opening:
+            tg.start_soon(one, ev, hook)
+
+
+async def close_evaluators(evaluators: Iterable[Any], *, timeout: float | None = None) -> bool:
+    """Call ``await ev.aclose()`` on each evaluator that has it, concurrently, all
+    within ``timeout`` seconds; ``False`` if the deadline cut one short.
+
+    Never raises for an evaluator (failures are logged at WARNING). Each
+    ``aclose`` is called whether or not its ``setup`` succeeded, so it must
+    release what it holds and tolerate holding nothing.
+    """
+    closing = [(ev, hook) for ev in evaluators if (hook := _hook(ev, "aclose")) is not None]
+    if not closing:
+        return True
+
+    async def one(ev: Any, hook: Callable[[], Any]) -> None:
+        try:
+            result = hook()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            _log.warning(
+                "evaluator aclose failed",
+                evaluator=getattr(ev, "name", type(ev).__name__),
+                error=describe(exc),
+                exc_info=exc,
+            )
+
+    with anyio.move_on_after(timeout) as scope:
+        async with anyio.create_task_group() as tg:
+            for ev, hook in closing:
+                tg.start_soon(one, ev, hook)
+    if scope.cancelled_caught:
+        _log.warning(
+            "evaluators still closing at the shutdown deadline; cut short",
+            evaluators=[getattr(ev, "name", type(ev).__name__) for ev, _ in closing],
+        )
+        return False
+    return True
