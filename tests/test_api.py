@@ -74,3 +74,46 @@ def test_import_does_not_pull_optional_extras() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: the original system's callbacks module exported these names
+ORIGINAL_CALLBACKS_ALL = [
+    "Callback",
+    "CsvMetricsCallback",
+    "EarlyStoppingCallback",
+    "DebugLoggerCallback",
+    "EvsysLoggerCallback",
+    "LocalLoggerCallback",
+    "LogContext",
+    "LoopState",
+    "PrintProgressCallback",
+    "TensorBoardLoggerCallback",
+    "WandbLoggerCallback",
+    "build_callbacks",
+    "dispatch",
+]
+
+
+def test_every_original_callbacks_name_imports_from_both_roots() -> None:
+    """As a user's script does it: a fresh interpreter, plain ``from ... import``."""
+    names = ", ".join(ORIGINAL_CALLBACKS_ALL)
+    code = (
+        f"from evsys_async.callbacks import {names}\n"
+        f"from evsys_async import {names}\n"
+        "import evsys_async.callbacks as cbs, evsys_async as ev\n"
+        f"assert all(getattr(cbs, n) is getattr(ev, n) for n in {ORIGINAL_CALLBACKS_ALL!r})\n"
+        f"assert set({ORIGINAL_CALLBACKS_ALL!r}) <= set(cbs.__all__)\n"
+        "assert cbs.__all__ == sorted(cbs.__all__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_transports_is_an_attribute_without_importing_redis() -> None:
+    code = (
+        "import sys, evsys_async as ev\n"
+        "assert ev.transports.JsonlSink and ev.transports.RedisStreamSink\n"
+        "assert 'redis' not in sys.modules, 'import evsys_async imported redis'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
