@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TextIO
 import msgspec
 
 from ._signals import Interrupted, run_with_signals
+from ._version import __version__
 from .callbacks.base import Callback
 from .callbacks.registry import list_callbacks
 from .config import (
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 completed or stopped, 1 failed, 2 bad config or arguments, "
         "130 interrupted (SIGINT), 143 terminated (SIGTERM).",
     )
+    parser.add_argument("--version", action="version", version=f"evsys-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",

@@ -226,3 +226,14 @@ def test_signal_stops_cleanly_with_complete_files(
     assert "status: cancelled" in out
     assert "Traceback" not in err
     assert_complete_files(tmp_path / "runs" / "slow", "cancelled")
+
+
+def test_version_is_the_installed_distribution_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    proc = cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"evsys-async {version('evsys-async')}"
+    import evsys_async
+
+    assert evsys_async.__version__ == version("evsys-async")
