@@ -16,7 +16,7 @@ PKG = ROOT / "evsys_async"
 # STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
 ORDER = [
-    "errors", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
+    "errors", "_version", "_json", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
     "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
     "replay", "testing", "cli", "__main__",
 ]  # fmt: skip

@@ -237,3 +237,33 @@ def test_version_is_the_installed_distribution_version(tmp_path: Path) -> None:
     import evsys_async
 
     assert evsys_async.__version__ == version("evsys-async")
+
+
+NON_FINITE = """\
+import math
+
+def step(state, step_idx):
+    return {"loss": [math.nan, math.inf, -math.inf, 0.5][step_idx % 4]}
+"""
+
+
+def test_nan_and_inf_are_kept_the_same_way_in_every_file(tmp_path: Path) -> None:
+    (tmp_path / "nf.py").write_text(NON_FINITE)
+    (tmp_path / "run.yaml").write_text(
+        "name: nf\nnum_steps: 8\nstep: nf:step\n"
+        "callbacks:\n  - {kind: csv_metrics, params: {out_path: metrics.csv}}\n"
+        "  - {kind: local_logger, params: {print_every: 0}}\n"
+    )
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "nf"
+    expected = ["nan", "inf", "-inf", 0.5] * 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["metrics"]["loss"] for r in rows] == expected
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [r["loss"] for r in csv.DictReader(f)] == [str(v) for v in expected]
+    events = [
+        json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()
+    ]
+    assert [e["metrics"]["loss"] for e in events if e["type"] == "StepEnded"] == expected
+    assert all(isinstance(float(v), float) for v in expected)  # float() reads each back

@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import msgspec
 
+from .._json import encode_json
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
 from ._format import fmt_value as _fmt_value
@@ -49,7 +50,7 @@ class _Row(msgspec.Struct, omit_defaults=True):
     eval_name: str | None = None
 
 
-_encode_row = msgspec.json.Encoder().encode
+_encode_row = encode_json  # NaN and +-inf as "nan"/"inf"/"-inf", as in events.jsonl
 
 
 @register_callback("local_logger")

@@ -204,6 +204,7 @@ def test_builtins_import_no_bus_loop_or_sibling() -> None:
         "store",
         "policies",
         "_format",
+        "_json",
     }
     pkg = Path(ev.__file__).parent / "callbacks"
     for name in (
