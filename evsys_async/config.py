@@ -45,6 +45,7 @@ import yaml
 from .callbacks.registry import (
     CallbackSpec,
     PlacedConfigError,
+    PlacedMissingExtraError,
     build_callbacks,
     explain_validation,
 )
@@ -230,6 +231,8 @@ def _prefixed(prefix: Path_, fn: Callable[[], Any]) -> Any:
         return fn()
     except PlacedConfigError as exc:
         raise PlacedConfigError((*prefix, *exc.path), exc.detail, kind=exc.kind) from exc
+    except PlacedMissingExtraError as exc:
+        raise PlacedMissingExtraError((*prefix, *exc.place), exc.detail, kind=exc.kind) from None
 
 
 def _check_run(config: RunConfig, prefix: Path_) -> None:
@@ -487,6 +490,8 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
             check_config(config)
     except PlacedConfigError as exc:
         raise source.error(exc) from None
+    except PlacedMissingExtraError as exc:  # a kind whose extra is not installed here
+        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
     return config
 
 

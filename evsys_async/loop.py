@@ -31,6 +31,7 @@ import anyio
 import anyio.lowlevel
 
 from ._log import get_logger
+from ._traceback import user_traceback
 from ._worker import DaemonWorker
 from .bus import EventBus, Subscription, is_async_callable, shielded
 from .callbacks.base import Callback, CallbackAdapter
@@ -323,6 +324,7 @@ class _Run:
             return await self._steps(), None
         except _StepFailed as exc:
             artifacts.error = describe(exc.original)
+            artifacts.traceback = user_traceback(exc.original)
             return "failed", exc.original
         finally:
             artifacts.train_seconds = time.perf_counter() - t_start
@@ -616,6 +618,9 @@ class _Run:
                 pending=report.pending.get(sub.name, 0) if not ok else 0,
                 stuck=sub.stuck or not ok,
                 control_timeouts=adapter.control_timeouts,
+                coalesced=st.coalesced,
+                # a callback that switched itself off says why (docs/callbacks.md)
+                disabled=getattr(adapter.callback, "disabled_reason", None),
             )
         short = {n: h.pending for n, h in health.items() if h.pending or h.stuck}
         if short:
@@ -627,6 +632,8 @@ class _Run:
         state._publish = None
         if state.rank == 0 and artifacts.manifest_path is not None:
             _write_json_atomic(artifacts.manifest_path, _manifest(artifacts, self.run_key))
+            if artifacts.traceback:  # the failed step's traceback stays with the run
+                _write_text(state.run_dir / "error.txt", artifacts.traceback)
 
 
 def replace_run_key(event: Event, run_key: str) -> Event:
@@ -675,6 +682,11 @@ def _manifest(artifacts: LoopArtifacts, run_key: str) -> dict[str, Any]:
         "checkpoints": artifacts.checkpoints,
         "callback_report": msgspec.to_builtins(artifacts.callback_report),
     }
+
+
+def _write_text(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(text, encoding="utf-8")
 
 
 def _append_line(path: Path, line: str) -> None:

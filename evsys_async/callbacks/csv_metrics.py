@@ -1,9 +1,11 @@
 """``csv_metrics``: one CSV row per step, valid for ``csv``/pandas at any moment.
 
 Layout: the first column is ``step`` (0-based); then every train metric key,
-in order of first appearance; eval metrics go in ``val/<eval_name>/<key>``
-columns of their own row (same ``step``, train cells empty), so a train row
-is never rewritten and ``df[df["val/val/acc"].notna()]`` selects the evals.
+in order of first appearance; eval metrics go in columns named as everywhere
+else (``val/<key>`` for the eval named ``val``, ``val/<eval_name>/<key>`` for
+any other) in a row of their own (same ``step``, train cells empty), so a
+train row is never rewritten and ``df[df["val/acc"].notna()]`` selects the
+evals.
 Values are written at full precision (``repr`` of the float); a missing
 value is an empty cell.
 
@@ -28,6 +30,7 @@ from typing import IO, Any
 import msgspec
 
 from ..state import LoopState
+from ._format import eval_metric_name
 from .base import Callback
 from .registry import register_callback
 
@@ -91,7 +94,7 @@ class CsvMetricsCallback(Callback):
         if self._file is not None:
             row: dict[str, Any] = {"step": step_idx}
             for key, value in metrics.items():
-                row[f"val/{eval_name}/{key}"] = value
+                row[eval_metric_name(eval_name, key)] = value
             self._rows.append(row)
 
     def flush(self) -> None:

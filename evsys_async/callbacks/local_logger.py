@@ -33,6 +33,7 @@ import msgspec
 from .._json import encode_json
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
+from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
@@ -108,23 +109,24 @@ class LocalLoggerCallback(Callback):
         if type(event) is StepEnded:
             self._step(state, event)
         elif type(event) is EvalEnded:
-            self._eval(event)
+            self._eval(state, event)
 
     def _step(self, state: LoopState, event: StepEnded) -> None:
         step_idx, metrics = event.step, event.metrics
         self._last_train = (step_idx, metrics)
         self._metrics.append(_encode_row(_Row("train", step_idx, event.ts, metrics)))
         every = self.print_every
-        if every and ((step_idx + 1) % every == 0 or step_idx + 1 == state.num_steps):
+        if every and (due(step_idx, every) or step_idx + 1 == state.num_steps):
             self._printed.append(f"[{step_idx + 1}/{state.num_steps}] {self._cells(metrics)}")
 
-    def _eval(self, event: EvalEnded) -> None:
+    def _eval(self, state: LoopState, event: EvalEnded) -> None:
         self._last_evals[event.eval_name] = (event.step, event.metrics)
         row = _Row("val", event.step, event.ts, event.metrics, eval_name=event.eval_name)
         self._metrics.append(_encode_row(row))
         if self.print_every:
             cells = self._cells(event.metrics, False)
-            self._printed.append(f"  [eval {event.eval_name} @ {event.step}] {cells}")
+            where = f"[{event.step + 1}/{state.num_steps}]"
+            self._printed.append(f"{where} eval {event.eval_name}: {cells}")
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
@@ -190,15 +192,18 @@ class LocalLoggerCallback(Callback):
         if artifacts.checkpoints:
             names = ", ".join(str(c.get("name")) for c in artifacts.checkpoints)
             lines.append(f"- checkpoints: {names}")
-        table: list[tuple[str, int, str, float]] = []
+        # the last value of each metric, named as in metrics.csv; steps count from 1
+        table: list[tuple[str, int, float]] = []
         if self._last_train is not None:
             step, metrics = self._last_train
-            table += [("train", step, k, v) for k, v in metrics.items()]
+            table += [(k, step, v) for k, v in metrics.items()]
         for eval_name, (step, metrics) in sorted(self._last_evals.items()):
-            table += [(f"val/{eval_name}", step, k, v) for k, v in metrics.items()]
+            table += [(eval_metric_name(eval_name, k), step, v) for k, v in metrics.items()]
         if table:
-            lines += ["", "| split | step | metric | value |", "|---|---|---|---|"]
-            lines += [f"| {s} | {st} | {k} | {_fmt_value(v)} |" for s, st, k, v in table]
+            lines += ["", "| metric | step | last value |", "|---|---|---|"]
+            lines += [f"| {k} | {human_step(st)} | {_fmt_value(v)} |" for k, st, v in table]
+        if artifacts.traceback:  # the failed step's, the user's frames only
+            lines += ["", "## Traceback", "", "```text", artifacts.traceback.rstrip(), "```"]
         return "\n".join(lines) + "\n"
 
 

@@ -3,10 +3,11 @@
 One W&B run per training run: ``wandb.init`` in ``setup``, ``run.log`` in the
 hooks, ``run.finish`` in ``teardown`` — all in the callback's own thread
 (``def`` hooks), so a slow network never stalls training. Train metrics are
-logged every ``log_every`` steps (``(step+1) % log_every == 0``, as in the
-seed) at ``step=step_idx``; eval metrics as ``val/<eval_name>/<key>`` at the
-eval's step; benchmark evals (through ``dispatch``) as ``eval/<name>/<key>``
-plus a ``wandb.Table`` of at most ``max_pred_rows`` predictions.
+logged after step ``i`` when ``(i + 1) % log_every == 0`` (the rule of every
+cadence) at ``step=step_idx``; eval metrics as ``val/<key>`` (eval ``val``) or
+``val/<eval_name>/<key>`` at the eval's step; benchmark evals (through
+``dispatch``) as ``eval/<name>/<key>`` plus a ``wandb.Table`` of at most
+``max_pred_rows`` predictions.
 
 The run's URL goes to ``state.ctx.extras["wandb_url"]`` (``None`` offline)
 for the callbacks after it. A failing ``wandb.init`` disables the callback
@@ -29,6 +30,7 @@ import msgspec
 from .._log import get_logger
 from ..errors import describe, import_extra
 from ..state import LoopState
+from ._format import due, eval_metric_name
 from .base import Callback
 from .registry import register_callback
 
@@ -136,7 +138,7 @@ class WandbLoggerCallback(Callback):
         self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
     ) -> None:
         run = self.run
-        if run is not None and (step_idx + 1) % self.log_every == 0 and metrics:
+        if run is not None and due(step_idx, self.log_every) and metrics:
             run.log(dict(metrics), step=step_idx)
 
     def on_eval(
@@ -144,7 +146,7 @@ class WandbLoggerCallback(Callback):
     ) -> None:
         run = self.run
         if run is not None and metrics:
-            run.log({f"val/{eval_name}/{k}": v for k, v in metrics.items()}, step=step_idx)
+            run.log({eval_metric_name(eval_name, k): v for k, v in metrics.items()}, step=step_idx)
 
     def on_benchmark_eval(
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
