@@ -472,3 +472,60 @@ def test_steps_count_from_1_and_eval_names_match_the_files(tmp_path: Path) -> No
     assert (
         f"| val/pass_rate | {step if step == 40 else 40} |" in (run_dir / "summary.md").read_text()
     )
+
+
+# -- bad files: one placed line, exit 2, no hang ------------------------------------------------
+
+BOMB = "name: bomb\nnum_steps: 10\na: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"\x7fELF\x02\x01\x01\xff\xfe\x00\x00binary",
+            "bad.yaml:1: byte 0xff at column 8 is not UTF-8 text",
+        ),
+        (b"name: x\nnum_steps: 3\x00\n", "bad.yaml:2: a NUL byte at column 13"),
+        (BOMB.encode(), "bad.yaml:8: f: its aliases expand to more than 100,000 values"),
+        (
+            b"name: x\nnum_steps: 3\nparams: &p {a: [*p]}\n",
+            "bad.yaml:3: params.a[0]: an alias refers to",
+        ),
+        (
+            b"name: x\nnum_steps: 3\ndrain_timeout: 1e-308x\n",
+            "bad.yaml:3: drain_timeout: expected float",
+        ),
+    ],
+    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number"],
+)
+def test_a_bad_file_is_one_placed_line_and_exit_2(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    (tmp_path / "bad.yaml").write_bytes(content)
+    for command in ("validate", "run"):
+        proc = cli(command, "bad.yaml", cwd=tmp_path, timeout=30)  # the bomb took minutes
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"evsys-async: bad config: {expected}"), proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_yaml_floats_with_an_exponent_and_anchors_read_as_written(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        "name: x\nnum_steps: 3\ndrain_timeout: 1e308\ncontrol_timeout: 2.5E+1\n"
+        "params: &shared {lr: 1e-3, batch_size: 8}\n"
+    )
+    from evsys_async.config import load_config
+
+    config = load_config(tmp_path / "ok.yaml")
+    assert config.drain_timeout == 1e308 and config.control_timeout == 25.0  # type: ignore[union-attr]
+    assert config.params == {"lr": 0.001, "batch_size": 8}  # type: ignore[union-attr]
+    (tmp_path / "exp.yaml").write_text(
+        "name: sweep\nrun: {num_steps: 3, params: &base {lr: 0.1, n_train: 100}}\n"
+        "arms:\n  a: {params: *base}\n  b: {params: {<<: *base, lr: 0.2}}\n"
+    )
+    proc = cli("validate", "exp.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "arms a, b" in proc.stdout
