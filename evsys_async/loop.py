@@ -31,6 +31,7 @@ import anyio
 import anyio.lowlevel
 
 from ._log import get_logger
+from ._resume import check_state_keys, load_callback_states, state_key
 from ._traceback import user_traceback
 from ._worker import DaemonWorker
 from .bus import EventBus, Subscription, is_async_callable, shielded
@@ -206,6 +207,7 @@ class TrainingLoop:
         run_dir = state.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         adapters = [CallbackAdapter(cb, state) for cb in self.callbacks]  # checks hooks
+        check_state_keys(self.callbacks)
         artifacts = LoopArtifacts(
             run_dir=run_dir,
             manifest_path=run_dir / "manifest.json",
@@ -250,6 +252,7 @@ class _Run:
         self.bus = bus
         self.start_step = start_step
         self.run_key = loop.run_key
+        state.eval_names = tuple(str(ev.name) for ev in loop.evaluators)
         self.owns_bus = False
         self.subs: list[Subscription] = []
         self.worker: DaemonWorker | None = None
@@ -527,8 +530,9 @@ class _Run:
         for adapter, sub in stateful:
             with anyio.move_on_after(self.loop.control_timeout) as scope:
                 await sub.wait(last)
-                try:  # in the callback's own thread, between its batches (rule 25)
-                    states[adapter.name] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
+                try:  # in the callback's own thread, between its batches
+                    key = state_key(adapter.callback)  # stable across reorders (docs/guide.md)
+                    states[key] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
                 except Exception as exc:
                     _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
             if scope.cancelled_caught:
@@ -540,15 +544,9 @@ class _Run:
         _write_json_atomic(self.state.run_dir / "callbacks_state.json", states)
 
     def _load_callback_states(self) -> None:
-        path = self.state.run_dir / "callbacks_state.json"
-        if self.start_step == 0 or not path.exists():
-            return
-        states = json.loads(path.read_text(encoding="utf-8"))
-        for adapter in self.adapters:
-            saved = states.get(adapter.name)
-            loader = getattr(adapter.callback, "load_state_dict", None)
-            if saved is not None and callable(loader):
-                loader(saved)
+        if self.start_step > 0:
+            path = self.state.run_dir / "callbacks_state.json"
+            load_callback_states(path, [a.callback for a in self.adapters])
 
     # -- shutdown ----------------------------------------------------------------
 

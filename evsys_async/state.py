@@ -121,6 +121,8 @@ class LoopState:
     artifacts: LoopArtifacts | None = None
     model: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the names of the run's evaluators (empty outside a loop, e.g. in replay)
+    eval_names: tuple[str, ...] = ()
     _publish: Callable[[Event], Any] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checkpoint_requests: list[str] = field(default_factory=list, repr=False)

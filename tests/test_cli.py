@@ -529,3 +529,88 @@ def test_yaml_floats_with_an_exponent_and_anchors_read_as_written(tmp_path: Path
     proc = cli("validate", "exp.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "arms a, b" in proc.stdout
+
+
+# -- W&B from the command line ------------------------------------------------------------------
+
+
+def wandb_env(tmp_path: Path, mode: str) -> dict[str, str]:
+    home = tmp_path / "wandb-home"
+    home.mkdir(exist_ok=True)
+    out = {k: v for k, v in env().items() if not k.startswith("WANDB_")}
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        out[var] = str(home)
+    out.update(HOME=str(home), WANDB_MODE=mode, WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
+    return out
+
+
+WANDB_RUN = """\
+name: wb
+num_steps: 4
+step: demo
+evaluators: [{kind: demo_accuracy, params: {run_every: 2}}]
+callbacks: [{kind: wandb_logger}]
+"""
+
+
+def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "run.yaml").write_text(WANDB_RUN)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=wandb_env(tmp_path, "offline"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    assert line.split()[1] == "ok", line  # WANDB_MODE=offline: no API key needed
+    assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    # a logger that switched itself off says so, in the summary and in the manifest
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=wandb_env(tmp_path, "no-such-mode"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    assert "off: wandb init failed: " in line and " ok " not in line, line
+    run_dir = tmp_path / "runs" / "wb-1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["callback_report"]["WandbLoggerCallback"]["disabled"].startswith(
+        "wandb init failed"
+    )
+
+
+# -- early stopping on a metric that never appears ----------------------------------------------
+
+TYPO_METRIC = """\
+name: typo
+num_steps: 40
+step: demo
+evaluators: [{kind: demo_accuracy, params: {run_every: 10}}]
+callbacks:
+  - kind: early_stopping
+    params: {metric: accuracy, eval_name: val%s}
+"""
+
+
+def test_early_stopping_on_a_metric_that_never_appears(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(TYPO_METRIC % "")
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # a warning by default
+    [warning] = [x for x in proc.stderr.splitlines() if "early_stopping" in x]
+    assert warning.startswith("WARNING evsys_async: early_stopping: metric 'accuracy' is not among")
+    assert "at step 10 (metrics seen: loss, pass_rate)" in warning
+    assert "status: completed" in proc.stdout
+    (tmp_path / "run.yaml").write_text(TYPO_METRIC % ", strict: true")
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 1  # strict: the run fails
+    assert "status: failed — 20 of 40 steps" in proc.stdout
+    assert "stop reason: early_stopping: metric 'accuracy' never appeared in 2 evals" in proc.stdout

@@ -9,9 +9,14 @@ cadence) at ``step=step_idx``; eval metrics as ``val/<key>`` (eval ``val``) or
 ``dispatch``) as ``eval/<name>/<key>`` plus a ``wandb.Table`` of at most
 ``max_pred_rows`` predictions.
 
+W&B's own environment variables keep their meaning: without ``mode`` the
+mode comes from ``WANDB_MODE`` (``offline``, ``disabled``; W&B's default is
+online), without ``project`` the project from ``WANDB_PROJECT`` (else the
+experiment's name, else ``evsys-async``), the entity from ``WANDB_ENTITY``.
 The run's URL goes to ``state.ctx.extras["wandb_url"]`` (``None`` offline)
 for the callbacks after it. A failing ``wandb.init`` disables the callback
-for that run with one WARNING: training goes on. ``finish`` runs in a daemon
+for that run with one WARNING and sets ``disabled_reason``, so the run's
+callback report and the CLI's summary say it was off: training goes on. ``finish`` runs in a daemon
 thread joined for at most ``finish_timeout`` seconds, so a hung upload cannot
 hold the run's shutdown (the thread is abandoned, with a WARNING).
 
@@ -21,6 +26,7 @@ Rank 0 only.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -47,7 +53,7 @@ class WandbLoggerCallback(Callback):
         project: str | None = None
         entity: str | None = None
         name: str | None = None
-        mode: Literal["online", "offline", "disabled", "shared"] = "online"
+        mode: Literal["online", "offline", "disabled", "shared"] | None = None
         log_every: int = 1
         max_pred_rows: int = 100
         finish_timeout: float = 60.0
@@ -57,7 +63,7 @@ class WandbLoggerCallback(Callback):
         project: str | None = None,
         entity: str | None = None,
         name: str | None = None,
-        mode: Literal["online", "offline", "disabled", "shared"] = "online",
+        mode: Literal["online", "offline", "disabled", "shared"] | None = None,
         log_every: int = 1,
         max_pred_rows: int = 100,
         finish_timeout: float = 60.0,
@@ -75,30 +81,40 @@ class WandbLoggerCallback(Callback):
         self.max_pred_rows = max(0, max_pred_rows)
         self.finish_timeout = finish_timeout
         self.run: Any = None
+        #: why the callback is off for the current run (``None``: it is on)
+        self.disabled_reason: str | None = None
 
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
         self.run = None
+        self.disabled_reason = None
         if state.rank != 0:
             return
         ctx = state.ctx
         config = dict(ctx.run_config) if ctx.run_config else dict(ctx.config or {})
+        options: dict[str, Any] = {}
+        if self.mode is not None:  # else W&B reads WANDB_MODE
+            options["mode"] = self.mode
+        if self.project is not None or not os.environ.get("WANDB_PROJECT"):
+            options["project"] = self.project or str(
+                ctx.config.get("experiment") or "evsys-async"
+            )
         try:
             run_dir = state.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run = self._wandb.init(
-                project=self.project or str(ctx.config.get("experiment") or "evsys-async"),
                 entity=self.entity,
                 name=self.run_name or ctx.run_key or None,
                 group=ctx.group_name,
-                mode=self.mode,
                 dir=str(run_dir),
                 config=config,
                 reinit="create_new",
+                **options,
             )
         except Exception as exc:
             self.run = None
+            self.disabled_reason = f"wandb init failed: {describe(exc)}"
             _log.warning(
                 "wandb init failed; wandb_logger is off for this run",
                 callback=type(self).__name__,
