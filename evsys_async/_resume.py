@@ -31,7 +31,7 @@ def _stateful(callback: object) -> bool:
 def state_key(callback: object) -> str:
     """The key of ``callback``'s saved state: its ``state_key``, else its class name."""
     key = getattr(callback, "state_key", None)
-    return key if isinstance(key, str) and key else type(callback).__qualname__
+    return key if isinstance(key, str) and key else type(callback).__name__
 
 
 def check_state_keys(callbacks: Sequence[object]) -> None:
