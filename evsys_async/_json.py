@@ -9,12 +9,14 @@ and what ``metrics.csv`` holds.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
-__all__ = ["encode_json", "non_finite_as_strings"]
+__all__ = ["encode_json", "non_finite_as_strings", "trim_jsonl"]
 
 _encoder = msgspec.json.Encoder(enc_hook=str)
 
@@ -46,3 +48,25 @@ def non_finite_as_strings(value: Any) -> Any:
 
     out = walk(value)
     return out if changed else None
+
+
+def trim_jsonl(path: Path, start_step: int) -> None:
+    """Drop the lines of ``path`` whose ``"step"`` is ``start_step`` or later.
+
+    A resumed run writes those steps again; without this they would appear twice.
+    Lines without a step are kept. Rewritten atomically; a missing file is fine.
+    """
+    if not path.exists():
+        return
+    kept: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                step = None
+            if not isinstance(step, int) or step < start_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._log import get_logger
 
-__all__ = ["check_state_keys", "load_callback_states", "state_key", "trim_jsonl"]
+__all__ = ["check_state_keys", "load_callback_states", "state_key"]
 
 _log = get_logger()
 
@@ -76,25 +76,3 @@ def load_callback_states(path: Path, callbacks: Sequence[object]) -> None:
             keys=", ".join(unclaimed),
             path=str(path),
         )
-
-
-def trim_jsonl(path: Path, start_step: int) -> None:
-    """Drop the lines of ``path`` whose ``"step"`` is ``start_step`` or later.
-
-    A resumed run writes those steps again; without this they would appear twice.
-    Lines without a step are kept. Rewritten atomically; a missing file is fine.
-    """
-    if not path.exists():
-        return
-    kept: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                step = json.loads(line).get("step")
-            except (ValueError, AttributeError):
-                step = None
-            if not isinstance(step, int) or step < start_step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)

@@ -166,6 +166,8 @@ def _load(path: Path | None, args: argparse.Namespace) -> RunConfig | Experiment
     changes: dict[str, Any] = {}
     if getattr(args, "output_dir", None) is not None:
         changes["output_dir"] = str(args.output_dir)
+    if getattr(args, "overwrite", False):
+        changes["overwrite"] = True
     if getattr(args, "num_steps", None) is not None:
         if args.num_steps < 1:
             raise ConfigError(f"--num-steps must be >= 1, got {args.num_steps}")
@@ -238,7 +240,7 @@ def _run_experiment(config: ExperimentConfig, backend: str, out: TextIO, err: Te
     for name, arm in result.arms.items():
         statuses = ", ".join(r.status for r in arm.runs)
         failed |= any(r.status == "failed" for r in arm.runs)
-        means = " ".join(f"{k}={v:.4f}" for k, v in arm.mean.items())
+        means = " ".join(f"{k}={fmt_value(v)}" for k, v in arm.mean.items())
         print(f"  {name}: [{statuses}] {means}", file=out)
     if result.success_metric:
         print(f"best arm by {result.success_metric}: {result.best_arm}", file=out)
@@ -259,7 +261,8 @@ def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
             f"ok: {args.config}: run {config.name!r}, {config.num_steps} steps of "
             f"{config.step!r}, {len(config.evaluators)} evaluator(s), "
             f"{len(config.callbacks)} callback(s); files go to "
-            f"{Path(config.output_dir) / config.name}",
+            f"{Path(config.output_dir) / config.name}/ (or {config.name}-1, ... if it holds "
+            "an earlier run's files)",
             file=out,
         )
     return EXIT_OK

@@ -88,7 +88,8 @@ class EvaluatorSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One run. Files go to ``<output_dir>/<name>/``.
+    """One run. Files go to ``<output_dir>/<name>/`` (``<name>-1``, ... when that
+    holds an earlier run's files, unless ``overwrite``).
 
     ``step`` is ``"demo"`` (the built-in demo) or ``"package.module:function"``,
     called as ``step(state, step_idx)``; ``params`` plus ``seed`` reach it as
@@ -113,6 +114,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     control_timeout: Seconds = 10.0
     drain_timeout: Seconds = 60.0
     callback_errors: Literal["log", "raise"] = "log"
+    overwrite: bool = False
 
 
 #: RunConfig fields an arm may override (the rest are shared by every arm).
@@ -306,6 +308,7 @@ def build_loop(config: RunConfig) -> TrainingLoop:
         evaluators=build_evaluators(config.evaluators),
         callbacks=build_callbacks(config.callbacks),
         ctx=_context(config),
+        overwrite=config.overwrite,
         **_loop_options(config),
     )
 
@@ -356,6 +359,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
             output_dir=Path(run.output_dir) / config.name, config=msgspec.to_builtins(config)
         ),
         loop_options=options,
+        overwrite=run.overwrite,
     )
 
 

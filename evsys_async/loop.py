@@ -30,8 +30,10 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.lowlevel
 
+from ._json import trim_jsonl
 from ._log import get_logger
 from ._resume import check_state_keys, load_callback_states, state_key
+from ._rundir import claim_run_dir
 from ._traceback import user_traceback
 from ._worker import DaemonWorker
 from .bus import EventBus, Subscription, is_async_callable, shielded
@@ -75,11 +77,21 @@ class TrainingLoop:
     :class:`StepOutput`. Pass ``bus=`` to publish on a bus you own (the loop
     then ends only its own subscriptions); otherwise the loop owns one per run.
 
+    Files go to ``<output_dir>/<run_key>/`` (``output_dir`` defaults to
+    ``runs``; ``run_key`` to ``config["name"]``, else ``run``). Every run is
+    a new run: when that directory holds another run's files the run takes
+    ``<run_key>-1``, ``-2``, ... (``loop.run_key`` and ``TrainStarted`` say
+    which) unless ``overwrite=True`` (start it afresh) or it resumes
+    (``start_step > 0``). ``config`` is the run's hyperparameters, a mapping
+    hooks and steps read as ``state.ctx.run_config``.
+
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
     are served at once.
 
-    Raises ``ValueError`` for bad arguments, naming the allowed range.
+    Raises ``ValueError`` for bad arguments, naming the allowed range, and for
+    arguments that contradict ``ctx`` (its ``output_dir``, ``run_key`` or
+    ``run_config``).
     """
 
     def __init__(
@@ -87,8 +99,10 @@ class TrainingLoop:
         step: StepFn,
         *,
         num_steps: int,
-        output_dir: str | os.PathLike[str] = "runs",
+        output_dir: str | os.PathLike[str] | None = None,
         run_key: str = "",
+        config: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
         evaluators: Sequence[Evaluator] | None = None,
         callbacks: Sequence[Callback] | None = None,
         bus: EventBus | None = None,
@@ -137,10 +151,14 @@ class TrainingLoop:
                     f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
                     "`async def evaluate(state, step_idx)`"
                 )
+        ctx, out_dir, key = _context(ctx, output_dir, run_key, config)
         self.step = step
         self.num_steps = num_steps
-        self.output_dir = Path(output_dir)
-        self.run_key = run_key
+        self.output_dir = out_dir
+        #: the run key: as asked until ``run()`` claims the run dir, then the claimed one
+        self.run_key = key
+        self._asked_key = key
+        self.overwrite = overwrite
         self.evaluators = list(evaluators or ())
         self.callbacks = list(callbacks or ())
         self.bus = bus
@@ -160,9 +178,7 @@ class TrainingLoop:
         self.batch_delay = batch_delay
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
-        self.ctx = ctx if ctx is not None else LogContext(output_dir=self.output_dir)
-        if run_key:
-            self.ctx.run_key = run_key
+        self.ctx = ctx
         self.rank = rank
         self.world_size = world_size
         #: the artifacts of the latest run (also when ``run()`` raised)
@@ -204,8 +220,7 @@ class TrainingLoop:
             world_size=self.world_size,
         )
         self.state = state
-        run_dir = state.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self._claim_run_dir(start_step)
         adapters = [CallbackAdapter(cb, state) for cb in self.callbacks]  # checks hooks
         check_state_keys(self.callbacks)
         artifacts = LoopArtifacts(
@@ -221,6 +236,59 @@ class TrainingLoop:
             run = _Run(self, state, artifacts, adapters, bus, start_step)
             run.owns_bus = True
             return await run.execute()
+
+    def _claim_run_dir(self, start_step: int) -> Path:
+        """Claim the run dir (every run is a new run); the claimed key is the run key."""
+        key, run_dir = claim_run_dir(
+            self.output_dir,
+            self._asked_key,
+            overwrite=self.overwrite,
+            resume=start_step > 0,
+            fixed=self.world_size > 1,
+            owner=self.rank == 0,
+        )
+        self.run_key = self.ctx.run_key = key
+        if start_step > 0 and self.rank == 0:  # those steps are written again
+            trim_jsonl(run_dir / "checkpoints.jsonl", start_step)
+        return run_dir
+
+
+def _context(
+    ctx: LogContext | None,
+    output_dir: str | os.PathLike[str] | None,
+    run_key: str,
+    config: Mapping[str, Any] | None,
+) -> tuple[LogContext, Path, str]:
+    """The run's context, output dir and asked-for key; refuses contradictions."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(
+            f"TrainingLoop: config must be a mapping of hyperparameters, got {config!r}"
+        )
+    if ctx is None:
+        ctx = LogContext(output_dir=Path(output_dir if output_dir is not None else "runs"))
+    else:
+        if output_dir is not None and Path(output_dir) != Path(ctx.output_dir):
+            raise ValueError(
+                f"TrainingLoop: output_dir={str(output_dir)!r} contradicts "
+                f"ctx.output_dir={str(ctx.output_dir)!r}; give it once (without output_dir "
+                "the loop uses the ctx's)"
+            )
+        if run_key and ctx.run_key and run_key != ctx.run_key:
+            raise ValueError(
+                f"TrainingLoop: run_key={run_key!r} contradicts ctx.run_key={ctx.run_key!r}; "
+                "give it once"
+            )
+        if config is not None and ctx.run_config and dict(config) != dict(ctx.run_config):
+            raise ValueError(
+                "TrainingLoop: config= and ctx.run_config hold different hyperparameters; "
+                "give them once (config= is enough for a single run)"
+            )
+    if config is not None:
+        ctx.run_config = dict(config)
+    name = config.get("name") if config is not None else None
+    key = run_key or ctx.run_key or (name if isinstance(name, str) and name else "") or "run"
+    ctx.run_key = key
+    return ctx, Path(ctx.output_dir if output_dir is None else output_dir), key
 
 
 def _check_steps(num_steps: int, start_step: int) -> None:
@@ -253,6 +321,7 @@ class _Run:
         self.start_step = start_step
         self.run_key = loop.run_key
         state.eval_names = tuple(str(ev.name) for ev in loop.evaluators)
+        state.start_step = start_step
         self.owns_bus = False
         self.subs: list[Subscription] = []
         self.worker: DaemonWorker | None = None

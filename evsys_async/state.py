@@ -123,6 +123,8 @@ class LoopState:
     extras: dict[str, Any] = field(default_factory=dict)
     #: the names of the run's evaluators (empty outside a loop, e.g. in replay)
     eval_names: tuple[str, ...] = ()
+    #: the step this run began at: > 0 for a resume (writers drop their rows from it on)
+    start_step: int = 0
     _publish: Callable[[Event], Any] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checkpoint_requests: list[str] = field(default_factory=list, repr=False)

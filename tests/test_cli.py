@@ -614,3 +614,36 @@ def test_early_stopping_on_a_metric_that_never_appears(tmp_path: Path) -> None:
     assert proc.returncode == 1  # strict: the run fails
     assert "status: failed — 20 of 40 steps" in proc.stdout
     assert "stop reason: early_stopping: metric 'accuracy' never appeared in 2 evals" in proc.stdout
+
+
+# -- run directories ----------------------------------------------------------------------------
+
+
+def test_rerunning_a_config_is_a_new_run_and_overwrite_reuses_the_dir(tmp_path: Path) -> None:
+    (tmp_path / "mysteps.py").write_text(STEPS)
+    (tmp_path / "run.yaml").write_text(CONFIG.format(step="mysteps:step"))
+    first = cli("run", "run.yaml", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f"files: {Path('runs') / 'mine'}/ " in first.stdout
+    assert "holds another run's files" not in first.stdout
+    csv_before = (tmp_path / "runs" / "mine" / "metrics.csv").read_text()
+    second = cli("run", "run.yaml", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"files: {Path('runs') / 'mine-1'}/ " in second.stdout
+    assert (
+        f"(a new run dir: {Path('runs') / 'mine'}/ holds another run's files; --overwrite reuses it)"
+        in second.stdout
+    )
+    assert (tmp_path / "runs" / "mine" / "metrics.csv").read_text() == csv_before  # untouched
+    assert_complete_files(tmp_path / "runs" / "mine-1", "completed")
+    events = [
+        json.loads(x)
+        for x in (tmp_path / "runs" / "mine-1" / "events.jsonl").read_text().splitlines()
+    ]
+    assert {e["event"]["run_key"] for e in events} == {"mine-1"}
+    (tmp_path / "runs" / "mine" / "stale.txt").write_text("x")
+    third = cli("run", "run.yaml", "--overwrite", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert f"files: {Path('runs') / 'mine'}/ " in third.stdout
+    assert not (tmp_path / "runs" / "mine" / "stale.txt").exists()  # started afresh
+    assert not (tmp_path / "runs" / "mine-2").exists()

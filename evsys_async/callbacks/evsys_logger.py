@@ -156,7 +156,7 @@ class EvsysLoggerCallback(Callback):
             group=ctx.group_name,
             run_config=_plain(ctx.run_config),
             num_steps=state.num_steps,
-            start_step=state.step,
+            start_step=state.start_step,
             run_dir=str(state.run_dir),
         )
         ctx.ids["run_id"] = f"{self.experiment_id}/{self._run_key}"

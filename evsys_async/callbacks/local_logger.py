@@ -14,7 +14,9 @@ Writes are buffered and go out once per delivered batch (``flush()``) with
 plain ``def`` writes in the callback's own thread (faster than async files:
 ``docs/callbacks.md``); every line is whole, so the files parse at any
 moment. Files open in ``setup`` and close in ``teardown``; a resumed run
-(``state.step > 0``) appends. ``print_every`` keeps the seed's console
+(``state.start_step`` k > 0) drops the ``metrics.jsonl`` rows from step k on
+(they are written again) and appends; ``events.jsonl`` keeps every event, its
+``TrainStarted`` marks where the resume began. ``print_every`` keeps the seed's console
 one-liner (``0`` = silent); ``keys`` restricts the printed keys (the files
 get every key). Rank 0 only.
 """
@@ -30,7 +32,7 @@ from typing import IO, Any
 
 import msgspec
 
-from .._json import encode_json
+from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
 from ._format import due, eval_metric_name, human_step
@@ -86,7 +88,9 @@ class LocalLoggerCallback(Callback):
         run_dir = state.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        mode = "ab" if state.step > 0 else "wb"
+        if state.start_step > 0:
+            trim_jsonl(run_dir / "metrics.jsonl", state.start_step)
+        mode = "ab" if state.start_step > 0 else "wb"
         self._metrics_file = open(run_dir / "metrics.jsonl", mode)  # noqa: SIM115 - closed in teardown
         self._events_file = open(run_dir / "events.jsonl", mode)  # noqa: SIM115
 

@@ -90,7 +90,10 @@ class PrintProgressCallback(Callback):
 
             self._close_bar()
             self._bar = tqdm(
-                total=state.num_steps, initial=state.step, file=self.stream, dynamic_ncols=True
+                total=state.num_steps,
+                initial=state.start_step,
+                file=self.stream,
+                dynamic_ncols=True,
             )
 
     def on_step_end(

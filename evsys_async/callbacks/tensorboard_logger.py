@@ -61,7 +61,9 @@ class TensorBoardLoggerCallback(Callback):
             path = self.log_dir / key if key else self.log_dir
         path.mkdir(parents=True, exist_ok=True)
         self.run_log_dir = path
-        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs)
+        # a resume from step k: TensorBoard drops the scalars logged from step k on
+        purge = {"purge_step": state.start_step} if state.start_step > 0 else {}
+        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs, **purge)
 
     def teardown(self, state: LoopState) -> None:
         writer, self._writer = self._writer, None

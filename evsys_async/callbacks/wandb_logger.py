@@ -97,9 +97,7 @@ class WandbLoggerCallback(Callback):
         if self.mode is not None:  # else W&B reads WANDB_MODE
             options["mode"] = self.mode
         if self.project is not None or not os.environ.get("WANDB_PROJECT"):
-            options["project"] = self.project or str(
-                ctx.config.get("experiment") or "evsys-async"
-            )
+            options["project"] = self.project or str(ctx.config.get("experiment") or "evsys-async")
         try:
             run_dir = state.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)

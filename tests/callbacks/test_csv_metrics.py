@@ -84,7 +84,7 @@ async def test_resume_appends_under_the_same_header(tmp_path: Path) -> None:
     await drive(
         CsvMetricsCallback("m.csv"), state, run_events(3, lambda i: {"loss": float(i)})[:-1]
     )
-    resumed = make_state(tmp_path, num_steps=6, step=3)
+    resumed = make_state(tmp_path, num_steps=6, step=3, start_step=3)
     events = [
         TrainStarted(num_steps=6, start_step=3),
         StepEnded(step=3, num_steps=6, metrics={"loss": 3.0, "acc": 0.5}),

@@ -97,7 +97,9 @@ async def test_resume_appends(tmp_path: Path) -> None:
         LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4), run_events(2)[:-1]
     )
     await drive(
-        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4, step=2), run_events(1)
+        LocalLoggerCallback(print_every=0),
+        make_state(tmp_path, num_steps=4, step=2, start_step=2),
+        run_events(1),
     )
     rows = lines(tmp_path / "r1" / "metrics.jsonl")
     assert len(rows) == 3
