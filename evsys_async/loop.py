@@ -540,7 +540,8 @@ class _Run:
                 evaluator=ev.name,
                 step=step_idx,
                 error=error,
-                exc_info=result,
+                # a timeout is one line: its traceback is the runtime's cancellation
+                exc_info=None if isinstance(result, TimeoutError) else result,
             )
             return self.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
         return self.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=dict(result))

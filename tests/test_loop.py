@@ -912,3 +912,24 @@ def test_config_is_the_runs_hyperparameters_and_contradictions_are_refused(tmp_p
         ev.TrainingLoop(step, num_steps=1, config=[("lr", 0.2)])  # type: ignore[arg-type]
     loop = ev.TrainingLoop(step, num_steps=1, ctx=ctx)  # the ctx's output_dir and key
     assert loop.run_sync().run_dir == tmp_path / "a" / "k"
+
+
+async def test_an_eval_timeout_is_one_line_without_a_traceback(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    class Hangs:
+        name, run_every = "hangs", 2
+
+        async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+            await anyio.Event().wait()  # never set: only the timeout ends it
+            return {}
+
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=2, output_dir=tmp_path, evaluators=[Hangs()], eval_timeout=0.05
+    )
+    with anyio.fail_after(30):
+        assert (await loop.run()).status == "completed"
+    [record] = [r for r in warnings_log.records if "evaluator failed" in r.getMessage()]
+    assert "error=timeout after 0.05s" in record.getMessage()
+    assert record.exc_info is None and "Traceback" not in warnings_log.text
+    assert "CancelledError" not in warnings_log.text and "Cancelled" not in warnings_log.text
