@@ -1,4 +1,4 @@
-"""Async file writes on both backends (DESIGN rule 29).
+"""Async file writes on both backends.
 
 aiofiles works on asyncio only (under trio it fails with "no running event
 loop"), so :func:`open_async` picks aiofiles on asyncio and

@@ -369,7 +369,7 @@ def _watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
 
 
 def _health(h: CallbackHealth) -> str:
-    """``ok (212 events)``, ``ok (113 events, 99 coalesced by design)``, ``off: ...``,
+    """``ok (212 events)``, ``ok (113 events, 99 coalesced (by design))``, ``off: ...``,
     or what went wrong."""
     forced_drops = h.dropped - h.coalesced
     problems = [
@@ -385,7 +385,7 @@ def _health(h: CallbackHealth) -> str:
     ]
     counts = f"{h.delivered} events"
     if h.coalesced:
-        counts += f", {h.coalesced} coalesced (by design: it shows the newest step)"
+        counts += f", {h.coalesced} coalesced (by design)"  # Latest keeps the newest
     if h.disabled:
         problems.insert(0, f"off: {h.disabled}")
     return f"{'; '.join(problems) or 'ok'} ({counts})"

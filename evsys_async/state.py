@@ -29,7 +29,7 @@ __all__ = [
 
 @dataclass
 class LogContext:
-    """Shared context of a run or an experiment (the seed's fields).
+    """Shared context of a run or an experiment (the original system's fields).
 
     ``ids`` and ``extras`` are free-form: callbacks write there (a wandb URL,
     a store id) for the callbacks after them and for the caller.

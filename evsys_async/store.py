@@ -1,4 +1,4 @@
-"""The local experiment store: the seed's layout on disk, one JSON file per record.
+"""The local experiment store: the original system's layout on disk, one JSON file per record.
 
 Layout under ``root`` (by default ``<output_dir>/store``)::
 

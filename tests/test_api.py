@@ -1,4 +1,4 @@
-"""The public surface: __all__ matches docs/api.md; imports point one way (STYLE rule 3)."""
+"""The public surface: __all__ matches docs/api.md; imports point one way (errors -> ... -> cli)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import evsys_async
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "evsys_async"
 
-# STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
+# the import order: errors -> events -> policies -> bus -> transports -> store -> state
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
 ORDER = [
     "errors", "_version", "_json", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
@@ -61,7 +61,7 @@ def test_imports_point_one_way() -> None:
                 top = target.split(".")[0]
                 if top not in ORDER or own not in ORDER:
                     continue
-                assert _rank(top) <= _rank(own), f"{rel} imports {target}: against STYLE rule 3"
+                assert _rank(top) <= _rank(own), f"{rel} imports {target}: against the import order"
                 if own == "callbacks" and parts[1] not in ("base", "registry", "_builtins"):
                     assert top not in ("bus", "loop"), f"built-in {rel} imports {target}"
 

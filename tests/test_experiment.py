@@ -1,4 +1,4 @@
-"""Experiment: arms x repeats under experiment-scope hooks, in the seed's order."""
+"""Experiment: arms x repeats under experiment-scope hooks, in the original system's order."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ class AsyncRecorder(ev.Callback):
 
 
 class Acc:
-    """An evaluator whose accuracy rises with the step (the seed's example shape)."""
+    """An evaluator whose accuracy rises with the step (the original's example shape)."""
 
     def __init__(self, name: str = "val", run_every: int = 5) -> None:
         self.name = name
@@ -609,7 +609,7 @@ async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None
 async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
     tmp_path: Path, warnings_log: pytest.LogCaptureFixture
 ) -> None:
-    """Rule 27: one drain_timeout bounds the shutdown; teardown runs when the call returns."""
+    """One drain_timeout bounds the shutdown; teardown runs when the call returns."""
     release = threading.Event()
     torn_down = threading.Event()
     teardown_thread: list[int] = []
@@ -743,7 +743,7 @@ async def test_in_flight_background_evals_count_in_the_one_shutdown_deadline(
     )
     with anyio.fail_after(20):
         artifacts = await loop.run()
-    # waiting for the eval is part of the shutdown (rule 23): it shows in drain_seconds
+    # waiting for the eval is part of the shutdown: it shows in drain_seconds
     assert artifacts.drain_seconds >= 0.45
     assert artifacts.status == "completed"
 

@@ -9,7 +9,7 @@ evals.
 Values are written at full precision (``repr`` of the float); a missing
 value is an empty cell.
 
-The seed appended new keys as columns without touching the header, which
+The original system appended new keys as columns without touching the header, which
 pandas misreads. Here, when a key first appears mid-run, the file is
 rewritten once with the wider header (old rows padded with empty cells) into
 a temporary file beside it and moved into place with ``os.replace``: a reader

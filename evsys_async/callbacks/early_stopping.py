@@ -129,7 +129,7 @@ class EarlyStoppingCallback(Callback):
     # -- the rule ----------------------------------------------------------------
 
     def is_improvement(self, value: float, best: float) -> bool:
-        """True if ``value`` beats ``best`` by more than ``min_delta`` (the seed's test)."""
+        """True if ``value`` beats ``best`` by more than ``min_delta`` (the original test)."""
         delta = self.min_delta
         if self.min_delta_mode == "relative":
             delta *= abs(best)

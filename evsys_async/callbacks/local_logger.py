@@ -1,4 +1,4 @@
-"""``local_logger``: the run's own files under ``state.run_dir`` (DESIGN rule 28).
+"""``local_logger``: the run's own files under ``state.run_dir``.
 
 * ``metrics.jsonl`` — one line per step ``{"split": "train", "step", "ts",
   "metrics"}`` and per eval ``{"split": "val", "eval_name", "step", "ts",
@@ -16,9 +16,10 @@ plain ``def`` writes in the callback's own thread (faster than async files:
 moment. Files open in ``setup`` and close in ``teardown``; a resumed run
 (``state.start_step`` k > 0) drops the ``metrics.jsonl`` rows from step k on
 (they are written again) and appends; ``events.jsonl`` keeps every event, its
-``TrainStarted`` marks where the resume began. ``print_every`` keeps the seed's console
-one-liner (``0`` = silent); ``keys`` restricts the printed keys (the files
-get every key). Rank 0 only.
+``TrainStarted`` marks where the resume began. ``print_every`` keeps the
+original system's console one-liner (``0`` = silent; lines after every
+``print_every`` steps, counted from 1, and the last); ``keys`` restricts the
+printed keys (the files get every key). Rank 0 only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every built-in together in one real run, beside a failing and a blocking user callback.
 
-The run stops early at exactly the seed's eval; every file every built-in
+The run stops early at exactly the original's eval; every file every built-in
 writes is read back and agrees with what the loop published. The blocking
 callback holds its first hook until the step function reaches step 100: the
 run can only finish if the loop kept going while it blocked (counted, never
@@ -109,7 +109,7 @@ async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
     run_dir = tmp_path / "r1"
     steps = list(range(STOP_STEP + 1))
 
-    # the run: stopped at the seed's eval, every callback drained and closed
+    # the run: stopped at the original's eval, every callback drained and closed
     assert artifacts.status == "stopped"
     assert artifacts.steps_completed == STOP_STEP + 1
     assert "acc did not improve for 3 evals" in (artifacts.stop_reason or "")
@@ -189,7 +189,7 @@ def test_every_seed_name_is_registered() -> None:
 
 
 def test_builtins_import_no_bus_loop_or_sibling() -> None:
-    """STYLE rule 3: a built-in imports only events, state, base, registry, errors, _log,
+    """Imports point one way: a built-in imports only events, state, base, registry, errors, _log,
     _files, store (and policies for its class attribute)."""
     import ast
 

@@ -17,7 +17,7 @@ from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
 def seed_stop_index(
     values: Sequence[float], patience: int, mode: str, min_delta: float
 ) -> int | None:
-    """The seed's EarlyStoppingCallback.on_eval, verbatim in effect: the index of the
+    """The original EarlyStoppingCallback.on_eval, verbatim in effect: the index of the
     eval on which it first calls request_stop, or None."""
     best: float | None = None
     staleness = 0
@@ -101,7 +101,7 @@ def test_non_finite_stops_at_once(bad: float) -> None:
     _, stopped = feed(
         EarlyStoppingCallback("loss", mode="min", patience=2, check_finite=False), [1.0, bad, bad]
     )
-    assert stopped == seed_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the seed's rule
+    assert stopped == seed_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the original rule
 
 
 def test_strict_fails_when_the_metric_never_appears_by_the_second_eval() -> None:
@@ -171,7 +171,7 @@ def test_config_and_class_attributes() -> None:
         )
 
 
-# -- in the loop: the stop lands before the next step, as in the synchronous seed -------
+# -- in the loop: the stop lands before the next step, as in the synchronous original -------
 
 
 class Plateau:
@@ -195,7 +195,7 @@ async def test_in_the_loop_stops_before_the_next_step(tmp_path: Path) -> None:
     values = [min(k, 9) / 18 for k in range(4, 100, 5)]
     k = seed_stop_index(values, 2, "max", 0.0)
     assert k is not None
-    stop_step = 4 + 5 * k  # evals after steps 4, 9, 14, ...: the seed stops after step 19
+    stop_step = 4 + 5 * k  # evals after steps 4, 9, 14, ...: the original stops after step 19
     cb = EarlyStoppingCallback("acc", patience=2)
     loop = ev.TrainingLoop(
         step, num_steps=100, output_dir=tmp_path, evaluators=[Plateau()], callbacks=[cb]

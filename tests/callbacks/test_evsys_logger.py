@@ -1,4 +1,4 @@
-"""evsys_logger and the local experiment store: the seed's layout, read back."""
+"""evsys_logger and the local experiment store: the original system's layout, read back."""
 
 from __future__ import annotations
 

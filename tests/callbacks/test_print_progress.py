@@ -1,4 +1,4 @@
-"""print_progress: the seed's lines on a plain stream (lossless), one live bar on a TTY (Latest)."""
+"""print_progress: the original lines on a plain stream (lossless), one live bar on a TTY (Latest)."""
 
 from __future__ import annotations
 
