@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: medians with spread, tables, the machine.
 
-DESIGN rule 30: medians of at least 7 interleaved runs, the spread printed beside
+The rules of every figure here: medians of at least 7 interleaved runs, the spread printed beside
 the median, counts checked before anything is printed. Benchmarks only print;
 nothing here asserts a wall-clock figure.
 """
@@ -30,7 +30,7 @@ class CountMismatch(AssertionError):
 
 
 def check_count(what: str, got: int, expected: int) -> None:
-    """Rule 30: a figure counts only if every handler ran exactly as often as published."""
+    """A figure counts only if every handler ran exactly as often as published."""
     if got != expected:
         raise CountMismatch(f"{what}: handlers counted {got} calls, expected {expected}")
 

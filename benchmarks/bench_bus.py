@@ -22,7 +22,7 @@ scenarios run in a rotated order), with the min/max spread beside it.
   until the handler ran, without a barrier (``batch_delay`` plus timer slack).
 
 Every handler counts its calls; the script checks each count before it
-prints (DESIGN rule 30). It asserts no timing.
+prints (a figure counts only if every call happened). It asserts no timing.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from evsys_async.events import EvalEnded, Event, StepEnded
 
 
 class NoOp(ev.Callback):
-    """The baseline: a def hook that only counts (DESIGN rule 30)."""
+    """The baseline: a def hook that only counts (and the count is checked)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     args = parser.parse_args()
     if args.rounds < 7:
-        sys.exit("--rounds must be >= 7 (DESIGN rule 30)")
+        sys.exit("--rounds must be >= 7 (medians of at least 7: docs/performance.md)")
     results = anyio.run(main_async, args.events, args.rounds, backend=args.backend)
     n_events = len(events(args.events))
     base = statistics.median(results["no-op (def, counting)"]) / n_events * 1e6

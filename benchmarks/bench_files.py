@@ -1,4 +1,4 @@
-"""def vs async file writes for a JSONL logger (DESIGN rule 29): which the built-ins use.
+"""def vs async file writes for a JSONL logger : which the built-ins use.
 
 Three loggers, identical but for how they write, each one subscriber on a
 real bus: ``def`` hooks writing with plain file I/O in the callback's own
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     if args.rounds < 7:
-        sys.exit("--rounds must be >= 7 (DESIGN rule 30)")
+        sys.exit("--rounds must be >= 7 (medians of at least 7: docs/performance.md)")
     print(f"events={args.events} rounds={args.rounds} python={sys.version.split()[0]}")
     print(f"{'backend':8} {'logger':32} {'µs/event':>9} {'min..max':>15} {'vs def':>7}")
     loops = {}

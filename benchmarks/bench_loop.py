@@ -30,7 +30,7 @@ round's bare loop):
   loop.
 
 Every no-op callback counts its calls and the script checks the counts before
-it prints (DESIGN rule 30). It asserts no timing.
+it prints (a figure counts only if every call happened). It asserts no timing.
 """
 
 from __future__ import annotations

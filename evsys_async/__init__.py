@@ -7,12 +7,22 @@ stalls training or its siblings, and nothing a logger should see is lost.
 
 from __future__ import annotations
 
-from . import events
+from . import events, transports
+from ._version import __version__ as __version__
 from .bus import DrainReport, EventBus, SubscriberStats, Subscription
-from .callbacks.base import Callback, dispatch
-from .callbacks.registry import (
+from .callbacks import (
+    Callback,
     CallbackSpec,
+    CsvMetricsCallback,
+    DebugLoggerCallback,
+    EarlyStoppingCallback,
+    EvsysLoggerCallback,
+    LocalLoggerCallback,
+    PrintProgressCallback,
+    TensorBoardLoggerCallback,
+    WandbLoggerCallback,
     build_callbacks,
+    dispatch,
     get_callback,
     list_callbacks,
     register_callback,
@@ -44,8 +54,6 @@ from .loop import TrainingLoop
 from .policies import DropOldest, Latest, Lossless
 from .state import CallbackHealth, LogContext, LoopArtifacts, LoopState, StepOutput
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Arm",
     "ArmResult",
@@ -54,29 +62,37 @@ __all__ = [
     "CallbackHealth",
     "CallbackSpec",
     "ConfigError",
+    "CsvMetricsCallback",
+    "DebugLoggerCallback",
     "DrainReport",
     "DropOldest",
+    "EarlyStoppingCallback",
     "Envelope",
     "Evaluator",
     "Event",
     "EventBus",
     "EventDecodeError",
     "EvsysError",
+    "EvsysLoggerCallback",
     "Experiment",
     "ExperimentConfig",
     "ExperimentResult",
     "Latest",
+    "LocalLoggerCallback",
     "LogContext",
     "LoopArtifacts",
     "LoopState",
     "Lossless",
     "MissingExtraError",
+    "PrintProgressCallback",
     "RunConfig",
     "RunResult",
     "StepOutput",
     "SubscriberStats",
     "Subscription",
+    "TensorBoardLoggerCallback",
     "TrainingLoop",
+    "WandbLoggerCallback",
     "build_callbacks",
     "build_evaluators",
     "build_experiment",
@@ -90,4 +106,5 @@ __all__ = [
     "load_config",
     "register_callback",
     "register_evaluator",
+    "transports",
 ]

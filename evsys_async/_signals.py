@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM cancel the run's scope, so the loop's shutdown runs (DESIGN rule 24).
+"""SIGINT and SIGTERM cancel the run's scope, so the loop's shutdown runs (docs/cli.md).
 
 Used by :meth:`TrainingLoop.run_sync` and the CLI. On trio a bare Ctrl-C is a
 ``KeyboardInterrupt`` delivered wherever the code happens to be, and on

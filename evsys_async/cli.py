@@ -2,13 +2,15 @@
 
 ::
 
+    evsys-async [-v] [--log-level LEVEL] [--version]
     evsys-async run [CONFIG] [--backend asyncio|trio] [--output-dir DIR] [--num-steps N]
+                    [--overwrite]
     evsys-async validate CONFIG
     evsys-async callbacks
     evsys-async evaluators
 
-Exit codes (DESIGN rule 24): 0 completed or stopped, 1 failed, 2 bad config
-or arguments, 130 SIGINT, 143 SIGTERM. This is the only module that exits
+Exit codes: 0 completed or stopped, 1 failed, 2 bad config or arguments,
+130 SIGINT, 143 SIGTERM (docs/cli.md). This is the only module that exits
 the process; everything else raises.
 """
 
@@ -19,15 +21,19 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import Any, TextIO, cast
 
 import msgspec
 
 from ._signals import Interrupted, run_with_signals
-from .callbacks.base import Callback
+from ._traceback import user_traceback
+from ._version import __version__
+from .bus import EventBus
+from .callbacks._format import eval_metric_name, fmt_value
 from .callbacks.registry import list_callbacks
 from .config import (
     ExperimentConfig,
@@ -36,30 +42,70 @@ from .config import (
     build_loop,
     load_config,
 )
-from .errors import ConfigError, describe
+from .errors import ConfigError, MissingExtraError, describe
 from .evaluators import list_evaluators
+from .events import EvalEnded
 from .experiment import ExperimentResult
-from .state import LoopArtifacts, LoopState
+from .state import CallbackHealth, LoopArtifacts
 
 __all__ = ["main", "run_cli"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: the environment variable that sets the log level when no option does
+LOG_LEVEL_ENV = "EVSYS_LOG_LEVEL"
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 # -- argument parsing ------------------------------------------------------------------
 
 
+def _level_name(text: str) -> str:
+    name = text.strip().upper()
+    if name not in _LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level; use one of {', '.join(_LEVELS)}"
+        )
+    return name
+
+
+def _log_options() -> argparse.ArgumentParser:
+    """``-v`` and ``--log-level``, accepted before the command and after it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log output on stderr: -v for INFO, -vv for DEBUG (debug_logger's lines)",
+    )
+    common.add_argument(
+        "--log-level",
+        type=_level_name,
+        default=argparse.SUPPRESS,
+        metavar="LEVEL",
+        help=f"the level of the library's log on stderr: {', '.join(_LEVELS)} "
+        f"(default WARNING, or ${LOG_LEVEL_ENV})",
+    )
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
+    common = _log_options()
     parser = argparse.ArgumentParser(
         prog="evsys-async",
         description="Run training loops from config files; callbacks are isolated subscribers "
         "of an async event bus.",
         epilog="Exit codes: 0 completed or stopped, 1 failed, 2 bad config or arguments, "
-        "130 interrupted (SIGINT), 143 terminated (SIGTERM).",
+        "130 interrupted (SIGINT), 143 terminated (SIGTERM). "
+        f"Environment: {LOG_LEVEL_ENV}=DEBUG|INFO|WARNING|ERROR sets the log level.",
+        parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"evsys-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
+        parents=[common],
         help="run a config, or the built-in demo when no config is given",
         description="Run CONFIG (YAML, TOML or JSON), or the built-in demo (logistic "
         "regression by SGD) when no CONFIG is given. Prints the progress, then a summary. "
@@ -76,8 +122,15 @@ def _parser() -> argparse.ArgumentParser:
         "--output-dir", type=Path, help="where run directories go (overrides output_dir)"
     )
     run.add_argument("--num-steps", type=int, help="override num_steps")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="reuse the run directory <output_dir>/<name>/, emptied first (by default a "
+        "run that finds it holding another run's files takes <name>-1, <name>-2, ...)",
+    )
     validate = sub.add_parser(
         "validate",
+        parents=[common],
         help="check a config without running it",
         description="Check CONFIG completely without running it: structure and types, the "
         "dotted-path imports, every callback's and evaluator's kind and params.",
@@ -85,12 +138,14 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("config", type=Path, help="a .yaml/.yml, .toml or .json file")
     sub.add_parser(
         "callbacks",
+        parents=[common],
         help="list the callback kinds with their params",
         description="List every registered callback kind (built-ins and entry points) "
         "with its params: name, type and default.",
     )
     sub.add_parser(
         "evaluators",
+        parents=[common],
         help="list the evaluator kinds with their params",
         description="List every registered evaluator kind with its params.",
     )
@@ -111,6 +166,8 @@ def _load(path: Path | None, args: argparse.Namespace) -> RunConfig | Experiment
     changes: dict[str, Any] = {}
     if getattr(args, "output_dir", None) is not None:
         changes["output_dir"] = str(args.output_dir)
+    if getattr(args, "overwrite", False):
+        changes["overwrite"] = True
     if getattr(args, "num_steps", None) is not None:
         if args.num_steps < 1:
             raise ConfigError(f"--num-steps must be >= 1, got {args.num_steps}")
@@ -125,14 +182,21 @@ def _load(path: Path | None, args: argparse.Namespace) -> RunConfig | Experiment
 
 def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.backend == "trio" and importlib.util.find_spec("trio") is None:
-        print("evsys-async: --backend trio needs trio: pip install trio", file=err)
+        print("evsys-async: --backend trio needs trio: pip install 'evsys-async[trio]'", file=err)
         return EXIT_USAGE
     config = _load(args.config, args)
     if isinstance(config, ExperimentConfig):
         return _run_experiment(config, args.backend, out, err)
     loop = build_loop(config)
     tracker = _EvalTracker(_watched_metric(config))
-    loop.callbacks.append(tracker)
+
+    async def main() -> LoopArtifacts:
+        # the summary's eval tracker is a plain subscriber of a bus the CLI owns,
+        # not one of the run's callbacks: it stays out of the report and the manifest
+        async with EventBus(close_timeout=loop.drain_timeout, batch_delay=loop.batch_delay) as bus:
+            bus.subscribe(tracker, events=(EvalEnded,), name="evsys-cli:evals")
+            loop.bus = bus
+            return await loop.run()
 
     def on_signal(signum: int) -> None:
         print(
@@ -143,18 +207,23 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
 
     code = EXIT_OK
+    failure: BaseException | None = None
     try:
-        artifacts = run_with_signals(loop.run, backend=args.backend, on_signal=on_signal)
+        run_with_signals(main, backend=args.backend, on_signal=on_signal)
     except Interrupted as exc:
         code = exc.exit_code
     except Exception as exc:
-        print(f"evsys-async: the run failed: {describe(exc)}", file=err)
+        failure = exc
         code = EXIT_FAILED
     result = loop.artifacts
+    if failure is not None:
+        kept = result.run_dir / "error.txt" if result is not None else None
+        where = f" (kept in {kept})" if kept is not None and kept.is_file() else ""
+        print(user_traceback(failure).rstrip(), file=err)
+        print(f"evsys-async: the run failed: {describe(failure)}{where}", file=err, flush=True)
     if result is not None:
-        _print_summary(result, tracker, out)
-        artifacts = result
-        if code == EXIT_OK and artifacts.status == "failed":
+        _print_summary(result, tracker, out, requested=config.name)
+        if code == EXIT_OK and result.status == "failed":
             code = EXIT_FAILED
     return code
 
@@ -171,7 +240,7 @@ def _run_experiment(config: ExperimentConfig, backend: str, out: TextIO, err: Te
     for name, arm in result.arms.items():
         statuses = ", ".join(r.status for r in arm.runs)
         failed |= any(r.status == "failed" for r in arm.runs)
-        means = " ".join(f"{k}={v:.4f}" for k, v in arm.mean.items())
+        means = " ".join(f"{k}={fmt_value(v)}" for k, v in arm.mean.items())
         print(f"  {name}: [{statuses}] {means}", file=out)
     if result.success_metric:
         print(f"best arm by {result.success_metric}: {result.best_arm}", file=out)
@@ -192,7 +261,8 @@ def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
             f"ok: {args.config}: run {config.name!r}, {config.num_steps} steps of "
             f"{config.step!r}, {len(config.evaluators)} evaluator(s), "
             f"{len(config.callbacks)} callback(s); files go to "
-            f"{Path(config.output_dir) / config.name}",
+            f"{Path(config.output_dir) / config.name}/ (or {config.name}-1, ... if it holds "
+            "an earlier run's files)",
             file=out,
         )
     return EXIT_OK
@@ -246,50 +316,48 @@ def _type_name(tp: Any) -> str:
 # -- the summary -----------------------------------------------------------------------
 
 
-class _EvalTracker(Callback):
-    """Records each eval's metrics for the summary (an ``async`` hook: no thread)."""
-
-    name: ClassVar[str] = "_eval_tracker"
+class _EvalTracker:
+    """Records each eval's metrics for the summary (an ``async`` bus handler: no thread)."""
 
     def __init__(self, watched: tuple[str, str, str | None] | None) -> None:
         #: (metric, mode, eval_name) that the summary calls "best"
         self.watched = watched
-        self.last: dict[str, tuple[int, float]] = {}
         self.best: dict[str, tuple[int, float]] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
 
-    async def on_eval(
-        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
-    ) -> None:
-        for key, value in metrics.items():
-            full = f"{eval_name}/{key}"
-            self.last[full] = (step_idx, value)
-            old = self.best.get(full)
-            lower = self._lower_is_better(eval_name, key)
+    async def __call__(self, event: EvalEnded) -> None:
+        for key, value in event.metrics.items():
+            full = eval_metric_name(event.eval_name, key)
+            self._keys[full] = (event.eval_name, key)
             if math.isnan(value):
                 continue
+            old = self.best.get(full)
+            lower = self._lower_is_better(key)
             if old is None or (value < old[1] if lower else value > old[1]):
-                self.best[full] = (step_idx, value)
+                self.best[full] = (event.step, value)
 
-    def _lower_is_better(self, eval_name: str, key: str) -> bool:
+    def _lower_is_better(self, key: str) -> bool:
         if self.watched is not None and self.watched[0] == key:
             return self.watched[1] == "min"
         return any(word in key.lower() for word in ("loss", "err", "perplexity"))
 
     def headline(self) -> str | None:
-        """``val/pass_rate = 0.9420 (max, step 120)`` for the watched or first metric."""
+        """``val/pass_rate = 0.9420 (max, step 120)`` for the watched or first metric:
+        named as in the files, the value as the progress line prints it, the step
+        counted from 1."""
         if not self.best:
             return None
         chosen = next(iter(self.best))
         if self.watched is not None:
             metric, _, eval_name = self.watched
             for full in self.best:
-                e, _, k = full.rpartition("/")
+                e, k = self._keys[full]
                 if k == metric and (eval_name is None or e == eval_name):
                     chosen = full
                     break
         step, value = self.best[chosen]
-        mode = "min" if self._lower_is_better(*chosen.rsplit("/", 1)) else "max"
-        return f"{chosen} = {value:.4f} ({mode}, step {step + 1})"
+        mode = "min" if self._lower_is_better(self._keys[chosen][1]) else "max"
+        return f"{chosen} = {fmt_value(value)} ({mode}, step {step + 1})"
 
 
 def _watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
@@ -300,7 +368,32 @@ def _watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
     return None
 
 
-def _print_summary(artifacts: LoopArtifacts, tracker: _EvalTracker, out: TextIO) -> None:
+def _health(h: CallbackHealth) -> str:
+    """``ok (212 events)``, ``ok (113 events, 99 coalesced (by design))``, ``off: ...``,
+    or what went wrong."""
+    forced_drops = h.dropped - h.coalesced
+    problems = [
+        label
+        for label, bad in (
+            (f"{h.failed} failed", h.failed),
+            (f"{forced_drops} dropped", forced_drops),
+            (f"{h.pending} left unhandled", h.pending),
+            ("stuck", h.stuck),
+            (f"{h.control_timeouts} control timeouts", h.control_timeouts),
+        )
+        if bad
+    ]
+    counts = f"{h.delivered} events"
+    if h.coalesced:
+        counts += f", {h.coalesced} coalesced (by design)"  # Latest keeps the newest
+    if h.disabled:
+        problems.insert(0, f"off: {h.disabled}")
+    return f"{'; '.join(problems) or 'ok'} ({counts})"
+
+
+def _print_summary(
+    artifacts: LoopArtifacts, tracker: _EvalTracker, out: TextIO, *, requested: str
+) -> None:
     lines = [
         "",
         f"status: {artifacts.status} — {artifacts.steps_completed} of "
@@ -316,26 +409,17 @@ def _print_summary(artifacts: LoopArtifacts, tracker: _EvalTracker, out: TextIO)
     run_dir = artifacts.run_dir
     files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     lines.append(f"files: {run_dir}/ ({', '.join(files) or 'none'})")
-    report = {
-        k: v for k, v in (artifacts.callback_report or {}).items() if not k.startswith("_EvalTr")
-    }
+    if run_dir.name != requested:
+        lines.append(
+            f"  (a new run dir: {run_dir.parent / requested}/ holds another run's files; "
+            "--overwrite reuses it)"
+        )
+    report = artifacts.callback_report
     if report:
         lines.append("callbacks:")
         width = max(len(n) for n in report)
         for name, h in report.items():
-            problems = [
-                label
-                for label, bad in (
-                    (f"{h.failed} failed", h.failed),
-                    (f"{h.dropped} dropped", h.dropped),
-                    (f"{h.pending} left unhandled", h.pending),
-                    ("stuck", h.stuck),
-                    (f"{h.control_timeouts} control timeouts", h.control_timeouts),
-                )
-                if bad
-            ]
-            health = "ok" if not problems else "; ".join(problems)
-            lines.append(f"  {name:<{width}}  {health} ({h.delivered} events)")
+            lines.append(f"  {name:<{width}}  {_health(h)}")
     print("\n".join(lines), file=out, flush=True)
 
 
@@ -351,6 +435,36 @@ def _signame(signum: int) -> str:
 # -- entry points ----------------------------------------------------------------------
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    """``--log-level``, else ``-v``/``-vv``, else ``$EVSYS_LOG_LEVEL``, else WARNING.
+
+    Raises ConfigError for a bad ``$EVSYS_LOG_LEVEL`` (argparse checks the option).
+    """
+    name: str | None = getattr(args, "log_level", None)
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    if name is None and verbose:
+        name = "INFO" if verbose == 1 else "DEBUG"
+    if name is None and os.environ.get(LOG_LEVEL_ENV, "").strip():
+        try:
+            name = _level_name(os.environ[LOG_LEVEL_ENV])
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"${LOG_LEVEL_ENV}: {exc}") from None
+    level: int = getattr(logging, name or "WARNING")
+    return level
+
+
+def _setup_logging(level: int, err: TextIO) -> None:
+    """Records of the ``evsys_async`` logger at ``level`` and up reach stderr (tracebacks
+    included, from ``exc_info``); other libraries' loggers stay at WARNING."""
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("evsys_async").setLevel(level)
+
+
 def run_cli(
     argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -358,9 +472,8 @@ def run_cli(
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _setup_logging(_log_level(args), err)
         if args.command == "run":
             return _cmd_run(args, out, err)
         if args.command == "validate":
@@ -371,8 +484,60 @@ def run_cli(
     except ConfigError as exc:
         print(f"evsys-async: bad config: {exc}", file=err)
         return EXIT_USAGE
+    except MissingExtraError as exc:  # an optional dependency this command needs
+        print(f"evsys-async: {exc}", file=err)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # before the signal handlers were installed
         return 130
+
+
+class _ClosedPipeSafe:
+    """A text stream that treats its reader going away as the end of the output.
+
+    ``evsys-async run | head -2``: once ``head`` exits, writes to stdout fail with
+    ``BrokenPipeError`` — in the progress callback's thread, in the summary, and in
+    the interpreter's last flush. Here the first such failure points the file
+    descriptor at ``os.devnull`` and every later write is dropped, quietly, as a
+    Unix tool's output ends when its reader does. The run itself goes on to its
+    end, so its files are complete.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def _reader_gone(self) -> None:
+        if self.closed_by_reader:
+            return
+        self.closed_by_reader = True
+        try:  # later flushes (the interpreter's last one included) go nowhere, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -381,4 +546,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(line_buffering=True)  # progress lines reach a pipe as they happen
-    sys.exit(run_cli(argv))
+    sys.stdout = cast(TextIO, _ClosedPipeSafe(sys.stdout))
+    sys.stderr = cast(TextIO, _ClosedPipeSafe(sys.stderr))
+    code = run_cli(argv)
+    sys.stdout.flush()
+    sys.exit(code)

@@ -45,8 +45,10 @@ import yaml
 from .callbacks.registry import (
     CallbackSpec,
     PlacedConfigError,
+    PlacedMissingExtraError,
     build_callbacks,
     explain_validation,
+    format_path,
 )
 from .errors import ConfigError, describe, did_you_mean
 from .evaluators import build_evaluators
@@ -86,7 +88,8 @@ class EvaluatorSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One run. Files go to ``<output_dir>/<name>/``.
+    """One run. Files go to ``<output_dir>/<name>/`` (``<name>-1``, ... when that
+    holds an earlier run's files, unless ``overwrite``).
 
     ``step`` is ``"demo"`` (the built-in demo) or ``"package.module:function"``,
     called as ``step(state, step_idx)``; ``params`` plus ``seed`` reach it as
@@ -111,6 +114,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     control_timeout: Seconds = 10.0
     drain_timeout: Seconds = 60.0
     callback_errors: Literal["log", "raise"] = "log"
+    overwrite: bool = False
 
 
 #: RunConfig fields an arm may override (the rest are shared by every arm).
@@ -230,6 +234,8 @@ def _prefixed(prefix: Path_, fn: Callable[[], Any]) -> Any:
         return fn()
     except PlacedConfigError as exc:
         raise PlacedConfigError((*prefix, *exc.path), exc.detail, kind=exc.kind) from exc
+    except PlacedMissingExtraError as exc:
+        raise PlacedMissingExtraError((*prefix, *exc.place), exc.detail, kind=exc.kind) from None
 
 
 def _check_run(config: RunConfig, prefix: Path_) -> None:
@@ -302,6 +308,7 @@ def build_loop(config: RunConfig) -> TrainingLoop:
         evaluators=build_evaluators(config.evaluators),
         callbacks=build_callbacks(config.callbacks),
         ctx=_context(config),
+        overwrite=config.overwrite,
         **_loop_options(config),
     )
 
@@ -352,6 +359,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
             output_dir=Path(run.output_dir) / config.name, config=msgspec.to_builtins(config)
         ),
         loop_options=options,
+        overwrite=run.overwrite,
     )
 
 
@@ -381,17 +389,30 @@ class _Source:
 
     def parse(self) -> Any:
         if self.fmt == "yaml":
+            loader = _YamlLoader(self.text)
             try:
-                self.root = yaml.compose(self.text, Loader=yaml.SafeLoader)
-                _check_duplicate_keys(self.root, self)
-                return yaml.safe_load(self.text)
+                self.root = loader.get_single_node()
+                _check_yaml_tree(self.root, self)
+                return loader.construct_document(self.root) if self.root is not None else None
             except yaml.MarkedYAMLError as exc:
                 mark = exc.problem_mark or exc.context_mark
                 line = f":{mark.line + 1}" if mark is not None else ""
                 problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
                 raise ConfigError(f"{self.path}{line}: malformed YAML: {problem}") from None
+            except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+                at = self.text.count("\n", 0, exc.position) + 1
+                raise ConfigError(
+                    f"{self.path}:{at}: malformed YAML: character {exc.character!r} "
+                    "is not allowed in a YAML file"
+                ) from None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{self.path}: malformed YAML: {exc}") from None
+            except RecursionError:
+                raise ConfigError(
+                    f"{self.path}: malformed YAML: nested too deeply to be a config"
+                ) from None
+            finally:
+                loader.dispose()
         if self.fmt == "toml":
             try:
                 return tomllib.loads(self.text)
@@ -434,21 +455,99 @@ class _Source:
         return ConfigError(f"{where}: {exc}")
 
 
-def _check_duplicate_keys(node: yaml.Node | None, source: _Source) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            line = key.start_mark.line + 1
-            if key.value in seen:
-                raise ConfigError(
-                    f"{source.path}:{line}: duplicate key {key.value!r} "
-                    f"(first on line {seen[key.value]}); YAML keeps only the last"
-                )
-            seen[key.value] = line
-            _check_duplicate_keys(value, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_duplicate_keys(item, source)
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e308`` and ``1E-5`` as floats.
+
+    YAML 1.1 (PyYAML's default) wants a dot in a float, so ``drain_timeout: 1e308``
+    would be the string ``"1e308"``; YAML 1.2 and every other format read it as a
+    number, and so does this loader.
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+#: How many values a YAML file may expand to once its aliases are followed. Anchors
+#: and aliases keep working (a shared block of params is a few hundred values);
+#: a "billion laughs" file, a few lines that expand to millions, stops here.
+YAML_EXPANSION_BUDGET = 100_000
+
+
+def _check_yaml_tree(root: yaml.Node | None, source: _Source) -> None:
+    """Duplicate keys, recursive aliases and the expansion budget, each node once.
+
+    An aliased node is one object shared by every reference, so it is checked
+    once and its expanded size is remembered, however many times it is used.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node, path: Path_) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(
+                f"{source.path}:{node.start_mark.line + 1}: {_place(path)}: an alias refers "
+                "to the block that contains it, which would never end; write the value out"
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                line = k.start_mark.line + 1
+                if k.value in seen:
+                    raise ConfigError(
+                        f"{source.path}:{line}: duplicate key {k.value!r} "
+                        f"(first on line {seen[k.value]}); YAML keeps only the last"
+                    )
+                seen[k.value] = line
+                total += size(v, (*path, str(k.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                total += size(item, (*path, i))
+        active.discard(key)
+        if total > YAML_EXPANSION_BUDGET:
+            raise ConfigError(
+                f"{source.path}:{node.start_mark.line + 1}: {_place(path)}: its aliases expand "
+                f"to more than {YAML_EXPANSION_BUDGET:,} values, far more than a config holds "
+                "(an alias bomb?); write the values out or use fewer nested aliases"
+            )
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root, ())
+
+
+def _place(path: Path_) -> str:
+    return format_path(path) or "the top level"
+
+
+def _text_of(file: Path, data: bytes) -> str:
+    """The file's text; a binary file or a NUL byte is one line naming the place."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{file}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8 "
+            "text: is this a binary file? A config is YAML, TOML or JSON text"
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        column = nul - (text.rfind("\n", 0, nul) + 1) + 1
+        raise ConfigError(
+            f"{file}:{line}: a NUL byte at column {column}: a config is text, and NUL is "
+            "not allowed in YAML, TOML or JSON (was the file saved by a binary tool?)"
+        )
+    return text.removeprefix("\ufeff")  # a BOM some editors write
 
 
 def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfig:
@@ -464,9 +563,10 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
     file = Path(path)
     fmt = _format_of(file)
     try:
-        text = file.read_text(encoding="utf-8")
+        data_bytes = file.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
+    text = _text_of(file, data_bytes)
     source = _Source(file, text, fmt)
     data = source.parse()
     if not isinstance(data, Mapping):
@@ -487,6 +587,8 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
             check_config(config)
     except PlacedConfigError as exc:
         raise source.error(exc) from None
+    except PlacedMissingExtraError as exc:  # a kind whose extra is not installed here
+        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
     return config
 
 

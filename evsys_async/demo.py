@@ -197,7 +197,7 @@ class DemoAccuracy:
     async def evaluate(self, state: LoopState, step_idx: int) -> Mapping[str, float]:
         task = DemoTask.of(state)
         weights, bias = _model(state, len(task.x_test[0]))
-        if self._worker is None:  # its own daemon thread: the loop stays free (rule 8)
+        if self._worker is None:  # its own daemon thread: the loop stays free
             self._worker = DaemonWorker(f"evsys-demo-eval:{self.name}")
         loss, accuracy = await self._worker.call(
             log_loss_and_accuracy, weights, bias, task.x_test, task.y_test

@@ -1,6 +1,6 @@
 """Experiment: several runs (arms x repeats) under the experiment-scope hooks.
 
-Order of hooks, as in the seed (``max_concurrency=1``)::
+Order of hooks, as in the original system (``max_concurrency=1``)::
 
     on_experiment_start(ctx)
       for each arm:   on_group_start(ctx, arm)
@@ -13,7 +13,12 @@ turn under one shared :class:`LogContext` (``ctx.run_key`` and
 different arms overlap: loop-scope callbacks are built fresh per run by
 ``callback_factory`` with their own context copy, and the experiment-scope
 hooks go only to the experiment-level ``callbacks``, through ``dispatch``,
-one at a time (DESIGN rule 26).
+one at a time.
+
+Every experiment is a new one: it claims ``<output_dir>/<name>/`` (or
+``<name>-1``, ... when that holds an earlier experiment's files; see
+``loop.py`` for runs), so re-running a config never mixes two experiments'
+files; ``overwrite=True`` reuses the directory, emptied first.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from typing import Any, Literal
 import anyio
 
 from ._log import get_logger
+from ._rundir import claim_run_dir
 from .bus import EventBus, Subscription
+from .callbacks._format import eval_metric_name
 from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides
 from .errors import describe
 from .evaluators import Evaluator
@@ -122,8 +129,9 @@ def _run_dict(r: RunResult) -> dict[str, Any]:
 class Experiment:
     """Runs every arm ``repeats`` times and picks the best arm.
 
-    ``success_metric`` names an eval metric as ``"<eval_name>/<metric>"`` (or
-    just ``"<metric>"``); ``mode`` says whether higher or lower is better.
+    ``success_metric`` names an eval metric as it is named in the files
+    (``"val/<metric>"`` for the eval named ``val``, ``"val/<eval_name>/<metric>"``
+    for another; or just ``"<metric>"``); ``mode`` says whether higher or lower is better.
     ``loop_options`` go to each :class:`TrainingLoop` (``eval_mode``,
     ``drain_timeout``, ...). A run that fails is recorded and the experiment
     goes on; cancellation propagates after the run in progress shut down.
@@ -146,6 +154,7 @@ class Experiment:
         base_seed: int = 0,
         ctx: LogContext | None = None,
         loop_options: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> None:
         if not arms:
             raise ValueError("Experiment: give at least one Arm")
@@ -162,7 +171,10 @@ class Experiment:
         self.arms = list(arms)
         self.num_steps = num_steps
         self.repeats = repeats
-        self.output_dir = Path(output_dir) / name
+        self._parent_dir = Path(output_dir)
+        #: ``<output_dir>/<name>``; once ``run()`` starts, the directory it claimed
+        self.output_dir = self._parent_dir / name
+        self.overwrite = overwrite
         self.callbacks = list(callbacks or ())
         self.callback_factory = callback_factory
         self.evaluators = evaluators
@@ -191,6 +203,8 @@ class Experiment:
     async def run(self) -> ExperimentResult:
         """Run every arm and repeat; return the results (after every run's shutdown)."""
         self._hook_lock = anyio.Lock()
+        _, self.output_dir = claim_run_dir(self._parent_dir, self.name, overwrite=self.overwrite)
+        self.ctx.output_dir = self.output_dir  # the runs' files go inside it
         self.ctx.config.setdefault("experiment", self.name)
         async with EventBus() as bus:
             self._recorder = bus.subscribe(
@@ -220,7 +234,7 @@ class Experiment:
     async def _record_eval(self, event: EvalEnded) -> None:
         last = self._last_evals.setdefault(event.run_key, {})
         for key, value in event.metrics.items():
-            last[f"{event.eval_name}/{key}"] = value
+            last[eval_metric_name(event.eval_name, key)] = value
 
     async def _run_arm(
         self,
@@ -281,6 +295,7 @@ class Experiment:
         await bus.drain(
             timeout=self.loop_options.get("drain_timeout", 60.0), subscriptions=[self._recorder]
         )
+        run_key = loop.run_key  # the key its run dir was claimed under
         result = RunResult(
             run_key=run_key,
             arm=arm.name,

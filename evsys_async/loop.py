@@ -32,7 +32,11 @@ import anyio
 import anyio.lowlevel
 
 from ._async import is_async_callable, shielded
+from ._json import trim_jsonl
 from ._log import get_logger
+from ._resume import check_state_keys, load_callback_states, state_key
+from ._rundir import claim_run_dir
+from ._traceback import user_traceback
 from ._worker import DaemonWorker
 from .bus import EventBus, Subscription
 from .callbacks.base import Callback, CallbackAdapter
@@ -75,11 +79,21 @@ class TrainingLoop:
     :class:`StepOutput`. Pass ``bus=`` to publish on a bus you own (the loop
     then ends only its own subscriptions); otherwise the loop owns one per run.
 
+    Files go to ``<output_dir>/<run_key>/`` (``output_dir`` defaults to
+    ``runs``; ``run_key`` to ``config["name"]``, else ``run``). Every run is
+    a new run: when that directory holds another run's files the run takes
+    ``<run_key>-1``, ``-2``, ... (``loop.run_key`` and ``TrainStarted`` say
+    which) unless ``overwrite=True`` (start it afresh) or it resumes
+    (``start_step > 0``). ``config`` is the run's hyperparameters, a mapping
+    hooks and steps read as ``state.ctx.run_config``.
+
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
     are served at once.
 
-    Raises ``ValueError`` for bad arguments, naming the allowed range.
+    Raises ``ValueError`` for bad arguments, naming the allowed range, and for
+    arguments that contradict ``ctx`` (its ``output_dir``, ``run_key`` or
+    ``run_config``).
     """
 
     def __init__(
@@ -87,8 +101,10 @@ class TrainingLoop:
         step: StepFn,
         *,
         num_steps: int,
-        output_dir: str | os.PathLike[str] = "runs",
+        output_dir: str | os.PathLike[str] | None = None,
         run_key: str = "",
+        config: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
         evaluators: Sequence[Evaluator] | None = None,
         callbacks: Sequence[Callback] | None = None,
         bus: EventBus | None = None,
@@ -138,10 +154,14 @@ class TrainingLoop:
                     f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
                     "`async def evaluate(state, step_idx)`"
                 )
+        ctx, out_dir, key = _context(ctx, output_dir, run_key, config)
         self.step = step
         self.num_steps = num_steps
-        self.output_dir = Path(output_dir)
-        self.run_key = run_key
+        self.output_dir = out_dir
+        #: the run key: as asked until ``run()`` claims the run dir, then the claimed one
+        self.run_key = key
+        self._asked_key = key
+        self.overwrite = overwrite
         self.evaluators = list(evaluators or ())
         self.callbacks = list(callbacks or ())
         self.bus = bus
@@ -161,9 +181,7 @@ class TrainingLoop:
         self.batch_delay = batch_delay
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
-        self.ctx = ctx if ctx is not None else LogContext(output_dir=self.output_dir)
-        if run_key:
-            self.ctx.run_key = run_key
+        self.ctx = ctx
         self.rank = rank
         self.world_size = world_size
         #: the artifacts of the latest run (also when ``run()`` raised)
@@ -211,7 +229,7 @@ class TrainingLoop:
             )
         self._running = True
         try:
-            with _claim_run_key(self.bus, self.run_key):
+            with _claim_run_key(self.bus, self._asked_key):
                 return await self._run(total, start_step)
         finally:
             self._running = False
@@ -226,9 +244,9 @@ class TrainingLoop:
             world_size=self.world_size,
         )
         self.state = state
-        run_dir = state.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = self._claim_run_dir(start_step)
         adapters = [CallbackAdapter(cb, state) for cb in self.callbacks]  # checks hooks
+        check_state_keys(self.callbacks)
         artifacts = LoopArtifacts(
             run_dir=run_dir,
             manifest_path=run_dir / "manifest.json",
@@ -246,6 +264,21 @@ class TrainingLoop:
         if result is None:  # pragma: no cover - the bus swallowed what execute() raised
             raise RuntimeError("TrainingLoop.run(): the run ended without artifacts or an error")
         return result
+
+    def _claim_run_dir(self, start_step: int) -> Path:
+        """Claim the run dir (every run is a new run); the claimed key is the run key."""
+        key, run_dir = claim_run_dir(
+            self.output_dir,
+            self._asked_key,
+            overwrite=self.overwrite,
+            resume=start_step > 0,
+            fixed=self.world_size > 1,
+            owner=self.rank == 0,
+        )
+        self.run_key = self.ctx.run_key = key
+        if start_step > 0 and self.rank == 0:  # those steps are written again
+            trim_jsonl(run_dir / "checkpoints.jsonl", start_step)
+        return run_dir
 
 
 #: run keys of the runs active on each shared bus (one key, one run: events are
@@ -282,6 +315,43 @@ def _check_distinct(callbacks: Sequence[Callback]) -> None:
                 f"callbacks[{j}]; pass one instance per subscription (build it twice)"
             )
 
+def _context(
+    ctx: LogContext | None,
+    output_dir: str | os.PathLike[str] | None,
+    run_key: str,
+    config: Mapping[str, Any] | None,
+) -> tuple[LogContext, Path, str]:
+    """The run's context, output dir and asked-for key; refuses contradictions."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(
+            f"TrainingLoop: config must be a mapping of hyperparameters, got {config!r}"
+        )
+    if ctx is None:
+        ctx = LogContext(output_dir=Path(output_dir if output_dir is not None else "runs"))
+    else:
+        if output_dir is not None and Path(output_dir) != Path(ctx.output_dir):
+            raise ValueError(
+                f"TrainingLoop: output_dir={str(output_dir)!r} contradicts "
+                f"ctx.output_dir={str(ctx.output_dir)!r}; give it once (without output_dir "
+                "the loop uses the ctx's)"
+            )
+        if run_key and ctx.run_key and run_key != ctx.run_key:
+            raise ValueError(
+                f"TrainingLoop: run_key={run_key!r} contradicts ctx.run_key={ctx.run_key!r}; "
+                "give it once"
+            )
+        if config is not None and ctx.run_config and dict(config) != dict(ctx.run_config):
+            raise ValueError(
+                "TrainingLoop: config= and ctx.run_config hold different hyperparameters; "
+                "give them once (config= is enough for a single run)"
+            )
+    if config is not None:
+        ctx.run_config = dict(config)
+    name = config.get("name") if config is not None else None
+    key = run_key or ctx.run_key or (name if isinstance(name, str) and name else "") or "run"
+    ctx.run_key = key
+    return ctx, Path(ctx.output_dir if output_dir is None else output_dir), key
+
 
 def _check_steps(num_steps: int, start_step: int) -> None:
     if not isinstance(num_steps, int) or num_steps <= 0:
@@ -312,6 +382,8 @@ class _Run:
         self.bus = bus
         self.start_step = start_step
         self.run_key = loop.run_key
+        state.eval_names = tuple(str(ev.name) for ev in loop.evaluators)
+        state.start_step = start_step
         self.owns_bus = False
         self.subs: list[Subscription] = []
         self.worker: DaemonWorker | None = None
@@ -408,6 +480,7 @@ class _Run:
             return await self._steps(), None
         except _StepFailed as exc:
             artifacts.error = describe(exc.original)
+            artifacts.traceback = user_traceback(exc.original)
             return "failed", exc.original
         finally:
             artifacts.train_seconds = time.perf_counter() - t_start
@@ -552,7 +625,8 @@ class _Run:
                 evaluator=ev.name,
                 step=step_idx,
                 error=error,
-                exc_info=result,
+                # a timeout is one line: its traceback is the runtime's cancellation
+                exc_info=None if isinstance(result, TimeoutError) else result,
             )
             return self.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
         return self.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=dict(result))
@@ -611,8 +685,9 @@ class _Run:
         for adapter, sub in stateful:
             with anyio.move_on_after(self.loop.control_timeout) as scope:
                 await sub.wait(last)
-                try:  # in the callback's own thread, between its batches (rule 25)
-                    states[adapter.name] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
+                try:  # in the callback's own thread, between its batches
+                    key = state_key(adapter.callback)  # stable across reorders (docs/guide.md)
+                    states[key] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
                 except Exception as exc:
                     _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
             if scope.cancelled_caught:
@@ -624,15 +699,9 @@ class _Run:
         _write_json_atomic(self.state.run_dir / "callbacks_state.json", states)
 
     def _load_callback_states(self) -> None:
-        path = self.state.run_dir / "callbacks_state.json"
-        if self.start_step == 0 or not path.exists():
-            return
-        states = json.loads(path.read_text(encoding="utf-8"))
-        for adapter in self.adapters:
-            saved = states.get(adapter.name)
-            loader = getattr(adapter.callback, "load_state_dict", None)
-            if saved is not None and callable(loader):
-                loader(saved)
+        if self.start_step > 0:
+            path = self.state.run_dir / "callbacks_state.json"
+            load_callback_states(path, [a.callback for a in self.adapters])
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -703,6 +772,9 @@ class _Run:
                 pending=report.pending.get(sub.name, 0) if not ok else 0,
                 stuck=sub.stuck or not ok,
                 control_timeouts=adapter.control_timeouts,
+                coalesced=st.coalesced,
+                # a callback that switched itself off says why (docs/callbacks.md)
+                disabled=getattr(adapter.callback, "disabled_reason", None),
             )
         short = {n: h.pending for n, h in health.items() if h.pending or h.stuck}
         if short:
@@ -714,6 +786,8 @@ class _Run:
         state._publish = None
         if state.rank == 0 and artifacts.manifest_path is not None:
             _write_json_atomic(artifacts.manifest_path, _manifest(artifacts, self.run_key))
+            if artifacts.traceback:  # the failed step's traceback stays with the run
+                _write_text(state.run_dir / "error.txt", artifacts.traceback)
 
 
 def replace_run_key(event: Event, run_key: str) -> Event:
@@ -762,6 +836,11 @@ def _manifest(artifacts: LoopArtifacts, run_key: str) -> dict[str, Any]:
         "checkpoints": artifacts.checkpoints,
         "callback_report": msgspec.to_builtins(artifacts.callback_report),
     }
+
+
+def _write_text(path: Path, text: str) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(text, encoding="utf-8")
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -29,7 +29,7 @@ __all__ = [
 
 @dataclass
 class LogContext:
-    """Shared context of a run or an experiment (the seed's fields).
+    """Shared context of a run or an experiment (the original system's fields).
 
     ``ids`` and ``extras`` are free-form: callbacks write there (a wandb URL,
     a store id) for the callbacks after them and for the caller.
@@ -54,7 +54,13 @@ class StepOutput:
 
 
 class CallbackHealth(msgspec.Struct, frozen=True):
-    """One callback's line in the artifacts' callback report."""
+    """One callback's line in the artifacts' callback report.
+
+    ``coalesced`` is the part of ``dropped`` that a ``Latest`` policy replaced
+    by design (a progress bar keeps the newest step), not a loss. ``disabled``
+    is the reason a callback switched itself off for the run (a logger whose
+    service refused it sets ``disabled_reason``), else ``None``.
+    """
 
     delivered: int
     failed: int
@@ -62,6 +68,8 @@ class CallbackHealth(msgspec.Struct, frozen=True):
     pending: int
     stuck: bool = False
     control_timeouts: int = 0
+    coalesced: int = 0
+    disabled: str | None = None
 
 
 @dataclass
@@ -70,8 +78,11 @@ class LoopArtifacts:
 
     ``train_seconds`` runs from just before the first step to the end of the
     last (evals and control waits included); ``drain_seconds`` is the
-    shutdown after it. ``callback_report`` is ``None`` in ``on_train_end``
-    (the drain has not happened yet) and filled on the value ``run()`` returns.
+    shutdown after it. ``callback_report`` is empty in ``on_train_end`` (the
+    drain has not happened yet) and filled on the value ``run()`` returns.
+    ``error`` is a failed step's one line (``"RuntimeError: nan in grads"``);
+    ``traceback`` its traceback, the user's frames only (also in the run dir's
+    ``error.txt``).
     """
 
     run_dir: Path
@@ -84,7 +95,8 @@ class LoopArtifacts:
     train_seconds: float = 0.0
     drain_seconds: float = 0.0
     error: str | None = None
-    callback_report: dict[str, CallbackHealth] | None = None
+    callback_report: dict[str, CallbackHealth] = field(default_factory=dict)
+    traceback: str | None = None
 
 
 @dataclass
@@ -109,6 +121,10 @@ class LoopState:
     artifacts: LoopArtifacts | None = None
     model: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the names of the run's evaluators (empty outside a loop, e.g. in replay)
+    eval_names: tuple[str, ...] = ()
+    #: the step this run began at: > 0 for a resume (writers drop their rows from it on)
+    start_step: int = 0
     _publish: Callable[[Event], Any] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checkpoint_requests: list[str] = field(default_factory=list, repr=False)

@@ -1,4 +1,4 @@
-"""The local experiment store: the seed's layout on disk, one JSON file per record.
+"""The local experiment store: the original system's layout on disk, one JSON file per record.
 
 Layout under ``root`` (by default ``<output_dir>/store``)::
 
@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ._json import encode_json
 from .errors import ConfigError
 
 __all__ = ["LocalStore", "RowKind"]
@@ -38,7 +39,6 @@ __all__ = ["LocalStore", "RowKind"]
 RowKind = Literal["metrics", "evals", "predictions", "checkpoints"]
 _ROW_KINDS = ("metrics", "evals", "predictions", "checkpoints")
 
-_encoder = msgspec.json.Encoder(enc_hook=str)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -124,7 +124,7 @@ class LocalStore:
         """Append ``rows`` to the run's ``<kind>.jsonl`` in one write; returns how many."""
         if kind not in _ROW_KINDS:
             raise ValueError(f"store: kind must be one of {', '.join(_ROW_KINDS)}, got {kind!r}")
-        lines = [_encoder.encode(row) for row in rows]
+        lines = [encode_json(row) for row in rows]  # NaN and +-inf kept as strings
         if not lines:
             return 0
         run_dir = self.run_dir(experiment_id, run_key)
@@ -166,7 +166,7 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
-            f.write(msgspec.json.format(_encoder.encode(record), indent=2))
+            f.write(msgspec.json.format(encode_json(record), indent=2))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,11 +24,11 @@ async def step(state, step_idx):
 
 async def main():
     loop = ev.TrainingLoop(
-        step, num_steps=100, output_dir="runs", run_key="readme",
-        evaluators=[Accuracy()], callbacks=[LossAlarm()],
+        step, num_steps=100, output_dir="runs", run_key="readme", config={"lr": 0.1},
+        evaluators=[Accuracy()], callbacks=[LossAlarm(), ev.CsvMetricsCallback("metrics.csv")],
     )  # fmt: skip
     artifacts = await loop.run()
-    print(artifacts.status, artifacts.steps_completed, artifacts.callback_report)
+    print(artifacts.status, artifacts.steps_completed, artifacts.run_dir)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The public surface: __all__ matches docs/api.md; imports point one way (STYLE rule 3)."""
+"""The public surface: __all__ matches docs/api.md; imports point one way (errors -> ... -> cli)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import evsys_async
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "evsys_async"
 
-# STYLE.md rule 3: errors -> events -> policies -> bus -> transports -> store -> state
+# the import order: errors -> events -> policies -> bus -> transports -> store -> state
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
 ORDER = [
-    "errors", "_secrets", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
+    "errors", "_version", "_json", "_secrets", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
     "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
     "replay", "testing", "cli", "__main__",
 ]  # fmt: skip
@@ -80,7 +80,7 @@ def test_imports_point_one_way() -> None:
                 top = target.split(".")[0]
                 if top not in ORDER or own not in ORDER:
                     continue
-                assert _rank(top) <= _rank(own), f"{rel} imports {target}: against STYLE rule 3"
+                assert _rank(top) <= _rank(own), f"{rel} imports {target}: against the import order"
                 if own == "callbacks" and parts[1] not in ("base", "registry", "_builtins"):
                     assert top not in ("bus", "loop"), f"built-in {rel} imports {target}"
 
@@ -93,3 +93,46 @@ def test_import_does_not_pull_optional_extras() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: the original system's callbacks module exported these names
+ORIGINAL_CALLBACKS_ALL = [
+    "Callback",
+    "CsvMetricsCallback",
+    "EarlyStoppingCallback",
+    "DebugLoggerCallback",
+    "EvsysLoggerCallback",
+    "LocalLoggerCallback",
+    "LogContext",
+    "LoopState",
+    "PrintProgressCallback",
+    "TensorBoardLoggerCallback",
+    "WandbLoggerCallback",
+    "build_callbacks",
+    "dispatch",
+]
+
+
+def test_every_original_callbacks_name_imports_from_both_roots() -> None:
+    """As a user's script does it: a fresh interpreter, plain ``from ... import``."""
+    names = ", ".join(ORIGINAL_CALLBACKS_ALL)
+    code = (
+        f"from evsys_async.callbacks import {names}\n"
+        f"from evsys_async import {names}\n"
+        "import evsys_async.callbacks as cbs, evsys_async as ev\n"
+        f"assert all(getattr(cbs, n) is getattr(ev, n) for n in {ORIGINAL_CALLBACKS_ALL!r})\n"
+        f"assert set({ORIGINAL_CALLBACKS_ALL!r}) <= set(cbs.__all__)\n"
+        "assert cbs.__all__ == sorted(cbs.__all__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_transports_is_an_attribute_without_importing_redis() -> None:
+    code = (
+        "import sys, evsys_async as ev\n"
+        "assert ev.transports.JsonlSink and ev.transports.RedisStreamSink\n"
+        "assert 'redis' not in sys.modules, 'import evsys_async imported redis'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -533,7 +533,10 @@ async def test_raising_handler_logged_published_and_goes_on(
     [msg] = [m for m in failure_messages(warnings_log) if m.startswith("callback failed")]
     assert "callback failed: callback=boomer hook=on_step_end " in msg
     assert "event_type=StepEnded" in msg and "boom at one" in msg
-    assert "Traceback (most recent call last)" in msg and "ValueError" in msg
+    assert "\n" not in msg and "Traceback" not in msg  # one line; the traceback is exc_info
+    [record] = [r for r in warnings_log.records if r.getMessage() == msg]
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert "Traceback (most recent call last)" in warnings_log.text  # rendered once, by the handler
 
 
 async def test_hook_name_defaults_to_event_type() -> None:

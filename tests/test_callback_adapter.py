@@ -1,4 +1,4 @@
-"""Callback <-> bus: which hook runs (rule 21), lifecycle and threads (rule 22), dispatch."""
+"""Callback <-> bus: which hook runs, lifecycle and threads, dispatch."""
 
 from __future__ import annotations
 

@@ -226,3 +226,424 @@ def test_signal_stops_cleanly_with_complete_files(
     assert "status: cancelled" in out
     assert "Traceback" not in err
     assert_complete_files(tmp_path / "runs" / "slow", "cancelled")
+
+
+def test_version_is_the_installed_distribution_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    proc = cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"evsys-async {version('evsys-async')}"
+    import evsys_async
+
+    assert evsys_async.__version__ == version("evsys-async")
+
+
+NON_FINITE = """\
+import math
+
+def step(state, step_idx):
+    return {"loss": [math.nan, math.inf, -math.inf, 0.5][step_idx % 4]}
+"""
+
+
+def test_nan_and_inf_are_kept_the_same_way_in_every_file(tmp_path: Path) -> None:
+    (tmp_path / "nf.py").write_text(NON_FINITE)
+    (tmp_path / "run.yaml").write_text(
+        "name: nf\nnum_steps: 8\nstep: nf:step\n"
+        "callbacks:\n  - {kind: csv_metrics, params: {out_path: metrics.csv}}\n"
+        "  - {kind: local_logger, params: {print_every: 0}}\n"
+    )
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "nf"
+    expected = ["nan", "inf", "-inf", 0.5] * 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["metrics"]["loss"] for r in rows] == expected
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert [r["loss"] for r in csv.DictReader(f)] == [str(v) for v in expected]
+    events = [
+        json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()
+    ]
+    assert [e["metrics"]["loss"] for e in events if e["type"] == "StepEnded"] == expected
+    assert all(isinstance(float(v), float) for v in expected)  # float() reads each back
+
+
+# -- a failed step: the user's traceback on stderr and in the run dir ------------------------
+
+FAILING = """\
+def helper(step_idx):
+    if step_idx == 2:
+        raise RuntimeError("nan in grads")
+    return 1.0
+
+def step(state, step_idx):
+    return {"loss": helper(step_idx)}
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_failed_step_shows_the_users_traceback_and_keeps_it(tmp_path: Path, backend: str) -> None:
+    (tmp_path / "boom.py").write_text(FAILING)
+    (tmp_path / "run.yaml").write_text(
+        "name: boom\nnum_steps: 5\nstep: boom:step\n"
+        "callbacks: [{kind: local_logger, params: {print_every: 0}}]\n"
+    )
+    proc = cli("run", "run.yaml", "--backend", backend, cwd=tmp_path)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert "Traceback (most recent call last):" in err
+    assert 'boom.py", line 7, in step' in err and 'boom.py", line 3, in helper' in err
+    assert "RuntimeError: nan in grads" in err
+    # the user's frames, not the runtime's
+    assert "evsys_async" not in err.split("Traceback")[1].split("RuntimeError")[0]
+    assert "anyio" not in err and "trio" not in err.split("--backend")[0]
+    run_dir = tmp_path / "runs" / "boom"
+    assert (
+        f"the run failed: RuntimeError: nan in grads (kept in {Path('runs') / 'boom' / 'error.txt'})"
+        in err
+    )
+    kept = (run_dir / "error.txt").read_text()
+    assert 'boom.py", line 3, in helper' in kept and kept.rstrip().endswith(
+        "RuntimeError: nan in grads"
+    )
+    summary = (run_dir / "summary.md").read_text()
+    assert "## Traceback" in summary and 'boom.py", line 3, in helper' in summary
+
+
+DEBUG_RUN = """\
+name: dbg
+num_steps: 2
+step: demo
+callbacks: [{kind: debug_logger}]
+"""
+
+
+def test_verbose_and_log_level_show_the_librarys_log(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(DEBUG_RUN)
+    quiet = cli("run", "run.yaml", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "hook: callback=DebugLoggerCallback hook=on_train_start" not in quiet.stderr
+    for args in (["-vv", "run", "run.yaml"], ["run", "run.yaml", "--log-level", "debug"]):
+        proc = cli(*args, "--overwrite", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert (
+            "DEBUG evsys_async: hook: callback=DebugLoggerCallback hook=on_train_start"
+            in proc.stderr
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "run.yaml", "--overwrite"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env(), "EVSYS_LOG_LEVEL": "debug"},
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "hook=on_step_end" in proc.stderr
+    proc = cli("run", "run.yaml", "--log-level", "loud", cwd=tmp_path)
+    assert proc.returncode == 2 and "'loud' is not a log level; use one of DEBUG" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "validate", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env(), "EVSYS_LOG_LEVEL": "loud"},
+        timeout=90,
+    )
+    assert proc.returncode == 2 and "$EVSYS_LOG_LEVEL: 'loud' is not a log level" in proc.stderr
+
+
+# -- a closed stdout ----------------------------------------------------------------------------
+
+
+def read_then_close(args: list[str], lines: int, cwd: Path) -> tuple[list[bytes], int, str]:
+    """Read ``lines`` lines of the command's stdout, then close it, as ``| head`` does."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "evsys_async", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env(),
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        head = [proc.stdout.readline() for _ in range(lines)]
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        return head, proc.wait(timeout=90), err
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path: Path) -> None:
+    """`evsys-async run | head -2` and `evsys-async callbacks | head -1`."""
+    head, code, err = read_then_close(["run"], 2, tmp_path)
+    assert head[0].startswith(b"[1/200] loss=")
+    assert code == 0, err
+    assert (
+        "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err
+    )
+    assert_complete_files(tmp_path / "runs" / "demo", "completed")  # the run went on to its end
+    head, code, err = read_then_close(["callbacks"], 1, tmp_path)
+    assert head[0].endswith(b"callback kind(s):\n")
+    assert code == 0 and err == "", err
+
+
+# -- a missing extra ----------------------------------------------------------------------------
+
+
+def test_a_missing_extra_is_one_line_exit_2_with_the_install_command(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(
+        "name: tb\nnum_steps: 3\nstep: demo\ncallbacks:\n  - kind: tensorboard_logger\n"
+    )
+    without_tensorboardx = (
+        "import sys; sys.modules['tensorboardX'] = None\n"  # as if it were not installed
+        "from evsys_async.cli import main; main(sys.argv[1:])\n"
+    )
+    for command in ("validate", "run"):
+        proc = subprocess.run(
+            [sys.executable, "-c", without_tensorboardx, command, "run.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=90,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr  # one line
+        assert proc.stderr.startswith(
+            "evsys-async: bad config: run.yaml:5: callbacks[0] (tensorboard_logger): "
+        )
+        assert "pip install 'evsys-async[tensorboard]'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# -- the summary: names, steps and numbers as people read them ---------------------------------
+
+COALESCING = """\
+import threading
+import evsys_async as ev
+
+released = threading.Event()
+
+@ev.register_callback("slow_bar")
+class SlowBar(ev.Callback):
+    policy = ev.Latest()  # keeps the newest step, like the progress bar on a terminal
+
+    def on_step_end(self, state, step_idx, batch, metrics):
+        if step_idx == 0:
+            released.wait(30)  # held while the other steps are published
+
+def step(state, step_idx):
+    if step_idx == state.num_steps - 1:
+        released.set()
+    return {"loss": 1.0 / (step_idx + 1)}
+"""
+
+
+def test_the_summary_says_coalesced_by_design_and_hides_its_own_tracker(tmp_path: Path) -> None:
+    (tmp_path / "bar.py").write_text(COALESCING)
+    (tmp_path / "run.yaml").write_text(
+        "name: bar\nnum_steps: 50\nstep: bar:step\ncallbacks: [{kind: slow_bar}]\n"
+        "evaluators: [{kind: demo_accuracy, params: {run_every: 10}}]\n"
+    )
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  SlowBar")]
+    assert "coalesced (by design" in line and "dropped" not in line and line.split()[1] == "ok"
+    manifest = json.loads((tmp_path / "runs" / "bar" / "manifest.json").read_text())
+    assert list(manifest["callback_report"]) == [
+        "SlowBar"
+    ]  # the CLI's eval tracker is not a callback
+    assert manifest["callback_report"]["SlowBar"]["coalesced"] >= 1
+
+
+def test_steps_count_from_1_and_eval_names_match_the_files(tmp_path: Path) -> None:
+    proc = cli("run", "--num-steps", "40", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    [best] = [x for x in proc.stdout.splitlines() if x.startswith("best eval: ")]
+    name, rest = best.removeprefix("best eval: ").split(" = ")
+    value, how = rest.split(" ", 1)
+    assert name == "val/pass_rate" and len(value.split(".")[1]) == 4  # as the progress line prints
+    step = int(how.removeprefix("(max, step ").rstrip(")"))
+    run_dir = tmp_path / "runs" / "demo"
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["val/pass_rate"]]  # the same name in the CSV
+    best_row = max(rows, key=lambda r: float(r["val/pass_rate"]))
+    assert int(best_row["step"]) + 1 == step  # files count from 0, people from 1
+    assert (
+        f"| val/pass_rate | {step if step == 40 else 40} |" in (run_dir / "summary.md").read_text()
+    )
+
+
+# -- bad files: one placed line, exit 2, no hang ------------------------------------------------
+
+BOMB = "name: bomb\nnum_steps: 10\na: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"\x7fELF\x02\x01\x01\xff\xfe\x00\x00binary",
+            "bad.yaml:1: byte 0xff at column 8 is not UTF-8 text",
+        ),
+        (b"name: x\nnum_steps: 3\x00\n", "bad.yaml:2: a NUL byte at column 13"),
+        (BOMB.encode(), "bad.yaml:8: f: its aliases expand to more than 100,000 values"),
+        (
+            b"name: x\nnum_steps: 3\nparams: &p {a: [*p]}\n",
+            "bad.yaml:3: params.a[0]: an alias refers to",
+        ),
+        (
+            b"name: x\nnum_steps: 3\ndrain_timeout: 1e-308x\n",
+            "bad.yaml:3: drain_timeout: expected float",
+        ),
+    ],
+    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number"],
+)
+def test_a_bad_file_is_one_placed_line_and_exit_2(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    (tmp_path / "bad.yaml").write_bytes(content)
+    for command in ("validate", "run"):
+        proc = cli(command, "bad.yaml", cwd=tmp_path, timeout=30)  # the bomb took minutes
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"evsys-async: bad config: {expected}"), proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_yaml_floats_with_an_exponent_and_anchors_read_as_written(tmp_path: Path) -> None:
+    (tmp_path / "ok.yaml").write_text(
+        "name: x\nnum_steps: 3\ndrain_timeout: 1e308\ncontrol_timeout: 2.5E+1\n"
+        "params: &shared {lr: 1e-3, batch_size: 8}\n"
+    )
+    from evsys_async.config import load_config
+
+    config = load_config(tmp_path / "ok.yaml")
+    assert config.drain_timeout == 1e308 and config.control_timeout == 25.0  # type: ignore[union-attr]
+    assert config.params == {"lr": 0.001, "batch_size": 8}  # type: ignore[union-attr]
+    (tmp_path / "exp.yaml").write_text(
+        "name: sweep\nrun: {num_steps: 3, params: &base {lr: 0.1, n_train: 100}}\n"
+        "arms:\n  a: {params: *base}\n  b: {params: {<<: *base, lr: 0.2}}\n"
+    )
+    proc = cli("validate", "exp.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "arms a, b" in proc.stdout
+
+
+# -- W&B from the command line ------------------------------------------------------------------
+
+
+def wandb_env(tmp_path: Path, mode: str) -> dict[str, str]:
+    home = tmp_path / "wandb-home"
+    home.mkdir(exist_ok=True)
+    out = {k: v for k, v in env().items() if not k.startswith("WANDB_")}
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        out[var] = str(home)
+    out.update(HOME=str(home), WANDB_MODE=mode, WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
+    return out
+
+
+WANDB_RUN = """\
+name: wb
+num_steps: 4
+step: demo
+evaluators: [{kind: demo_accuracy, params: {run_every: 2}}]
+callbacks: [{kind: wandb_logger}]
+"""
+
+
+def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "run.yaml").write_text(WANDB_RUN)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=wandb_env(tmp_path, "offline"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    assert line.split()[1] == "ok", line  # WANDB_MODE=offline: no API key needed
+    assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+    # a logger that switched itself off says so, in the summary and in the manifest
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=wandb_env(tmp_path, "no-such-mode"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    assert "off: wandb init failed: " in line and " ok " not in line, line
+    run_dir = tmp_path / "runs" / "wb-1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["callback_report"]["WandbLoggerCallback"]["disabled"].startswith(
+        "wandb init failed"
+    )
+
+
+# -- early stopping on a metric that never appears ----------------------------------------------
+
+TYPO_METRIC = """\
+name: typo
+num_steps: 40
+step: demo
+evaluators: [{kind: demo_accuracy, params: {run_every: 10}}]
+callbacks:
+  - kind: early_stopping
+    params: {metric: accuracy, eval_name: val%s}
+"""
+
+
+def test_early_stopping_on_a_metric_that_never_appears(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text(TYPO_METRIC % "")
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # a warning by default
+    [warning] = [x for x in proc.stderr.splitlines() if "early_stopping" in x]
+    assert warning.startswith("WARNING evsys_async: early_stopping: metric 'accuracy' is not among")
+    assert "at step 10 (metrics seen: loss, pass_rate)" in warning
+    assert "status: completed" in proc.stdout
+    (tmp_path / "run.yaml").write_text(TYPO_METRIC % ", strict: true")
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == 1  # strict: the run fails
+    assert "status: failed — 20 of 40 steps" in proc.stdout
+    assert "stop reason: early_stopping: metric 'accuracy' never appeared in 2 evals" in proc.stdout
+
+
+# -- run directories ----------------------------------------------------------------------------
+
+
+def test_rerunning_a_config_is_a_new_run_and_overwrite_reuses_the_dir(tmp_path: Path) -> None:
+    (tmp_path / "mysteps.py").write_text(STEPS)
+    (tmp_path / "run.yaml").write_text(CONFIG.format(step="mysteps:step"))
+    first = cli("run", "run.yaml", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f"files: {Path('runs') / 'mine'}/ " in first.stdout
+    assert "holds another run's files" not in first.stdout
+    csv_before = (tmp_path / "runs" / "mine" / "metrics.csv").read_text()
+    second = cli("run", "run.yaml", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"files: {Path('runs') / 'mine-1'}/ " in second.stdout
+    assert (
+        f"(a new run dir: {Path('runs') / 'mine'}/ holds another run's files; --overwrite reuses it)"
+        in second.stdout
+    )
+    assert (tmp_path / "runs" / "mine" / "metrics.csv").read_text() == csv_before  # untouched
+    assert_complete_files(tmp_path / "runs" / "mine-1", "completed")
+    events = [
+        json.loads(x)
+        for x in (tmp_path / "runs" / "mine-1" / "events.jsonl").read_text().splitlines()
+    ]
+    assert {e["event"]["run_key"] for e in events} == {"mine-1"}
+    (tmp_path / "runs" / "mine" / "stale.txt").write_text("x")
+    third = cli("run", "run.yaml", "--overwrite", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert f"files: {Path('runs') / 'mine'}/ " in third.stdout
+    assert not (tmp_path / "runs" / "mine" / "stale.txt").exists()  # started afresh
+    assert not (tmp_path / "runs" / "mine-2").exists()

@@ -71,7 +71,7 @@ BUILTIN = {
 USER = [EvTestLossSpike, EvTestTagged, EvTestEvalPlus, EvTestLevel]
 ALL_TYPES = [*BUILTIN.values(), *USER]
 
-#: DESIGN's table of fields (at least these; ts and run_key on every event)
+#: the documented fields (at least these; ts and run_key on every event)
 DESIGN_FIELDS = {
     "TrainStarted": {"run_key", "num_steps", "start_step", "output_dir"},
     "StepEnded": {"step", "num_steps", "metrics"},
@@ -164,7 +164,7 @@ def test_builtin_event_is_frozen_kw_only_tagged_with_design_fields(name: str) ->
 
 
 def test_builtin_events_are_keyword_only() -> None:
-    # DESIGN: events are kw_only. msgspec applies kw_only=True only to the fields of
+    # events are kw_only. msgspec applies kw_only=True only to the fields of
     # the class that says so (Event's ts and run_key), not to a subclass's own, so
     # StepEnded(0, 1) is accepted today.
     positional = {
@@ -366,7 +366,7 @@ def test_explicit_tag_resolves_a_clash() -> None:
 def test_redefining_the_same_class_does_not_break_the_codec() -> None:
     # Re-running a notebook cell or reloading a module defines the same class
     # (same module and qualname) again: the newer definition should replace the
-    # older one, as the callback registry does (DESIGN rule 16), not poison
+    # older one, as the callback registry does, not poison
     # every later decode with a tag clash.
     def define() -> type[Event]:
         class Redefined(Event):

@@ -1,4 +1,4 @@
-"""Experiment: arms x repeats under experiment-scope hooks, in the seed's order."""
+"""Experiment: arms x repeats under experiment-scope hooks, in the original system's order."""
 
 from __future__ import annotations
 
@@ -169,3 +169,23 @@ async def test_concurrency_without_a_factory_warns_about_loop_hooks(
     )
     assert "pass callback_factory" in warnings_log.text
     assert "LoopOnly" in warnings_log.text
+
+
+async def test_each_experiment_claims_a_new_dir(tmp_path: Path) -> None:
+    dirs = []
+    for _ in range(2):
+        exp = ev.Experiment(
+            "sweep",
+            [ev.Arm("a", make_step(1.0), params={"gain": 1.0})],
+            num_steps=2,
+            output_dir=tmp_path,
+            evaluators=[Score()],
+            success_metric="val/acc",
+        )
+        with anyio.fail_after(30):
+            result = await exp.run()
+        dirs.append(exp.output_dir)
+        [run] = result.arms["a"].runs
+        assert run.artifacts is not None and run.artifacts.run_dir == exp.output_dir / "a"
+        assert run.metrics  # the evals of its claimed run key were recorded
+    assert dirs == [tmp_path / "sweep", tmp_path / "sweep-1"]

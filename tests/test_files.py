@@ -1,4 +1,4 @@
-"""The async file helper (DESIGN rule 29): aiofiles on asyncio, anyio on trio.
+"""The async file helper: aiofiles on asyncio, anyio on trio.
 
 (It tests ``evsys_async/_files.py``; it lives here beside the loggers that
 measured it until ``tests/test_files.py`` exists.)

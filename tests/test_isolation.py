@@ -609,7 +609,8 @@ async def test_a_run_key_active_on_a_shared_bus_is_refused(key: str, tmp_path: P
             tg.start_soon(first.run)
             await started.wait()
             second = ev.TrainingLoop(step, num_steps=1, output_dir=tmp_path, run_key=key, bus=bus)
-            with pytest.raises(ValueError, match=f"run_key={key!r} is already active"):
+            shown = key or "run"  # no key given: the default one
+            with pytest.raises(ValueError, match=f"run_key={shown!r} is already active"):
                 await second.run()
             other = ev.TrainingLoop(step, num_steps=1, output_dir=tmp_path, run_key="x", bus=bus)
             assert (await other.run()).status == "completed"  # another key is fine

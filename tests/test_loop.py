@@ -61,7 +61,7 @@ class AsyncRecorder(ev.Callback):
 
 
 class Acc:
-    """An evaluator whose accuracy rises with the step (the seed's example shape)."""
+    """An evaluator whose accuracy rises with the step (the original's example shape)."""
 
     def __init__(self, name: str = "val", run_every: int = 5) -> None:
         self.name = name
@@ -105,7 +105,8 @@ async def test_seed_example_every_hook_in_order(tmp_path: Path) -> None:
     assert artifacts.callback_report is not None
     assert artifacts.callback_report["Recorder"].delivered == 1 + 20 + 4 + 1
     assert artifacts.callback_report["Recorder"].pending == 0
-    assert rec.ended is not None and rec.ended.callback_report is None  # rule 14
+    # on_train_end sees the artifacts before the drain: the report is still empty
+    assert rec.ended is not None and rec.ended.callback_report == {}
     manifest = json.loads((tmp_path / "seed" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["steps_completed"] == 20
     assert artifacts.train_seconds > 0 and artifacts.drain_seconds > 0
@@ -259,7 +260,7 @@ async def test_step_that_raises_is_reraised_after_the_drain(tmp_path: Path) -> N
     artifacts = loop.artifacts
     assert artifacts is not None and artifacts.status == "failed"
     assert artifacts.error == "ValueError: nan loss"
-    assert artifacts.callback_report is not None  # the shutdown ran before the raise
+    assert set(artifacts.callback_report) == {"Recorder", "AsyncRecorder"}  # shutdown ran first
 
 
 async def test_outer_cancellation_runs_the_shutdown_then_propagates(tmp_path: Path) -> None:
@@ -608,7 +609,7 @@ async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None
 async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
     tmp_path: Path, warnings_log: pytest.LogCaptureFixture
 ) -> None:
-    """Rule 27: one drain_timeout bounds the shutdown; teardown runs when the call returns."""
+    """One drain_timeout bounds the shutdown; teardown runs when the call returns."""
     release = threading.Event()
     torn_down = threading.Event()
     teardown_thread: list[int] = []
@@ -649,7 +650,7 @@ async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
 
 
 async def test_state_dict_runs_in_the_callbacks_own_thread(tmp_path: Path) -> None:
-    """Rule 25: a callback tied to its thread (sqlite3, a GUI) is asked there."""
+    """A callback tied to its thread (sqlite3, a GUI) is asked for its state there."""
     threads: dict[str, set[int]] = {"hook": set(), "state_dict": set()}
 
     class Stateful(ev.Callback):
@@ -672,7 +673,7 @@ async def test_state_dict_runs_in_the_callbacks_own_thread(tmp_path: Path) -> No
         await loop.run()
     assert len(threads["hook"]) == 1
     assert threads["state_dict"] == threads["hook"]
-    saved = json.loads((tmp_path / "callbacks_state.json").read_text())
+    saved = json.loads((tmp_path / "run" / "callbacks_state.json").read_text())  # no key: "run"
     assert saved == {"Stateful": {"n": 1}}
 
 
@@ -742,7 +743,7 @@ async def test_in_flight_background_evals_count_in_the_one_shutdown_deadline(
     )
     with anyio.fail_after(20):
         artifacts = await loop.run()
-    # waiting for the eval is part of the shutdown (rule 23): it shows in drain_seconds
+    # waiting for the eval is part of the shutdown: it shows in drain_seconds
     assert artifacts.drain_seconds >= 0.45
     assert artifacts.status == "completed"
 
@@ -793,3 +794,143 @@ async def test_native_asyncio_cancels_do_not_skip_the_shutdown(tmp_path: Path) -
         assert slow.steps == list(range(loop.artifacts.steps_completed))
         assert slow.torn_down
         assert loop.artifacts.callback_report is not None
+
+
+# -- run directories: every run is a new run ------------------------------------------------
+
+
+async def test_each_run_claims_a_new_dir_unless_asked_to_reuse_it(tmp_path: Path) -> None:
+    class KeySeen(ev.Callback):
+        key = ""
+
+        def on_envelope(self, state: ev.LoopState, envelope: ev.Envelope) -> None:
+            if isinstance(envelope.event, ev.events.TrainStarted):
+                self.key = envelope.event.run_key
+
+    keys = []
+    for _ in range(3):
+        seen = KeySeen()
+        loop = ev.TrainingLoop(
+            loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", callbacks=[seen]
+        )
+        artifacts = await loop.run()
+        keys.append(loop.run_key)
+        assert artifacts.run_dir == tmp_path / loop.run_key
+        assert seen.key == loop.run_key  # the claimed key is the run key in events too
+    assert keys == ["demo", "demo-1", "demo-2"]
+    (tmp_path / "demo" / "mine.txt").write_text("an earlier run's file")
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", overwrite=True
+    )
+    await loop.run()
+    assert loop.run_key == "demo" and not (tmp_path / "demo" / "mine.txt").exists()  # afresh
+    # no key: the config's name, else "run"
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=1, output_dir=tmp_path, config={"name": "exp", "lr": 0.1}
+    )
+    assert (await loop.run()).run_dir == tmp_path / "exp"
+    assert (
+        await ev.TrainingLoop(loss_step, num_steps=1, output_dir=tmp_path).run()
+    ).run_dir == tmp_path / "run"
+
+
+@pytest.mark.parametrize("key", ["../x", "{tmp}/abs/x", "a/../../x", ".."])
+def test_a_run_key_that_escapes_output_dir_is_refused(tmp_path: Path, key: str) -> None:
+    key = key.format(tmp=tmp_path)  # an absolute path, inside tmp_path should it be written
+    loop = ev.TrainingLoop(loss_step, num_steps=1, output_dir=tmp_path / "out", run_key=key)
+    with pytest.raises(
+        ValueError,
+        match=r"would put the run's files outside output_dir .* a run key is a name inside it",
+    ):
+        loop.run_sync()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "abs").exists()
+
+
+async def test_resume_writes_each_step_once(tmp_path: Path) -> None:
+    """25 steps, then a resume from step 20 to 30: rows 20-24 are not duplicated."""
+
+    def checkpoint(state: ev.LoopState, name: str) -> None:
+        return None
+
+    def loop() -> ev.TrainingLoop:
+        return ev.TrainingLoop(
+            loss_step,
+            num_steps=30,
+            output_dir=tmp_path,
+            run_key="r",
+            evaluators=[Acc()],
+            callbacks=ev.build_callbacks(
+                [
+                    {"kind": "csv_metrics", "params": {"out_path": "metrics.csv"}},
+                    {"kind": "local_logger", "params": {"print_every": 0}},
+                ]
+            ),
+            checkpoint=checkpoint,
+            save_every=10,
+        )
+
+    await loop().run(num_steps=25)
+    resumed = loop()
+    await resumed.run(start_step=20)
+    assert resumed.run_key == "r"  # a resume reuses its dir
+    run_dir = tmp_path / "r"
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO((run_dir / "metrics.csv").read_text())))
+    train = [int(r["step"]) for r in rows if r["loss"]]
+    assert train == list(range(30))
+    assert [int(r["step"]) for r in rows if r["val/acc"]] == [4, 9, 14, 19, 24, 29]
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(30))
+    assert [x["step"] for x in lines if x["split"] == "val"] == [4, 9, 14, 19, 24, 29]
+    checkpoints = [json.loads(x) for x in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(c["name"], c["step"]) for c in checkpoints] == [
+        ("step_10", 9),
+        ("step_20", 19),
+        ("step_30", 29),
+        ("final", 29),
+    ]
+
+
+def test_config_is_the_runs_hyperparameters_and_contradictions_are_refused(tmp_path: Path) -> None:
+    seen = {}
+
+    def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        seen.update(state.ctx.run_config)
+        return {"loss": 1.0}
+
+    ev.TrainingLoop(step, num_steps=1, output_dir=tmp_path, config={"lr": 0.5}).run_sync()
+    assert seen == {"lr": 0.5}
+    ctx = ev.LogContext(output_dir=tmp_path / "a", run_key="k", run_config={"lr": 0.1})
+    with pytest.raises(ValueError, match=r"output_dir='.*b' contradicts ctx.output_dir='.*a'"):
+        ev.TrainingLoop(step, num_steps=1, output_dir=tmp_path / "b", ctx=ctx)
+    with pytest.raises(ValueError, match=r"run_key='other' contradicts ctx\.run_key='k'"):
+        ev.TrainingLoop(step, num_steps=1, run_key="other", ctx=ctx)
+    with pytest.raises(ValueError, match=r"config= and ctx\.run_config hold different"):
+        ev.TrainingLoop(step, num_steps=1, config={"lr": 0.2}, ctx=ctx)
+    with pytest.raises(TypeError, match="config must be a mapping"):
+        ev.TrainingLoop(step, num_steps=1, config=[("lr", 0.2)])  # type: ignore[arg-type]
+    loop = ev.TrainingLoop(step, num_steps=1, ctx=ctx)  # the ctx's output_dir and key
+    assert loop.run_sync().run_dir == tmp_path / "a" / "k"
+
+
+async def test_an_eval_timeout_is_one_line_without_a_traceback(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    class Hangs:
+        name, run_every = "hangs", 2
+
+        async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+            await anyio.Event().wait()  # never set: only the timeout ends it
+            return {}
+
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=2, output_dir=tmp_path, evaluators=[Hangs()], eval_timeout=0.05
+    )
+    with anyio.fail_after(30):
+        assert (await loop.run()).status == "completed"
+    [record] = [r for r in warnings_log.records if "evaluator failed" in r.getMessage()]
+    assert "error=timeout after 0.05s" in record.getMessage()
+    assert record.exc_info is None and "Traceback" not in warnings_log.text
+    assert "CancelledError" not in warnings_log.text and "Cancelled" not in warnings_log.text

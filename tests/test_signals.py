@@ -1,4 +1,4 @@
-"""DESIGN rule 24: SIGINT/SIGTERM cancel the run's scope so the shutdown runs; a second
+"""SIGINT/SIGTERM cancel the run's scope so the shutdown runs; a second
 signal leaves at once. Signals go to real subprocesses; nothing here sleeps to order."""
 
 from __future__ import annotations

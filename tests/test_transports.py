@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,6 @@ from evsys_async.transports import (
 
 pytestmark = pytest.mark.anyio
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
 
 class Remote(ev.Event):
     """A user event type that crosses the wire."""
@@ -35,13 +34,10 @@ class Remote(ev.Event):
 
 
 @pytest.fixture
-def stream() -> Iterator[str]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:  # pragma: no cover - .ci/run starts Redis
-        pytest.fail("Redis is not running on 127.0.0.1:6379 (.ci/run starts it)")
+def stream(redis_url: str) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
     name = f"evsys-test:{uuid.uuid4().hex}"
     yield name
     client.delete(name)
@@ -71,10 +67,10 @@ def test_read_jsonl_names_file_and_line(tmp_path: Path) -> None:
         list(read_jsonl(path))
 
 
-async def test_redis_stream_carries_every_event_in_order(stream: str) -> None:
+async def test_redis_stream_carries_every_event_in_order(stream: str, redis_url: str) -> None:
     n = 300
     async with ev.EventBus() as sender:
-        sub = attach(sender, RedisStreamSink(REDIS_URL, stream=stream))
+        sub = attach(sender, RedisStreamSink(redis_url, stream=stream))
         for i in range(n):
             sender.publish(StepEnded(step=i, num_steps=n, metrics={"loss": float(i)}))
         sender.publish(Remote(payload={"x": 7}))
@@ -89,7 +85,7 @@ async def test_redis_stream_carries_every_event_in_order(stream: str) -> None:
             got.append(event)
 
         receiver.subscribe(collect)
-        source = RedisStreamSource(REDIS_URL, stream=stream, start="0-0")
+        source = RedisStreamSource(redis_url, stream=stream, start="0-0")
         with anyio.fail_after(20):
             count = await source.forward(receiver, until=lambda e: isinstance(e, Remote))
         source.close()
@@ -98,7 +94,7 @@ async def test_redis_stream_carries_every_event_in_order(stream: str) -> None:
     assert got[-1] == Remote(payload={"x": 7}, ts=got[-1].ts)
 
 
-async def test_redis_across_processes(stream: str, tmp_path: Path) -> None:
+async def test_redis_across_processes(stream: str, redis_url: str, tmp_path: Path) -> None:
     """A training run in another process; this process subscribes through Redis."""
     script = tmp_path / "producer.py"
     script.write_text(
@@ -112,7 +108,7 @@ async def test_redis_across_processes(stream: str, tmp_path: Path) -> None:
 
             async def main():
                 async with ev.EventBus() as bus:
-                    attach(bus, RedisStreamSink({REDIS_URL!r}, stream={stream!r}))
+                    attach(bus, RedisStreamSink({redis_url!r}, stream={stream!r}))
                     loop = ev.TrainingLoop(step, num_steps=40, output_dir={str(tmp_path)!r}, bus=bus)
                     await loop.run()
 
@@ -127,7 +123,7 @@ async def test_redis_across_processes(stream: str, tmp_path: Path) -> None:
             got.append(event)
 
         bus.subscribe(collect, events=(StepEnded, TrainEnded))
-        source = RedisStreamSource(REDIS_URL, stream=stream, start="0-0")
+        source = RedisStreamSource(redis_url, stream=stream, start="0-0")
         proc = await anyio.open_process([sys.executable, str(script)])
         with anyio.fail_after(60):
             await source.forward(bus, until=lambda e: isinstance(e, TrainEnded))
@@ -165,3 +161,42 @@ def test_missing_redis_extra_names_the_install_command() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'evsys-async[redis]'" in out.stdout
+
+
+def test_without_redis_the_redis_tests_skip_saying_how_to_start_it(tmp_path: Path) -> None:
+    """The README's test command on a machine without Redis: skips that say what to do."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+    env["EVSYS_TEST_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            f"{__file__}::test_redis_stream_carries_every_event_in_order",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 skipped" in proc.stdout, proc.stdout
+    assert "no Redis reachable at redis://127.0.0.1:1/0; start one with: " in proc.stdout
+    assert "redis-server --daemonize yes --port 6379 --save ''" in proc.stdout
+    env["CI"] = "true"  # .ci/run: a missing Redis fails, it is never skipped quietly
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            f"{__file__}::test_redis_stream_carries_every_event_in_order",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "2 errors" in proc.stdout, proc.stdout

@@ -1,11 +1,26 @@
-"""Number formatting shared by the built-ins that print (the seed's ``_fmt_value``)."""
+"""How the built-ins and the command line name and print things, in one place.
+
+* Numbers print as the progress line prints them (:func:`fmt_value`: the
+  original system's ``_fmt_value``).
+* An eval metric is named :func:`eval_metric_name`: ``val/<key>`` for the
+  default eval name ``val``, ``val/<eval_name>/<key>`` for any other — the
+  same in ``metrics.csv``, TensorBoard, W&B, ``summary.md`` and the CLI.
+* Steps: every machine-readable ``step`` is 0-based (the step's index);
+  every text meant for people counts from 1 (:func:`human_step`), as
+  ``[step_idx+1/num_steps]`` does.
+* Cadences (``every``, ``log_every``, ``run_every``, ``save_every``): fire
+  after step ``i`` when ``(i + 1) % k == 0`` (:func:`due`).
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-__all__ = ["fmt_value"]
+__all__ = ["DEFAULT_EVAL_NAME", "due", "eval_metric_name", "fmt_value", "human_step"]
+
+#: the eval name that gets no segment of its own in metric names
+DEFAULT_EVAL_NAME = "val"
 
 
 def fmt_value(value: Any) -> str:
@@ -16,3 +31,20 @@ def fmt_value(value: Any) -> str:
     if math.isinf(v) or (v != 0.0 and (abs(v) < 1e-3 or abs(v) >= 1e6)):
         return f"{v:.2e}"
     return f"{v:.4f}"
+
+
+def eval_metric_name(eval_name: str, key: str) -> str:
+    """``val/acc`` for the eval named ``val``; ``val/remote/acc`` for ``remote``."""
+    if eval_name == DEFAULT_EVAL_NAME:
+        return f"{DEFAULT_EVAL_NAME}/{key}"
+    return f"{DEFAULT_EVAL_NAME}/{eval_name}/{key}"
+
+
+def human_step(step_idx: int | None) -> str:
+    """The step as people count it: index 0 is step 1."""
+    return "?" if step_idx is None else str(step_idx + 1)
+
+
+def due(step_idx: int, every: int) -> bool:
+    """True after step ``step_idx`` for a cadence of ``every`` steps (0 = never)."""
+    return every > 0 and (step_idx + 1) % every == 0

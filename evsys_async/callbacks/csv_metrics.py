@@ -1,20 +1,23 @@
 """``csv_metrics``: one CSV row per step, valid for ``csv``/pandas at any moment.
 
 Layout: the first column is ``step`` (0-based); then every train metric key,
-in order of first appearance; eval metrics go in ``val/<eval_name>/<key>``
-columns of their own row (same ``step``, train cells empty), so a train row
-is never rewritten and ``df[df["val/val/acc"].notna()]`` selects the evals.
+in order of first appearance; eval metrics go in columns named as everywhere
+else (``val/<key>`` for the eval named ``val``, ``val/<eval_name>/<key>`` for
+any other) in a row of their own (same ``step``, train cells empty), so a
+train row is never rewritten and ``df[df["val/acc"].notna()]`` selects the
+evals.
 Values are written at full precision (``repr`` of the float); a missing
 value is an empty cell.
 
-The seed appended new keys as columns without touching the header, which
+The original system appended new keys as columns without touching the header, which
 pandas misreads. Here, when a key first appears mid-run, the file is
 rewritten once with the wider header (old rows padded with empty cells) into
 a temporary file beside it and moved into place with ``os.replace``: a reader
 sees the old file or the new one, never a mix. Rows are buffered and written
 once per delivered batch (``flush()``), in the callback's own thread.
-Resuming (``state.step > 0``) appends to the existing file and keeps its
-header. Rank 0 only.
+A resumed run (``state.start_step`` k > 0) keeps the existing file's header
+and its rows before step k, drops the rows from step k on (they are written
+again, so no step appears twice) and appends. Rank 0 only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import IO, Any
 import msgspec
 
 from ..state import LoopState
+from ._format import eval_metric_name
 from .base import Callback
 from .registry import register_callback
 
@@ -62,9 +66,8 @@ class CsvMetricsCallback(Callback):
         path = self.out_path if self.out_path.is_absolute() else state.run_dir / self.out_path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        if state.step > 0 and path.exists() and path.stat().st_size > 0:
-            with open(path, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f, delimiter=self.delimiter), ["step"])
+        if state.start_step > 0 and path.exists() and path.stat().st_size > 0:
+            header = self._keep_rows_before(path, state.start_step)
             self.columns, self._known = list(header), set(header)
             self._file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
         else:
@@ -91,7 +94,7 @@ class CsvMetricsCallback(Callback):
         if self._file is not None:
             row: dict[str, Any] = {"step": step_idx}
             for key, value in metrics.items():
-                row[f"val/{eval_name}/{key}"] = value
+                row[eval_metric_name(eval_name, key)] = value
             self._rows.append(row)
 
     def flush(self) -> None:
@@ -111,6 +114,20 @@ class CsvMetricsCallback(Callback):
             self._file.flush()
 
     # -- writing -----------------------------------------------------------------
+
+    def _keep_rows_before(self, path: Path, start_step: int) -> list[str]:
+        """Rewrite ``path`` (atomically) without its rows from ``start_step`` on; the header."""
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=self.delimiter)
+            header = next(reader, ["step"])
+            rows = [r for r in reader if not (r and r[0].isdigit() and int(r[0]) >= start_step)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter=self.delimiter, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        return header
 
     def _write_rows(self, f: IO[str], rows: list[dict[str, Any]], *, header: bool = False) -> None:
         buf = io.StringIO()

@@ -1,14 +1,14 @@
 """``evsys_logger``: the experiment's records into the store ``ctx.store`` names.
 
 By default that is a :class:`~evsys_async.store.LocalStore` under
-``<output_dir>/store`` (or ``store_dir``), in the seed's layout: the
+``<output_dir>/store`` (or ``store_dir``), in the original system's layout: the
 experiment record, then per run ``run.json`` (status, config, result) and the
 ``metrics``, ``evals``, ``predictions`` and ``checkpoints`` rows. The store is
 put on ``ctx.store`` when none was there, and the ids on ``ctx.ids``
 (``experiment_id``, ``run_id`` = ``<experiment_id>/<run_key>``) for the
 callbacks after it.
 
-As in the seed, it disables itself with one WARNING when the experiment
+As in the original system, it disables itself with one WARNING when the experiment
 already owns the store (``ctx.store.owned_by_experiment``): the records are
 written once. Rows are buffered and appended once per delivered batch
 (``flush()``), in the callback's own thread; record updates are atomic JSON
@@ -52,6 +52,8 @@ class EvsysLoggerCallback(Callback):
         self.store: Any = None
         self.experiment_id: str | None = None
         self.disabled = False
+        #: why the callback is off (the callback report shows it), else ``None``
+        self.disabled_reason: str | None = None
         self._run_key: str | None = None
         self._rows: dict[RowKind, list[dict[str, Any]]] = {}
 
@@ -62,6 +64,7 @@ class EvsysLoggerCallback(Callback):
             return None
         if getattr(ctx.store, "owned_by_experiment", False):
             self.disabled = True
+            self.disabled_reason = "the experiment owns the store (records are written once)"
             _log.warning(
                 "the experiment owns the store; evsys_logger is off (records are written once)",
                 callback=type(self).__name__,
@@ -153,7 +156,7 @@ class EvsysLoggerCallback(Callback):
             group=ctx.group_name,
             run_config=_plain(ctx.run_config),
             num_steps=state.num_steps,
-            start_step=state.step,
+            start_step=state.start_step,
             run_dir=str(state.run_dir),
         )
         ctx.ids["run_id"] = f"{self.experiment_id}/{self._run_key}"

@@ -1,4 +1,4 @@
-"""``local_logger``: the run's own files under ``state.run_dir`` (DESIGN rule 28).
+"""``local_logger``: the run's own files under ``state.run_dir``.
 
 * ``metrics.jsonl`` — one line per step ``{"split": "train", "step", "ts",
   "metrics"}`` and per eval ``{"split": "val", "eval_name", "step", "ts",
@@ -14,9 +14,12 @@ Writes are buffered and go out once per delivered batch (``flush()``) with
 plain ``def`` writes in the callback's own thread (faster than async files:
 ``docs/callbacks.md``); every line is whole, so the files parse at any
 moment. Files open in ``setup`` and close in ``teardown``; a resumed run
-(``state.step > 0``) appends. ``print_every`` keeps the seed's console
-one-liner (``0`` = silent); ``keys`` restricts the printed keys (the files
-get every key). Rank 0 only.
+(``state.start_step`` k > 0) drops the ``metrics.jsonl`` rows from step k on
+(they are written again) and appends; ``events.jsonl`` keeps every event, its
+``TrainStarted`` marks where the resume began. ``print_every`` keeps the
+original system's console one-liner (``0`` = silent; lines after every
+``print_every`` steps, counted from 1, and the last); ``keys`` restricts the
+printed keys (the files get every key). Rank 0 only.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from typing import IO, Any
 
 import msgspec
 
+from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
+from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
@@ -49,7 +54,7 @@ class _Row(msgspec.Struct, omit_defaults=True):
     eval_name: str | None = None
 
 
-_encode_row = msgspec.json.Encoder().encode
+_encode_row = encode_json  # NaN and +-inf as "nan"/"inf"/"-inf", as in events.jsonl
 
 
 @register_callback("local_logger")
@@ -84,7 +89,9 @@ class LocalLoggerCallback(Callback):
         run_dir = state.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
-        mode = "ab" if state.step > 0 else "wb"
+        if state.start_step > 0:
+            trim_jsonl(run_dir / "metrics.jsonl", state.start_step)
+        mode = "ab" if state.start_step > 0 else "wb"
         self._metrics_file = open(run_dir / "metrics.jsonl", mode)  # noqa: SIM115 - closed in teardown
         self._events_file = open(run_dir / "events.jsonl", mode)  # noqa: SIM115
 
@@ -107,23 +114,24 @@ class LocalLoggerCallback(Callback):
         if type(event) is StepEnded:
             self._step(state, event)
         elif type(event) is EvalEnded:
-            self._eval(event)
+            self._eval(state, event)
 
     def _step(self, state: LoopState, event: StepEnded) -> None:
         step_idx, metrics = event.step, event.metrics
         self._last_train = (step_idx, metrics)
         self._metrics.append(_encode_row(_Row("train", step_idx, event.ts, metrics)))
         every = self.print_every
-        if every and ((step_idx + 1) % every == 0 or step_idx + 1 == state.num_steps):
+        if every and (due(step_idx, every) or step_idx + 1 == state.num_steps):
             self._printed.append(f"[{step_idx + 1}/{state.num_steps}] {self._cells(metrics)}")
 
-    def _eval(self, event: EvalEnded) -> None:
+    def _eval(self, state: LoopState, event: EvalEnded) -> None:
         self._last_evals[event.eval_name] = (event.step, event.metrics)
         row = _Row("val", event.step, event.ts, event.metrics, eval_name=event.eval_name)
         self._metrics.append(_encode_row(row))
         if self.print_every:
             cells = self._cells(event.metrics, False)
-            self._printed.append(f"  [eval {event.eval_name} @ {event.step}] {cells}")
+            where = f"[{event.step + 1}/{state.num_steps}]"
+            self._printed.append(f"{where} eval {event.eval_name}: {cells}")
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
@@ -189,15 +197,18 @@ class LocalLoggerCallback(Callback):
         if artifacts.checkpoints:
             names = ", ".join(str(c.get("name")) for c in artifacts.checkpoints)
             lines.append(f"- checkpoints: {names}")
-        table: list[tuple[str, int, str, float]] = []
+        # the last value of each metric, named as in metrics.csv; steps count from 1
+        table: list[tuple[str, int, float]] = []
         if self._last_train is not None:
             step, metrics = self._last_train
-            table += [("train", step, k, v) for k, v in metrics.items()]
+            table += [(k, step, v) for k, v in metrics.items()]
         for eval_name, (step, metrics) in sorted(self._last_evals.items()):
-            table += [(f"val/{eval_name}", step, k, v) for k, v in metrics.items()]
+            table += [(eval_metric_name(eval_name, k), step, v) for k, v in metrics.items()]
         if table:
-            lines += ["", "| split | step | metric | value |", "|---|---|---|---|"]
-            lines += [f"| {s} | {st} | {k} | {_fmt_value(v)} |" for s, st, k, v in table]
+            lines += ["", "| metric | step | last value |", "|---|---|---|"]
+            lines += [f"| {k} | {human_step(st)} | {_fmt_value(v)} |" for k, st, v in table]
+        if artifacts.traceback:  # the failed step's, the user's frames only
+            lines += ["", "## Traceback", "", "```text", artifacts.traceback.rstrip(), "```"]
         return "\n".join(lines) + "\n"
 
 

@@ -1,15 +1,16 @@
-"""``print_progress``: the seed's one-liner per step, or one live tqdm bar on a TTY.
+"""``print_progress``: the original system's one-liner per step, or one live tqdm bar on a TTY.
 
-Output (DESIGN rules 15 and 17)::
+Output (steps count from 1 here, as everywhere people read them)::
 
     [1/100] loss=0.6931 lr=1.00e-04
     [10/100] eval val: acc=0.5000
 
 On a stream that is not a TTY (a log file, CI, a pipe) the callback is
-``Lossless``: a line every ``every`` steps (steps 0, every, 2*every, ... as in
-the seed), the last step always, and every eval result on its own line. On a
-TTY it draws one tqdm bar with the same ``k=v`` postfix and subscribes
-``Latest``: it shows the newest step and never lags behind training.
+``Lossless``: a line for the first step, after every ``every`` steps (steps
+``every``, ``2*every``, ... counted from 1: the rule of every cadence) and
+for the last step, and every eval result on its own line. On a TTY it draws
+one tqdm bar with the same ``k=v`` postfix and subscribes ``Latest``: it
+shows the newest step and never lags behind training.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import msgspec
 
 from ..policies import Latest, Lossless, Policy
 from ..state import LoopArtifacts, LoopState
+from ._format import due
 from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
@@ -73,6 +75,12 @@ class PrintProgressCallback(Callback):
         # a log keeps every line
         self.policy = Latest() if self.tty else Lossless()  # type: ignore[misc]
         self._bar: Any = None
+        self._printed_first = False
+        #: the newest step not printed yet: a run that stops early still shows its last step
+        self._unprinted: tuple[int, dict[str, float]] | None = None
+
+    def setup(self, state: LoopState) -> None:
+        self._printed_first, self._unprinted = False, None
 
     # -- hooks (def: they run in the callback's own thread) ----------------------
 
@@ -82,7 +90,10 @@ class PrintProgressCallback(Callback):
 
             self._close_bar()
             self._bar = tqdm(
-                total=state.num_steps, initial=state.step, file=self.stream, dynamic_ncols=True
+                total=state.num_steps,
+                initial=state.start_step,
+                file=self.stream,
+                dynamic_ncols=True,
             )
 
     def on_step_end(
@@ -96,8 +107,10 @@ class PrintProgressCallback(Callback):
             self._bar.set_postfix_str(_cells(metrics, self.keys), refresh=False)
             self._bar.refresh()
             return
-        if step_idx % self.every and step_idx + 1 != num_steps:
+        if self._printed_first and not due(step_idx, self.every) and step_idx + 1 != num_steps:
+            self._unprinted = (step_idx, metrics)
             return
+        self._printed_first, self._unprinted = True, None
         line = f"[{step_idx + 1}/{num_steps}] {_cells(metrics, self.keys)}".rstrip()
         self.stream.write(line + "\n")
 
@@ -114,6 +127,11 @@ class PrintProgressCallback(Callback):
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         self._close_bar()
+        if self._unprinted is not None and state.rank == 0:  # the last step that ran
+            step_idx, metrics = self._unprinted
+            line = f"[{step_idx + 1}/{state.num_steps}] {_cells(metrics, self.keys)}"
+            self.stream.write(line.rstrip() + "\n")
+            self._unprinted = None
         if artifacts.status != "completed" and state.rank == 0:
             reason = f": {artifacts.stop_reason}" if artifacts.stop_reason else ""
             self.stream.write(

@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .._log import get_logger
-from ..errors import ConfigError, describe, did_you_mean
+from ..errors import ConfigError, MissingExtraError, describe, did_you_mean
 from .base import Callback
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "CallbackSpec",
     "KindRegistry",
     "PlacedConfigError",
+    "PlacedMissingExtraError",
     "build_callbacks",
     "explain_validation",
     "format_path",
@@ -74,6 +75,20 @@ class PlacedConfigError(ConfigError):
         where = format_path(path)
         label = f" ({kind})" if kind else ""
         super().__init__(f"{where}{label}: {detail}" if where else f"{detail}")
+
+
+class PlacedMissingExtraError(MissingExtraError):
+    """A :class:`MissingExtraError` raised while building a spec, with the spec's place.
+
+    The message is the extra's own (it names the install command); ``place``
+    and ``kind`` let a config loader put the file, line and place in front of it.
+    """
+
+    def __init__(self, place: Path, detail: str, *, kind: str | None = None) -> None:
+        self.place = place
+        self.detail = detail
+        self.kind = kind
+        super().__init__(detail)
 
 
 def format_path(path: Sequence[str | int]) -> str:
@@ -389,6 +404,8 @@ class KindRegistry(Generic[K]):
                 built.append(cls(**fields))
             except (TypeError, ValueError) as exc:
                 raise PlacedConfigError((*where, "params"), str(exc), kind=kind) from exc
+            except MissingExtraError as exc:
+                raise PlacedMissingExtraError(where, str(exc), kind=kind) from None
         return built
 
     def _spec_of(self, spec: Any, where: Path) -> tuple[str, Any]:

@@ -1,8 +1,8 @@
 """``tensorboard_logger``: scalars into TensorBoard event files, through tensorboardX.
 
 Train metrics go in per step under their own names; eval metrics under
-``val/<eval_name>/<key>`` at the eval's step; benchmark metrics (through
-``dispatch``) under ``eval/<name>/<key>``. One event directory per run:
+``val/<key>`` (eval ``val``) or ``val/<eval_name>/<key>`` at the eval's step;
+benchmark metrics (through ``dispatch``) under ``eval/<name>/<key>``. One event directory per run:
 ``state.run_dir / "tensorboard"`` by default, or ``log_dir/<run_key>`` when
 ``log_dir`` is given and the run has a key (so arms never share a directory).
 
@@ -24,6 +24,7 @@ import msgspec
 
 from ..errors import import_extra
 from ..state import LoopState
+from ._format import eval_metric_name
 from .base import Callback
 from .registry import register_callback
 
@@ -60,7 +61,9 @@ class TensorBoardLoggerCallback(Callback):
             path = self.log_dir / key if key else self.log_dir
         path.mkdir(parents=True, exist_ok=True)
         self.run_log_dir = path
-        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs)
+        # a resume from step k: TensorBoard drops the scalars logged from step k on
+        purge = {"purge_step": state.start_step} if state.start_step > 0 else {}
+        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs, **purge)
 
     def teardown(self, state: LoopState) -> None:
         writer, self._writer = self._writer, None
@@ -81,7 +84,7 @@ class TensorBoardLoggerCallback(Callback):
         writer = self._writer
         if writer is not None:
             for key, value in metrics.items():
-                writer.add_scalar(f"val/{eval_name}/{key}", value, global_step=step_idx)
+                writer.add_scalar(eval_metric_name(eval_name, key), value, global_step=step_idx)
 
     def on_benchmark_eval(
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None

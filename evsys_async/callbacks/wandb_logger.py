@@ -3,14 +3,20 @@
 One W&B run per training run: ``wandb.init`` in ``setup``, ``run.log`` in the
 hooks, ``run.finish`` in ``teardown`` — all in the callback's own thread
 (``def`` hooks), so a slow network never stalls training. Train metrics are
-logged every ``log_every`` steps (``(step+1) % log_every == 0``, as in the
-seed) at ``step=step_idx``; eval metrics as ``val/<eval_name>/<key>`` at the
-eval's step; benchmark evals (through ``dispatch``) as ``eval/<name>/<key>``
-plus a ``wandb.Table`` of at most ``max_pred_rows`` predictions.
+logged after step ``i`` when ``(i + 1) % log_every == 0`` (the rule of every
+cadence) at ``step=step_idx``; eval metrics as ``val/<key>`` (eval ``val``) or
+``val/<eval_name>/<key>`` at the eval's step; benchmark evals (through
+``dispatch``) as ``eval/<name>/<key>`` plus a ``wandb.Table`` of at most
+``max_pred_rows`` predictions.
 
+W&B's own environment variables keep their meaning: without ``mode`` the
+mode comes from ``WANDB_MODE`` (``offline``, ``disabled``; W&B's default is
+online), without ``project`` the project from ``WANDB_PROJECT`` (else the
+experiment's name, else ``evsys-async``), the entity from ``WANDB_ENTITY``.
 The run's URL goes to ``state.ctx.extras["wandb_url"]`` (``None`` offline)
 for the callbacks after it. A failing ``wandb.init`` disables the callback
-for that run with one WARNING: training goes on. ``finish`` runs in a daemon
+for that run with one WARNING and sets ``disabled_reason``, so the run's
+callback report and the CLI's summary say it was off: training goes on. ``finish`` runs in a daemon
 thread joined for at most ``finish_timeout`` seconds, so a hung upload cannot
 hold the run's shutdown (the thread is abandoned, with a WARNING).
 
@@ -20,6 +26,7 @@ Rank 0 only.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -29,6 +36,7 @@ import msgspec
 from .._log import get_logger
 from ..errors import describe, import_extra
 from ..state import LoopState
+from ._format import due, eval_metric_name
 from .base import Callback
 from .registry import register_callback
 
@@ -45,7 +53,7 @@ class WandbLoggerCallback(Callback):
         project: str | None = None
         entity: str | None = None
         name: str | None = None
-        mode: Literal["online", "offline", "disabled", "shared"] = "online"
+        mode: Literal["online", "offline", "disabled", "shared"] | None = None
         log_every: int = 1
         max_pred_rows: int = 100
         finish_timeout: float = 60.0
@@ -55,7 +63,7 @@ class WandbLoggerCallback(Callback):
         project: str | None = None,
         entity: str | None = None,
         name: str | None = None,
-        mode: Literal["online", "offline", "disabled", "shared"] = "online",
+        mode: Literal["online", "offline", "disabled", "shared"] | None = None,
         log_every: int = 1,
         max_pred_rows: int = 100,
         finish_timeout: float = 60.0,
@@ -73,30 +81,38 @@ class WandbLoggerCallback(Callback):
         self.max_pred_rows = max(0, max_pred_rows)
         self.finish_timeout = finish_timeout
         self.run: Any = None
+        #: why the callback is off for the current run (``None``: it is on)
+        self.disabled_reason: str | None = None
 
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
         self.run = None
+        self.disabled_reason = None
         if state.rank != 0:
             return
         ctx = state.ctx
         config = dict(ctx.run_config) if ctx.run_config else dict(ctx.config or {})
+        options: dict[str, Any] = {}
+        if self.mode is not None:  # else W&B reads WANDB_MODE
+            options["mode"] = self.mode
+        if self.project is not None or not os.environ.get("WANDB_PROJECT"):
+            options["project"] = self.project or str(ctx.config.get("experiment") or "evsys-async")
         try:
             run_dir = state.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
             self.run = self._wandb.init(
-                project=self.project or str(ctx.config.get("experiment") or "evsys-async"),
                 entity=self.entity,
                 name=self.run_name or ctx.run_key or None,
                 group=ctx.group_name,
-                mode=self.mode,
                 dir=str(run_dir),
                 config=config,
                 reinit="create_new",
+                **options,
             )
         except Exception as exc:
             self.run = None
+            self.disabled_reason = f"wandb init failed: {describe(exc)}"
             _log.warning(
                 "wandb init failed; wandb_logger is off for this run",
                 callback=type(self).__name__,
@@ -136,7 +152,7 @@ class WandbLoggerCallback(Callback):
         self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
     ) -> None:
         run = self.run
-        if run is not None and (step_idx + 1) % self.log_every == 0 and metrics:
+        if run is not None and due(step_idx, self.log_every) and metrics:
             run.log(dict(metrics), step=step_idx)
 
     def on_eval(
@@ -144,7 +160,7 @@ class WandbLoggerCallback(Callback):
     ) -> None:
         run = self.run
         if run is not None and metrics:
-            run.log({f"val/{eval_name}/{k}": v for k, v in metrics.items()}, step=step_idx)
+            run.log({eval_metric_name(eval_name, k): v for k, v in metrics.items()}, step=step_idx)
 
     def on_benchmark_eval(
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None

@@ -45,12 +45,12 @@ async def test_keys_appearing_mid_run_widen_the_header(tmp_path: Path) -> None:
     state = make_state(tmp_path, num_steps=5)
     await drive(cb, state, mid_run_events())
     header, rows = read(state.run_dir / "metrics.csv")
-    assert header == ["step", "loss", "lr", "val/val/acc", "grad_norm"]
+    assert header == ["step", "loss", "lr", "val/acc", "grad_norm"]
     assert [r["step"] for r in rows] == ["0", "1", "2", "2", "3", "4"]
     assert float(rows[0]["loss"]) == 1 / 3  # full precision: the float round-trips
     assert rows[0]["lr"] == ""
     assert float(rows[2]["lr"]) == 1e-7
-    assert rows[3]["loss"] == "" and float(rows[3]["val/val/acc"]) == 2 / 3
+    assert rows[3]["loss"] == "" and float(rows[3]["val/acc"]) == 2 / 3
     assert float(rows[4]["grad_norm"]) == 12345.678901234567
     assert not list(state.run_dir.glob(".*.tmp"))  # the rewrite left nothing behind
 
@@ -84,7 +84,7 @@ async def test_resume_appends_under_the_same_header(tmp_path: Path) -> None:
     await drive(
         CsvMetricsCallback("m.csv"), state, run_events(3, lambda i: {"loss": float(i)})[:-1]
     )
-    resumed = make_state(tmp_path, num_steps=6, step=3)
+    resumed = make_state(tmp_path, num_steps=6, step=3, start_step=3)
     events = [
         TrainStarted(num_steps=6, start_step=3),
         StepEnded(step=3, num_steps=6, metrics={"loss": 3.0, "acc": 0.5}),

@@ -1,4 +1,4 @@
-"""evsys_logger and the local experiment store: the seed's layout, read back."""
+"""evsys_logger and the local experiment store: the original system's layout, read back."""
 
 from __future__ import annotations
 
@@ -162,3 +162,14 @@ def test_config() -> None:
         [{"kind": "evsys_logger", "params": {"store_dir": "/tmp/s", "experiment": "e"}}]
     )
     assert isinstance(cb, EvsysLoggerCallback) and cb.experiment == "e"
+
+
+def test_store_rows_keep_nan_and_inf_as_metrics_jsonl_does(tmp_path: Path) -> None:
+    import math
+
+    store = LocalStore(tmp_path)
+    store.append(
+        "e", "r", "metrics", [{"step": 0, "loss": math.nan, "g": math.inf, "h": -math.inf}]
+    )
+    row = json.loads((store.run_dir("e", "r") / "metrics.jsonl").read_text())
+    assert row == {"step": 0, "loss": "nan", "g": "inf", "h": "-inf"}

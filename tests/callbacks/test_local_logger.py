@@ -60,15 +60,16 @@ async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (
         "# r1" in summary and "- status: stopped" in summary and "- stop reason: plateau" in summary
     )
-    assert "| train | 11 | loss | 0.0833 |" in summary
-    assert "| val/val | 9 | acc | 0.5000 |" in summary
+    # people read it: steps count from 1, eval metrics named as in metrics.csv
+    assert "| loss | 12 | 0.0833 |" in summary
+    assert "| val/acc | 10 | 0.5000 |" in summary
 
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "[5/12] loss=0.2000",
-        "  [eval val @ 4] acc=0.2500",
+        "[5/12] eval val: acc=0.2500",
         "[10/12] loss=0.1000",
-        "  [eval val @ 9] acc=0.5000",
+        "[10/12] eval val: acc=0.5000",
         "[12/12] loss=0.0833",
     ]
     assert cb._metrics_file is None and cb._events_file is None  # closed in teardown
@@ -96,7 +97,9 @@ async def test_resume_appends(tmp_path: Path) -> None:
         LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4), run_events(2)[:-1]
     )
     await drive(
-        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4, step=2), run_events(1)
+        LocalLoggerCallback(print_every=0),
+        make_state(tmp_path, num_steps=4, step=2, start_step=2),
+        run_events(1),
     )
     rows = lines(tmp_path / "r1" / "metrics.jsonl")
     assert len(rows) == 3

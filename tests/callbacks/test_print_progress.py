@@ -1,4 +1,4 @@
-"""print_progress: the seed's lines on a plain stream (lossless), one live bar on a TTY (Latest)."""
+"""print_progress: the original lines on a plain stream (lossless), one live bar on a TTY (Latest)."""
 
 from __future__ import annotations
 
@@ -50,11 +50,11 @@ async def test_plain_stream_lines_every_n_last_always_evals_on_their_own(tmp_pat
     events = run_events(10, lambda i: {"loss": 1.0 / (i + 1), "lr": 1e-4}, evals={4: {"acc": 0.5}})
     await drive(cb, make_state(tmp_path, num_steps=10), events)
     assert out.getvalue().splitlines() == [
-        "[1/10] loss=1.0000 lr=1.00e-04",
-        "[5/10] loss=0.2000 lr=1.00e-04",
+        "[1/10] loss=1.0000 lr=1.00e-04",  # the first step, always
+        "[4/10] loss=0.2500 lr=1.00e-04",  # after every 4th step, counted from 1
         "[5/10] eval val: acc=0.5000",
-        "[9/10] loss=0.1111 lr=1.00e-04",
-        "[10/10] loss=0.1000 lr=1.00e-04",
+        "[8/10] loss=0.1250 lr=1.00e-04",
+        "[10/10] loss=0.1000 lr=1.00e-04",  # the last step, always
     ]
 
 

@@ -32,7 +32,7 @@ async def test_scalars_per_step_and_eval_in_one_dir_per_run(tmp_path: Path) -> N
     assert [s for s, _ in loss] == list(range(20))
     assert all(v == pytest.approx(1.0 / (s + 1), rel=1e-6) for s, v in loss)  # float32 on disk
     assert len([1 for t, _, _ in scalars if t == "lr"]) == 20
-    assert [(s, v) for t, s, v in scalars if t == "val/val/acc"] == [(9, 0.25), (19, 0.75)]
+    assert [(s, v) for t, s, v in scalars if t == "val/acc"] == [(9, 0.25), (19, 0.75)]
     assert cb._writer is None  # closed in teardown
 
 

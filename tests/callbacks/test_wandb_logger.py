@@ -28,9 +28,9 @@ async def test_offline_history_read_back(tmp_path: Path, wandb_env: Path) -> Non
     assert "wandb_url" in state.ctx.extras  # None offline: there is no server URL
     rows = wandb_history(tmp_path / "r1")
     by_step = {r["_step"]: r for r in rows}
-    assert sorted(by_step) == [1, 3, 5]  # (step+1) % log_every == 0, as in the seed
+    assert sorted(by_step) == [1, 3, 5]  # (step+1) % log_every == 0, the rule of every cadence
     assert by_step[1]["loss"] == 0.5
-    assert by_step[3]["loss"] == 0.25 and by_step[3]["val/val/acc"] == 0.25  # same step, one row
+    assert by_step[3]["loss"] == 0.25 and by_step[3]["val/acc"] == 0.25  # same step, one row
     assert by_step[5]["loss"] == pytest.approx(1 / 6)
     assert cb.run is None  # finished in teardown
 

@@ -307,7 +307,7 @@ async def test_a_hung_aclose_is_cut_short_by_the_shutdown_deadline(
         artifacts = await loop.run()
     assert artifacts.status == "completed"
     assert "evaluators still closing at the shutdown deadline" in warnings_log.text
-    assert (tmp_path / "manifest.json").exists()
+    assert (artifacts.run_dir / "manifest.json").exists()
 
 
 async def loss_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
