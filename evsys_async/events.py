@@ -5,8 +5,9 @@
 Every event is a frozen, keyword-only, tagged msgspec Struct: cheap to build
 (~0.2 µs), immutable (safe to hand to many subscribers and threads) and
 round-trippable through JSON and msgpack. The base :class:`Event` carries a
-wall-clock ``ts`` and the ``run_key`` of the run that published it, both with
-defaults, so a user subclass may add required fields::
+wall-clock ``ts``, the ``run_key`` of the run that published it and the
+``rank`` of the process that published it (0 unless training spans several
+processes), all with defaults, so a user subclass may add required fields::
 
     class LossSpike(ev.events.Event):
         step: int
@@ -68,11 +69,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
     ``ts`` is the wall-clock time of creation; ``run_key`` is stamped by the
     loop that publishes it (``""`` outside a run), so one bus can carry many
-    runs and subscribers can filter on it.
+    runs and subscribers can filter on it; ``rank`` is the publishing
+    process's rank when training spans several processes (0 otherwise), so
+    one consumer can follow every rank of a run.
     """
 
     ts: float = msgspec.field(default_factory=time.time)
     run_key: str = ""
+    rank: int = 0
 
     #: A ``Latest`` subscriber replaces a pending event of this type (same
     #: run) by a newer one: the event stands for a level, not a happening.
@@ -131,9 +135,13 @@ def _container_fields(cls: type) -> tuple[tuple[str, Callable[[Any], Any]], ...]
 
 
 class TrainStarted(Event, kw_only=True):
+    """A run (or one rank of it) began. ``world_size`` is how many ranks the run has:
+    a consumer following every rank ends after that many ``TrainEnded``."""
+
     num_steps: int
     start_step: int = 0
     output_dir: str = ""
+    world_size: int = 1
 
 
 class StepEnded(Event, kw_only=True):
@@ -172,7 +180,11 @@ class StopRequested(Event, kw_only=True):
 
 
 class TrainEnded(Event, kw_only=True):
-    """The run ended. ``status``: completed | stopped | failed | cancelled."""
+    """The run ended. ``status``: completed | stopped | failed | cancelled.
+
+    With several ranks, ``stop_rank`` is the rank whose request stopped every
+    rank (or the rank that failed or died), ``None`` when no rank asked.
+    """
 
     status: str
     steps_completed: int
@@ -180,6 +192,7 @@ class TrainEnded(Event, kw_only=True):
     stop_reason: str | None = None
     train_seconds: float = 0.0
     error: str | None = None
+    stop_rank: int | None = None
 
 
 # -- experiment scope -----------------------------------------------------------
