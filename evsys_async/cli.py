@@ -8,6 +8,9 @@
     evsys-async validate CONFIG
     evsys-async callbacks
     evsys-async evaluators
+    evsys-async tail URL RUN_KEY [--every N] [--rank R] [--world-size N] [--from-now]
+    evsys-async consume URL RUN_KEY --group G --callbacks FILE [--output-dir DIR]
+                        [--consumer NAME] [--rank R] [--world-size N] [--claim-after S]
 
 Exit codes: 0 completed or stopped, 1 failed, 2 bad config or arguments,
 130 SIGINT, 143 SIGTERM (docs/cli.md). This is the only module that exits
@@ -34,7 +37,7 @@ from ._traceback import user_traceback
 from ._version import __version__
 from .bus import EventBus
 from .callbacks._format import eval_metric_name, fmt_value
-from .callbacks.registry import list_callbacks
+from .callbacks.registry import build_callbacks, list_callbacks
 from .config import (
     ExperimentConfig,
     RunConfig,
@@ -47,6 +50,7 @@ from .evaluators import list_evaluators
 from .events import EvalEnded
 from .experiment import ExperimentResult
 from .state import CallbackHealth, LoopArtifacts
+from .transports import RedisUnavailableError
 
 __all__ = ["main", "run_cli"]
 
@@ -149,7 +153,111 @@ def _parser() -> argparse.ArgumentParser:
         help="list the evaluator kinds with their params",
         description="List every registered evaluator kind with its params.",
     )
+    _stream_parsers(sub, common)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a rank (a whole number >= 0), got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``tail`` and ``consume``: a run followed through its Redis stream (docs/distributed.md)."""
+    where = (
+        "URL is the Redis server (redis://[:password@]host:6379/0; shown redacted) and "
+        "RUN_KEY the run's key: its stream is evsys:<RUN_KEY>:events."
+    )
+    tail = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="print a live run from its Redis stream, as its progress line does",
+        description="Print the run's progress lines (one rank's; --rank) from the start of its "
+        "stream, then live, and one line per rank when it ends; exit once every rank has ended "
+        f"(0 if each completed or stopped, 1 otherwise). {where}",
+    )
+    tail.add_argument("url", metavar="URL")
+    tail.add_argument("run_key", metavar="RUN_KEY")
+    tail.add_argument("--every", type=_positive, default=1, help="a line every N steps")
+    tail.add_argument("--rank", type=_rank, default=0, help="whose progress to print (default 0)")
+    tail.add_argument(
+        "--world-size",
+        type=_positive,
+        help="how many ranks to wait for (default: as the ranks' TrainStarted say)",
+    )
+    tail.add_argument(
+        "--from-now", action="store_true", help="only what happens from now on, not the past"
+    )
+    consume = sub.add_parser(
+        "consume",
+        parents=[common],
+        help="run callbacks on a run's events from its Redis stream (another process or host)",
+        description="Run the callbacks of FILE on the run's events as a member of consumer "
+        "group G: each batch is acknowledged once every callback handled it, so a consumer "
+        "killed and started again with the same group misses nothing, and its files end as an "
+        "uninterrupted consumer's. Exits once every rank of the run has ended. "
+        f"{where}",
+    )
+    consume.add_argument("url", metavar="URL")
+    consume.add_argument("run_key", metavar="RUN_KEY")
+    consume.add_argument("--group", required=True, help="the consumer group's name")
+    consume.add_argument(
+        "--callbacks",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the callbacks: a YAML/JSON list of {kind, params} (or `callbacks:` holding one)",
+    )
+    consume.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs"),
+        help="where the consumer's run dir goes (default runs/; a new dir, never the "
+        "producer's; a restarted consumer reuses its own)",
+    )
+    consume.add_argument(
+        "--consumer", help="this consumer's name in the group (default: the host name)"
+    )
+    consume.add_argument("--rank", type=_rank, help="only this rank's events (default: all)")
+    consume.add_argument(
+        "--world-size", type=_positive, help="how many ranks to wait for (default: as announced)"
+    )
+    consume.add_argument(
+        "--claim-after",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="take over entries another consumer of the group left pending this long (30)",
+    )
+    for p in (tail, consume):
+        p.add_argument(
+            "--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS
+        )
 
 
 # -- commands --------------------------------------------------------------------------
@@ -311,6 +419,76 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and not getattr(tp, "__args__", None):
         return tp.__name__
     return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .consume import tail
+
+    async def main() -> Any:
+        return await tail(
+            args.url,
+            args.run_key,
+            out=out,
+            every=args.every,
+            rank=args.rank,
+            world_size=args.world_size,
+            start="$" if args.from_now else "0",
+        )
+
+    try:
+        result = run_with_signals(main, backend=args.backend)
+    except Interrupted as exc:
+        return exc.exit_code
+    ok = result.ended and all(e.status in ("completed", "stopped") for e in result.ended.values())
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _cmd_consume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._secrets import redact_url
+    from .config import load_callback_specs
+    from .consume import consume
+
+    specs = load_callback_specs(args.callbacks)
+    callbacks = build_callbacks(specs)
+
+    async def main() -> Any:
+        return await consume(
+            args.url,
+            args.run_key,
+            group=args.group,
+            callbacks=callbacks,
+            output_dir=args.output_dir,
+            consumer=args.consumer,
+            rank=args.rank,
+            world_size=args.world_size,
+            claim_after=args.claim_after,
+        )
+
+    try:
+        result = run_with_signals(main, backend=args.backend)
+    except Interrupted as exc:
+        return exc.exit_code
+    lines = [
+        f"consumed {result.published} events of run {args.run_key} from "
+        f"{redact_url(args.url)} (group {args.group})"
+        + (f", resumed at step {result.resumed_at + 1}" if result.resumed_at is not None else ""),
+    ]
+    for rank, ended in sorted(result.ended.items()):
+        who = f"rank {rank}" if len(result.ended) > 1 else "the run"
+        reason = f": {ended.stop_reason}" if ended.stop_reason else ""
+        lines.append(f"{who}: {ended.status} after {ended.steps_completed} steps{reason}")
+    run_dir = result.run_dir
+    files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    lines.append(f"files: {run_dir}/ ({', '.join(files) or 'none'})")
+    bad = False
+    if result.callback_report:
+        lines.append("callbacks:")
+        width = max(len(n) for n in result.callback_report)
+        for name, h in result.callback_report.items():
+            bad |= bool(h.failed or h.stuck or h.pending)
+            lines.append(f"  {name:<{width}}  {_health(h)}")
+    print("\n".join(lines), file=out, flush=True)
+    return EXIT_FAILED if bad else EXIT_OK
 
 
 # -- the summary -----------------------------------------------------------------------
@@ -480,10 +658,17 @@ def run_cli(
             return _cmd_validate(args, out)
         if args.command == "callbacks":
             return _cmd_list(list_callbacks(), "callback", out)
+        if args.command == "tail":
+            return _cmd_tail(args, out, err)
+        if args.command == "consume":
+            return _cmd_consume(args, out, err)
         return _cmd_list(list_evaluators(), "evaluator", out)
     except ConfigError as exc:
         print(f"evsys-async: bad config: {exc}", file=err)
         return EXIT_USAGE
+    except RedisUnavailableError as exc:  # tail/consume: nothing to read from
+        print(f"evsys-async: {exc}", file=err)
+        return EXIT_FAILED
     except MissingExtraError as exc:  # an optional dependency this command needs
         print(f"evsys-async: {exc}", file=err)
         return EXIT_USAGE

@@ -9,6 +9,7 @@ completely::
     params: {lr: 0.5}           # the step's hyperparameters: state.ctx.run_config
     evaluators: [{kind: demo_accuracy, params: {run_every: 20}}]
     callbacks:  [{kind: print_progress, params: {every: 20}}]
+    transports: [{kind: redis, params: {url_env: REDIS_URL}}]   # the events to Redis too
 
 A file with ``arms`` (or ``run``) is an :class:`ExperimentConfig`.
 
@@ -42,6 +43,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from ._secrets import redact_url
 from .callbacks.registry import (
     CallbackSpec,
     PlacedConfigError,
@@ -49,23 +51,29 @@ from .callbacks.registry import (
     build_callbacks,
     explain_validation,
     format_path,
+    validate_params,
 )
+from .callbacks.sink import SinkCallback
 from .errors import ConfigError, describe, did_you_mean
 from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop
 from .state import LogContext
+from .transports import RedisStreamSink
 
 __all__ = [
     "DEMO_STEP",
     "EvaluatorSpec",
     "ExperimentConfig",
     "RunConfig",
+    "TransportSpec",
     "build_experiment",
     "build_loop",
+    "build_transports",
     "check_config",
     "encode_config",
     "import_object",
+    "load_callback_specs",
     "load_config",
 ]
 
@@ -87,6 +95,15 @@ class EvaluatorSpec(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class TransportSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """``{kind, params}``: a sink that gets every event of the run (kind ``redis``:
+    :class:`~evsys_async.transports.RedisStreamSink`'s parameters, plus ``url_env``,
+    the name of an environment variable that holds the URL)."""
+
+    kind: str
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One run. Files go to ``<output_dir>/<name>/`` (``<name>-1``, ... when that
     holds an earlier run's files, unless ``overwrite``).
@@ -95,6 +112,8 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     called as ``step(state, step_idx)``; ``params`` plus ``seed`` reach it as
     ``state.ctx.run_config``. ``checkpoint`` (optional) is
     ``"package.module:function"`` called as ``checkpoint(state, name)``.
+    ``transports`` send every event of the run elsewhere as well (a Redis
+    stream: docs/distributed.md); their URLs are recorded redacted.
     The other fields are :class:`TrainingLoop`'s arguments of the same name.
     """
 
@@ -106,6 +125,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     seed: int = 0
     evaluators: list[EvaluatorSpec] = msgspec.field(default_factory=list)
     callbacks: list[CallbackSpec] = msgspec.field(default_factory=list)
+    transports: list[TransportSpec] = msgspec.field(default_factory=list)
     eval_mode: Literal["inline", "background"] = "inline"
     eval_timeout: Seconds = 300.0
     max_evals_in_flight: PositiveInt = 2
@@ -201,6 +221,134 @@ def _add_import_dirs(*dirs: Path) -> None:
             sys.path.insert(0, text)
 
 
+# -- transports ------------------------------------------------------------------------
+
+#: transport kind -> the sink class (its ``Config`` lists the params)
+TRANSPORT_KINDS: dict[str, type] = {"redis": RedisStreamSink}
+
+
+def _transport_params(spec: Any, i: int, place: Path_) -> tuple[type, dict[str, Any]]:
+    at = (*place, i)
+    kind = spec.kind
+    cls = TRANSPORT_KINDS.get(kind)
+    if cls is None:
+        known = sorted(TRANSPORT_KINDS)
+        raise PlacedConfigError(
+            (*at, "kind"),
+            f"unknown transport kind {kind!r}"
+            + did_you_mean(kind, known, f"; known kinds: {', '.join(known)}"),
+        )
+    params = dict(spec.params)
+    url_env = params.pop("url_env", None)
+    if url_env is not None and not isinstance(url_env, str):
+        raise PlacedConfigError(
+            (*at, "params", "url_env"),
+            f"expected the name of an environment variable, got {type(url_env).__name__}",
+            kind=kind,
+        )
+    if url_env is not None and "url" in params:
+        raise PlacedConfigError(
+            (*at, "params", "url_env"),
+            "give url or url_env, not both (url_env keeps a password out of the file)",
+            kind=kind,
+        )
+    fields = validate_params(cls, params, at, kind=kind)
+    if url_env is not None:
+        fields["url"] = f"${{{url_env}}}"  # resolved when built (see build_transports)
+    return cls, fields
+
+
+def build_transports(
+    specs: list[TransportSpec], *, place: str | Path_ = "transports", build: bool = True
+) -> list[SinkCallback]:
+    """The ``transports:`` section as callbacks that feed each sink (checked only, and
+    ``[]`` returned, with ``build=False``). Raises :class:`PlacedConfigError` naming
+    ``transports[i].params.<field>``; a ``url_env`` that is not set is an error too."""
+    prefix: Path_ = (place,) if isinstance(place, str) else tuple(place)
+    checked = [_transport_params(spec, i, prefix) for i, spec in enumerate(specs)]
+    if not build:
+        return []
+    out: list[SinkCallback] = []
+    for i, (cls, fields) in enumerate(checked):
+        url = fields.get("url", "")
+        if isinstance(url, str) and url.startswith("${") and url.endswith("}"):
+            name = url[2:-1]
+            value = os.environ.get(name)
+            if not value:
+                raise PlacedConfigError(
+                    (*prefix, i, "params", "url_env"),
+                    f"the environment variable {name} is not set; set it to the Redis URL "
+                    "(redis://:password@host:6379/0)",
+                    kind=specs[i].kind,
+                )
+            fields["url"] = value
+        out.append(SinkCallback(cls(**fields)))
+    return out
+
+
+def _redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as recorded (``ctx.config``): transport URLs without their credentials."""
+    for holder in (config, config.get("run") or {}):
+        for spec in holder.get("transports") or ():
+            params = spec.get("params") or {}
+            if isinstance(params.get("url"), str):
+                params["url"] = redact_url(params["url"])
+    return config
+
+
+# -- callbacks files (consume, replay) -------------------------------------------------
+
+
+def load_callback_specs(path: str | os.PathLike[str]) -> list[CallbackSpec]:
+    """Read a callbacks file: a list of ``{kind, params}`` (YAML or JSON), or a mapping
+    whose only key is ``callbacks`` holding that list (any format; TOML needs it).
+
+    Every callback is built once and dropped, as :func:`load_config` does. Raises
+    :class:`ConfigError` naming the file, the line (YAML) and the place, e.g.
+    ``cbs.yaml:3: [1].params.out_paht (csv_metrics): unknown field 'out_paht' — did
+    you mean 'out_path'?``.
+    """
+    file = Path(path)
+    fmt = _format_of(file)
+    try:
+        data_bytes = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{file}: cannot read the callbacks file: {exc.strerror or exc}"
+        ) from None
+    source = _Source(file, _text_of(file, data_bytes), fmt)
+    data = source.parse()
+    prefix: Path_ = ()
+    if isinstance(data, Mapping) and "callbacks" in data:
+        extra = sorted(str(k) for k in data if k != "callbacks")
+        if extra:
+            raise source.error(
+                PlacedConfigError(
+                    (extra[0],),
+                    "a callbacks file holds only `callbacks:` (a list of {kind, params})",
+                )
+            )
+        data, prefix = data["callbacks"], ("callbacks",)
+    if not isinstance(data, list):
+        raise ConfigError(
+            f"{file}: a callbacks file is a list of {{kind, params}} (or `callbacks:` holding "
+            f"one), got {type(data).__name__}; for example:\n"
+            "- {kind: csv_metrics, params: {out_path: metrics.csv}}"
+        )
+    try:
+        try:
+            specs = msgspec.convert(data, list[CallbackSpec])
+        except msgspec.ValidationError as exc:
+            raise explain_validation(str(exc), list[CallbackSpec], data, prefix) from None
+        _add_import_dirs(Path.cwd(), file.parent)
+        build_callbacks(specs, place=prefix)
+    except PlacedConfigError as exc:
+        raise source.error(exc) from None
+    except PlacedMissingExtraError as exc:
+        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
+    return specs
+
+
 # -- checking and building -------------------------------------------------------------
 
 
@@ -245,6 +393,7 @@ def _check_run(config: RunConfig, prefix: Path_) -> None:
         _prefixed(prefix, lambda: import_object(checkpoint, key="checkpoint"))
     _prefixed(prefix, lambda: build_evaluators(config.evaluators, place="evaluators"))
     _prefixed(prefix, lambda: build_callbacks(config.callbacks, place="callbacks"))
+    _prefixed(prefix, lambda: build_transports(config.transports, build=False))
 
 
 def check_config(config: AnyConfig) -> None:
@@ -271,7 +420,7 @@ def check_config(config: AnyConfig) -> None:
 def _context(config: RunConfig) -> LogContext:
     return LogContext(
         output_dir=config.output_dir,
-        config=msgspec.to_builtins(config),
+        config=_redacted(msgspec.to_builtins(config)),
         run_key=config.name,
         run_config={**config.params, "seed": config.seed},
     )
@@ -306,7 +455,7 @@ def build_loop(config: RunConfig) -> TrainingLoop:
         output_dir=config.output_dir,
         run_key=config.name,
         evaluators=build_evaluators(config.evaluators),
-        callbacks=build_callbacks(config.callbacks),
+        callbacks=[*build_callbacks(config.callbacks), *build_transports(config.transports)],
         ctx=_context(config),
         overwrite=config.overwrite,
         **_loop_options(config),
@@ -338,9 +487,11 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         )
     experiment_callbacks = build_callbacks(config.callbacks, place="callbacks")
     concurrent = config.max_concurrency > 1
-    run_callbacks = (
-        [] if concurrent else _prefixed(("run",), lambda: build_callbacks(run.callbacks))
-    )
+
+    def loop_callbacks() -> list[Any]:
+        return [*build_callbacks(run.callbacks), *build_transports(run.transports)]
+
+    run_callbacks = [] if concurrent else _prefixed(("run",), loop_callbacks)
     options = _loop_options(run)
     return Experiment(
         config.name,
@@ -349,14 +500,15 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         repeats=config.repeats,
         output_dir=run.output_dir,
         callbacks=[*experiment_callbacks, *run_callbacks],
-        callback_factory=(lambda: build_callbacks(run.callbacks)) if concurrent else None,
+        callback_factory=loop_callbacks if concurrent else None,
         evaluators=_prefixed(("run",), lambda: build_evaluators(run.evaluators)),
         success_metric=config.success_metric,
         mode=config.mode,
         max_concurrency=config.max_concurrency,
         base_seed=run.seed,
         ctx=LogContext(
-            output_dir=Path(run.output_dir) / config.name, config=msgspec.to_builtins(config)
+            output_dir=Path(run.output_dir) / config.name,
+            config=_redacted(msgspec.to_builtins(config)),
         ),
         loop_options=options,
         overwrite=run.overwrite,

@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "evsys_async"
 
 # the import order: errors -> events -> policies -> bus -> transports -> store -> state
-# -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay -> cli
+# -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay
+# -> consume -> cli
 ORDER = [
     "errors", "_version", "_json", "_secrets", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
     "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
-    "replay", "testing", "cli", "__main__",
+    "replay", "consume", "testing", "cli", "__main__",
 ]  # fmt: skip
 
 

@@ -27,6 +27,7 @@ from .registry import (
     list_callbacks,
     register_callback,
 )
+from .sink import SinkCallback
 from .tensorboard_logger import TensorBoardLoggerCallback
 from .wandb_logger import WandbLoggerCallback
 
@@ -41,6 +42,7 @@ __all__ = [
     "LogContext",
     "LoopState",
     "PrintProgressCallback",
+    "SinkCallback",
     "TensorBoardLoggerCallback",
     "WandbLoggerCallback",
     "build_callbacks",
