@@ -139,14 +139,17 @@ async def consume(
     world_size: int | None = None,
     claim_after: float = 30.0,
     drain_timeout: float = 60.0,
+    count: int = 512,
 ) -> ConsumeResult:
     """Run ``callbacks`` on the events of the run ``run_key`` until it ends.
 
     Files go to a new run dir under ``output_dir`` (or, for a restarted
     consumer, the one it used before). Blocks until every rank of the run
     has ended (see :class:`RanksEnded`), or until cancelled: either way each
-    callback's ``teardown`` runs and its files are complete. Raises
-    ``ValueError`` for a run key that escapes ``output_dir``.
+    callback's ``teardown`` runs and its files are complete. ``count`` is how
+    many entries are read (and acknowledged) at a time. Raises ``ValueError``
+    for a run key that escapes ``output_dir`` and
+    :class:`~evsys_async.transports.RedisUnavailableError` if Redis does not answer.
     """
     source = RedisStreamSource(
         url,
@@ -156,6 +159,7 @@ async def consume(
         rank=rank,
         claim_after=claim_after,
         drain_timeout=drain_timeout,
+        count=count,
     )
     try:
         resume = await anyio.to_thread.run_sync(source.prepare)
@@ -303,13 +307,17 @@ async def tail(
     start: str = "0",
 ) -> TailResult:
     """Print the run ``run_key`` as its progress line does, from its start (``start="$"``:
-    from now on), until every rank has ended; returns each rank's ``TrainEnded``."""
+    from now on), until every rank has ended; returns each rank's ``TrainEnded``.
+
+    Raises :class:`~evsys_async.transports.RedisUnavailableError` if Redis does not
+    answer at the start (later outages are waited out, with one WARNING each)."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     printer = _Printer(out if out is not None else sys.stdout, every, rank)
     source = RedisStreamSource(url, run_key, start=start)
     until = RanksEnded(world_size)
     try:
+        await anyio.to_thread.run_sync(source.prepare)  # Redis away: one clear error
         async with EventBus() as bus:
             bus.subscribe(printer, name="evsys-tail")
             count = await source.forward(bus, until=until)
