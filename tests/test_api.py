@@ -17,7 +17,7 @@ PKG = ROOT / "evsys_async"
 # -> callbacks -> evaluators -> _signals -> loop -> experiment -> config -> demo -> replay
 # -> consume -> cli
 ORDER = [
-    "errors", "_version", "_json", "_secrets", "_log", "_worker", "events", "policies", "subscription", "bus", "transports", "store", "_files",
+    "errors", "_version", "_json", "_secrets", "_log", "_worker", "events", "policies", "subscription", "bus", "coordinator", "transports", "store", "_files",
     "state", "callbacks", "evaluators", "_signals", "loop", "experiment", "config", "demo",
     "replay", "consume", "testing", "cli", "__main__",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from .base import EnvelopeSink, attach
 from .jsonl import JsonlSink, read_jsonl
 from .redis import (
+    RedisCoordinator,
     RedisSinkStats,
     RedisSourceStats,
     RedisStreamSink,
@@ -23,6 +24,7 @@ from .redis import (
 __all__ = [
     "EnvelopeSink",
     "JsonlSink",
+    "RedisCoordinator",
     "RedisSinkStats",
     "RedisSourceStats",
     "RedisStreamSink",

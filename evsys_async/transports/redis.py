@@ -21,11 +21,13 @@ from ._redis import (
     dead_stream,
     events_stream,
 )
+from .redis_coordinator import RedisCoordinator
 from .redis_sink import RedisSinkStats, RedisStreamSink
 from .redis_source import RedisSourceStats, RedisStreamSource, ResumePoint
 
 __all__ = [
     "DEFAULT_URL",
+    "RedisCoordinator",
     "RedisSinkStats",
     "RedisSourceStats",
     "RedisStreamSink",
