@@ -193,7 +193,7 @@ async def test_redis_stopped_and_restarted_mid_run(
     stats = sink.stats()
     assert stats.outages == 1 and stats.spilled_total > 0 and stats.buffered == 0
     assert stats.spilled == 0 and stats.sent >= stats.accepted == n + 2
-    assert artifacts.callback_report["SinkCallback"].failed == 0
+    assert artifacts.callback_report["RedisStreamSink"].failed == 0
     sink_warnings = [r for r in warnings_log.records if "the sink keeps the events" in r.message]
     assert len(sink_warnings) == 1  # one WARNING per outage
     assert not (tmp_path / key / "redis-spill.bin").exists()  # all sent: the file is gone
@@ -292,7 +292,7 @@ async def test_a_password_in_the_url_appears_nowhere(
         client = redis.Redis.from_url(server.url)
         entries = client.xrange(events_stream("secret"))
         client.close()
-    assert len(entries) == artifacts.callback_report["SinkCallback"].delivered
+    assert len(entries) == artifacts.callback_report["RedisStreamSink"].delivered
     stream_text = b"".join(f[b"envelope"] for _, f in entries).decode()
     files = _all_text(tmp_path / "runs")
     assert "127.0.0.1" in warnings_log.text  # the wrong URL was named, redacted

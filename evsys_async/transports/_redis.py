@@ -15,6 +15,7 @@ Clients are redis-py's blocking ones, used from threads of our own
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from .._secrets import redact_url, scrub, secrets_of
@@ -22,6 +23,8 @@ from ..errors import EvsysError, import_extra
 
 __all__ = [
     "DEFAULT_URL",
+    "READ_GROUP",
+    "XADD_ALL",
     "RedisUnavailableError",
     "client",
     "control_stream",
@@ -30,6 +33,8 @@ __all__ = [
     "events_stream",
     "outage_errors",
     "redis_module",
+    "script_refused",
+    "sha1",
     "shown",
     "stream_name",
 ]
@@ -109,3 +114,58 @@ def describe_error(exc: BaseException, url: str) -> str:
 def shown(url: str) -> str:
     """The URL as logs and messages may show it."""
     return redact_url(url)
+
+
+# -- server-side scripts ------------------------------------------------------------------
+#
+# Each turns one batch into one command and one flat reply, so the client's
+# work per entry (packing commands, parsing nested replies in Python) moves to
+# the server, which does it in C: the training process and the consumer keep
+# their CPU for themselves (docs/performance.md). Where scripts are refused (an
+# ACL, a managed Redis), plain commands do the same work.
+
+#: XADD every envelope of ARGV[2..] to KEYS[1], in order (ARGV[1]: the MAXLEN or "")
+XADD_ALL = """
+local maxlen = ARGV[1]
+for i = 2, #ARGV do
+  if maxlen == '' then
+    redis.call('XADD', KEYS[1], '*', 'envelope', ARGV[i])
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'envelope', ARGV[i])
+  end
+end
+return #ARGV - 1
+"""
+
+#: XREADGROUP (not blocking) of up to ARGV[3] new entries of KEYS[1] for group ARGV[1],
+#: consumer ARGV[2]; returns {ids joined by spaces, envelopes joined by newlines}. An
+#: entry without an envelope, or with a newline in it (no JSON envelope has one), or
+#: trimmed away, is an empty string: the caller reads that entry as it is.
+READ_GROUP = """
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                         'STREAMS', KEYS[1], '>')
+if not reply then return {'', ''} end
+local ids, bodies = {}, {}
+for i, entry in ipairs(reply[1][2]) do
+  ids[i] = entry[1]
+  local fields, body = entry[2], ''
+  if fields then
+    for j = 1, #fields, 2 do
+      if fields[j] == 'envelope' then body = fields[j + 1] end
+    end
+    if string.find(body, '\\n', 1, true) then body = '' end
+  end
+  bodies[i] = body
+end
+return {table.concat(ids, ' '), table.concat(bodies, '\\n')}
+"""
+
+
+def sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def script_refused(exc: BaseException) -> bool:
+    """A ResponseError saying scripts may not run here (as opposed to a failed command)."""
+    text = str(exc).lower()
+    return "noperm" in text or "unknown command" in text or "scripts are disabled" in text

@@ -17,6 +17,9 @@ class EnvelopeSink(Protocol):
     ``__call__`` buffers (it runs in the sink's own thread); ``flush`` writes
     the buffer — a failed write keeps it for the next flush, so nothing
     accepted is lost; ``close`` flushes and releases the connection or file.
+    A sink class may set ``nonblocking = True`` when neither ``__call__`` nor
+    ``flush`` ever waits (``flush`` hands over to a thread of the sink's own):
+    ``SinkCallback`` then feeds it on the event loop, without a thread hop.
     """
 
     def __call__(self, envelope: Envelope) -> None: ...

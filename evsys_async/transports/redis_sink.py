@@ -4,8 +4,9 @@ The sink is a bus handler of envelopes (``attach(bus, sink)``, or
 :class:`~evsys_async.callbacks.SinkCallback` in a loop's callbacks). It
 encodes each envelope in its subscriber's thread and, once per delivered
 batch, ``flush`` hands the batch to the sink's own sender thread and returns.
-The sender ``XADD``\\ s pipelined chunks to ``evsys:<run_key>:events``, trimmed
-by an approximate ``MAXLEN``.
+The sender appends chunks of up to ``pipeline_size`` envelopes to
+``evsys:<run_key>:events`` in one round trip each (through a small server-side
+script, else pipelined), trimmed by an approximate ``MAXLEN``.
 
 When Redis cannot be reached the sender keeps the envelopes in order: up to
 ``max_buffered`` in memory, the rest in a spill file (``spill_path``; by
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 
@@ -77,13 +78,17 @@ class RedisStreamSink:
     ``evsys:<run_key>:events`` with ``run_key`` the argument, else each
     event's own run key (so one sink on a shared bus gives each run its
     stream). ``maxlen`` trims the stream approximately (``None``: never).
-    ``pipeline_size`` bounds the envelopes sent in one round trip.
+    ``pipeline_size`` bounds the envelopes sent in one round trip; fewer wait up
+    to ``linger`` seconds after the previous send for more to join them.
     ``backoff`` is ``(base, cap)`` in seconds for the retries. ``close``
     waits up to ``close_timeout`` for the sender to finish.
 
     ``__call__`` and ``flush`` never block on Redis and never raise because of
     it; ``close`` blocks at most ``close_timeout``.
     """
+
+    #: ``__call__`` only encodes and ``flush`` only hands over: safe on the event loop
+    nonblocking: ClassVar[bool] = True
 
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         """The parameters a run config's ``transports: [{kind: redis, params}]`` takes."""
@@ -95,6 +100,7 @@ class RedisStreamSink:
         max_buffered: Annotated[int, msgspec.Meta(ge=1)] = 10_000
         spill_path: str | None = None
         pipeline_size: Annotated[int, msgspec.Meta(ge=1)] = 512
+        linger: Annotated[float, msgspec.Meta(ge=0)] = 0.01
         close_timeout: Annotated[float, msgspec.Meta(ge=0)] = 10.0
 
     def __init__(
@@ -108,6 +114,7 @@ class RedisStreamSink:
         spill_path: str | os.PathLike[str] | None = None,
         pipeline_size: int = 512,
         backoff: tuple[float, float] = (0.05, 2.0),
+        linger: float = 0.01,
         close_timeout: float = 10.0,
         client: Any = None,
     ) -> None:
@@ -123,8 +130,11 @@ class RedisStreamSink:
             raise ValueError(
                 f"RedisStreamSink: backoff must be (base, cap) with 0 < base <= cap, got {backoff}"
             )
-        if close_timeout < 0:
-            raise ValueError(f"RedisStreamSink: close_timeout must be >= 0, got {close_timeout}")
+        if close_timeout < 0 or linger < 0:
+            raise ValueError(
+                "RedisStreamSink: close_timeout and linger must be >= 0, got "
+                f"close_timeout={close_timeout}, linger={linger}"
+            )
         self.url = url
         self.run_key = run_key
         self.stream = stream
@@ -133,6 +143,7 @@ class RedisStreamSink:
         self.pipeline_size = pipeline_size
         self.backoff = (float(base), float(cap))
         self.close_timeout = close_timeout
+        self.linger = linger
         self.name = f"RedisStreamSink#{next(_ids)}"
         self._client = client if client is not None else _redis.client(url)
         self._streams: dict[str, str] = {}
@@ -143,6 +154,7 @@ class RedisStreamSink:
         self._cond = threading.Condition()
         self._handoff: list[tuple[str, bytes]] = []
         self._closing = False
+        self._idle = False
         self._close_deadline = 0.0
         self._thread: threading.Thread | None = None
         # the sender thread's own (read elsewhere only for stats)
@@ -156,6 +168,8 @@ class RedisStreamSink:
         self._retries = 0
         self._down_since: float | None = None
         self._last_error: str | None = None
+        #: the SHA1 of the server-side script that adds a chunk (None: one XADD per entry)
+        self._sha: str | None = _redis.sha1(_redis.XADD_ALL)
 
     # -- the subscriber's thread ---------------------------------------------------
 
@@ -188,7 +202,8 @@ class RedisStreamSink:
                     target=self._run, name=f"evsys-redis-sink:{self.name}", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if self._idle or len(self._handoff) >= self.pipeline_size:
+                self._cond.notify()  # else the sender wakes on its own timer (`linger`)
 
     def close(self) -> None:
         """Send what is left (waiting up to ``close_timeout``), then release the
@@ -286,26 +301,36 @@ class RedisStreamSink:
         base, cap = self.backoff
         backoff = ExponentialWithJitterBackoff(cap=cap, base=base)
         self._take_up_leftovers()
-        failures, next_try = 0, 0.0
+        failures, next_try, last_send = 0, 0.0, 0.0
+        linger, size = self.linger, self.pipeline_size
         while True:
             with self._cond:
-                while not self._handoff:
+                while True:
                     now = time.monotonic()
-                    backlog = self._backlog()
-                    if self._closing and (not backlog or now >= self._close_deadline):
+                    queued = len(self._handoff) + self._backlog()
+                    closing, deadline = self._closing, self._close_deadline
+                    if closing and (not queued or now >= deadline):
                         break
-                    if backlog and now >= next_try:
+                    if not queued:
+                        self._idle = True  # the next flush wakes this thread
+                        self._cond.wait(max(0.0, deadline - now) if closing else None)
+                        self._idle = False
+                        continue
+                    # a full chunk (or the close) goes at once; less waits for more, up to
+                    # `linger` after the previous send: fewer round trips, each of which costs
+                    # the loop's thread a GIL hand-over
+                    full = queued >= size or closing
+                    send_at = next_try if full else max(next_try, last_send + linger)
+                    if now >= send_at:
                         break
-                    wake = [next_try] if backlog else []
-                    if self._closing:
-                        wake.append(self._close_deadline)
-                    self._cond.wait(max(0.0, min(wake) - now) if wake else None)
+                    if self._handoff and self._down_since is not None:
+                        break  # during an outage, take them in now: memory stays bounded
+                    self._cond.wait(send_at - now)
                 incoming, self._handoff = self._handoff, []
-                closing, deadline = self._closing, self._close_deadline
             self._take(incoming)
             if self._backlog() and time.monotonic() >= next_try:
                 if self._send_chunk():
-                    failures = 0
+                    failures, last_send = 0, time.monotonic()
                     with self._cond:
                         self._cond.notify_all()  # wait_sent()
                 else:
@@ -339,15 +364,8 @@ class RedisStreamSink:
         else:
             assert self._spill is not None
             chunk, offset = self._spill.peek(self.pipeline_size)
-        pipe = self._client.pipeline(transaction=False)
-        maxlen = self.maxlen
-        for stream, data in chunk:
-            if maxlen is None:
-                pipe.xadd(stream, {"envelope": data})
-            else:
-                pipe.xadd(stream, {"envelope": data}, maxlen=maxlen, approximate=True)
         try:
-            pipe.execute()
+            self._write(chunk)
         except Exception as exc:  # any failure: keep the chunk and try again later
             self._failed(exc)
             return False
@@ -368,6 +386,75 @@ class RedisStreamSink:
             )
             self._down_since = None
         return True
+
+    def _write(self, chunk: list[tuple[str, bytes]]) -> None:
+        """Append every entry of ``chunk``, in order, in one round trip.
+
+        Each run of entries for one stream goes as one call of a server-side
+        script that adds them in order: one command and one reply per stream
+        instead of one per entry. Where scripts are not allowed (an ACL, a
+        managed Redis), one ``XADD`` per entry does the same. The commands leave
+        in one buffer: each socket write this thread makes must take the GIL
+        back from the loop's thread, so one write a chunk, not dozens, keeps the
+        loop's pace (docs/performance.md).
+        """
+        redis = _redis.redis_module()
+        commands = self._commands(chunk)
+        try:
+            self._round_trip(commands)
+        except redis.exceptions.NoScriptError:  # a restarted Redis forgot the script
+            self._client.script_load(_redis.XADD_ALL)
+            self._round_trip(commands)
+        except redis.ResponseError as exc:
+            if self._sha is None or not _redis.script_refused(exc):
+                raise
+            _log.info(
+                "Redis refuses scripts; the sink sends one XADD per entry instead",
+                sink=self.name,
+                error=_redis.describe_error(exc, self.url),
+            )
+            self._sha = None
+            self._round_trip(self._commands(chunk))
+
+    def _commands(self, chunk: list[tuple[str, bytes]]) -> list[tuple[Any, ...]]:
+        maxlen = self.maxlen
+        trim: tuple[Any, ...] = () if maxlen is None else ("MAXLEN", "~", maxlen)
+        if self._sha is None:
+            return [("XADD", stream, *trim, "*", "envelope", data) for stream, data in chunk]
+        commands: list[tuple[Any, ...]] = []
+        start = 0
+        while start < len(chunk):
+            stream = chunk[start][0]
+            end = start + 1
+            while end < len(chunk) and chunk[end][0] == stream:
+                end += 1
+            datas = [data for _, data in chunk[start:end]]
+            commands.append(
+                ("EVALSHA", self._sha, 1, stream, "" if maxlen is None else maxlen, *datas)
+            )
+            start = end
+        return commands
+
+    def _round_trip(self, commands: list[tuple[Any, ...]]) -> None:
+        """Send ``commands`` in one buffer, read every reply; raise the first error."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([b"".join(conn.pack_commands(commands))])
+            error: BaseException | None = None
+            for _ in commands:
+                try:
+                    conn.read_response()
+                except _redis.redis_module().ResponseError as exc:
+                    error = error or exc  # read the rest: the connection stays in step
+            if error is not None:
+                raise error
+        except BaseException as exc:
+            if not isinstance(exc, _redis.redis_module().ResponseError):
+                conn.disconnect()  # a reply may be left half read
+            raise
+        finally:
+            pool.release(conn)
 
     def _failed(self, exc: BaseException) -> None:
         self._retries += 1

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import msgspec
 
 from .._log import get_logger
@@ -87,12 +88,42 @@ class RedisSourceStats(msgspec.Struct, frozen=True):
     outages: int
 
 
-class _Entry(msgspec.Struct):
-    id: str
+class _Entry(msgspec.Struct, gc=False):
+    id: bytes | str  # as redis-py returns it (acknowledged as is)
     fields: dict[bytes, bytes] | None
     envelope: Envelope | None
     error: str | None
     ack: bool  # acknowledged once handled (group mode, not a replayed entry)
+
+
+class _Prefetch:
+    """The next batch, read in the source's thread while the loop handles this one."""
+
+    def __init__(self, tg: Any, worker: DaemonWorker, read: Callable[[], Any]) -> None:
+        self._tg, self._worker, self._read = tg, worker, read
+        self._start()
+
+    def _start(self) -> None:
+        self._done = anyio.Event()
+        self._value: Any = None
+        self._error: Exception | None = None
+        self._tg.start_soon(self._run, self._done)
+
+    async def _run(self, done: anyio.Event) -> None:
+        try:
+            self._value = await self._worker.call(self._read)
+        except Exception as exc:  # handed to take(); a cancellation propagates
+            self._error = exc
+        done.set()
+
+    async def take(self) -> Any:
+        """The batch read meanwhile (re-raising what the read raised); starts the next."""
+        await self._done.wait()
+        value, error = self._value, self._error
+        if error is not None:
+            raise error
+        self._start()
+        return value
 
 
 def _text(value: bytes | str) -> str:
@@ -172,8 +203,11 @@ class RedisStreamSource:
         self._replay_cursor: str | None = None  # exclusive; None: replay done or none
         self._mode = "pending"
         self._cursor = "0"
-        self._last_id = start  # XREAD mode
+        self._last_id = start  # XREAD mode: the last entry handled
+        self._read_id = start  # XREAD mode: the last entry read (the next batch may be read early)
         self._next_claim = 0.0
+        #: the server-side script that reads new entries (None: plain XREADGROUP)
+        self._read_sha: str | None = _redis.sha1(_redis.READ_GROUP)
         self._down_since: float | None = None
         self._counts = dict.fromkeys(RedisSourceStats.__struct_fields__, 0)
 
@@ -299,21 +333,18 @@ class RedisStreamSource:
 
     def _entries(self, raw: list[Any], *, ack: bool) -> list[_Entry]:
         out: list[_Entry] = []
+        append, decode = out.append, decode_envelope
         for entry_id, fields in raw:
-            eid = _text(entry_id)
-            envelope: Envelope | None = None
-            error: str | None = None
             if fields is None:  # trimmed away while pending: nothing to handle
-                error = None
-            else:
-                data = fields.get(b"envelope")
-                try:
-                    if data is None:
-                        raise ValueError("the entry has no 'envelope' field")
-                    envelope = decode_envelope(data)
-                except Exception as exc:
-                    error = str(exc)
-            out.append(_Entry(eid, fields, envelope, error, ack))
+                append(_Entry(entry_id, None, None, None, ack))
+                continue
+            data = fields.get(b"envelope")
+            try:
+                if data is None:
+                    raise ValueError("the entry has no 'envelope' field")
+                append(_Entry(entry_id, fields, decode(data), None, ack))
+            except Exception as exc:
+                append(_Entry(entry_id, fields, None, str(exc), ack))
         return out
 
     def _next_batch(self) -> list[_Entry]:
@@ -340,8 +371,11 @@ class RedisStreamSource:
     def _read(self) -> list[_Entry]:
         client, stream = self._client, self.stream
         if self.group is None:
-            reply = client.xread({stream: self._last_id}, count=self.count, block=self.block_ms)
-            return self._entries(reply[0][1] if reply else [], ack=False)
+            reply = client.xread({stream: self._read_id}, count=self.count, block=self.block_ms)
+            raw = reply[0][1] if reply else []
+            if raw:
+                self._read_id = _text(raw[-1][0])
+            return self._entries(raw, ack=False)
         if self._replay_cursor is not None:
             assert self._resume is not None
             first = self._resume.first_unacked
@@ -375,10 +409,53 @@ class RedisStreamSource:
                 self._counts["claimed"] += len(claimed)
                 self._next_claim = now  # there may be more
                 return self._entries(claimed, ack=True)
+        if self._read_sha is None:
+            reply = client.xreadgroup(
+                self.group, self.consumer, {stream: ">"}, count=self.count, block=self.block_ms
+            )
+            return self._entries(reply[0][1] if reply else [], ack=True)
+        entries = self._read_by_script()
+        if entries:
+            return entries
+        # nothing new: wait for the next entry, then take what came with it in one go
         reply = client.xreadgroup(
-            self.group, self.consumer, {stream: ">"}, count=self.count, block=self.block_ms
+            self.group, self.consumer, {stream: ">"}, count=1, block=self.block_ms
         )
-        return self._entries(reply[0][1] if reply else [], ack=True)
+        woken = self._entries(reply[0][1] if reply else [], ack=True)
+        return woken + self._read_by_script() if woken else woken
+
+    def _read_by_script(self) -> list[_Entry]:
+        """New entries through the server-side script (one flat reply: cheap to parse);
+        ``[]`` when there are none (the caller then waits with a blocking read)."""
+        redis = _redis.redis_module()
+        args = (1, self.stream, self.group, self.consumer, self.count)
+        try:
+            try:
+                ids, bodies = self._client.evalsha(self._read_sha, *args)
+            except redis.exceptions.NoScriptError:  # a restarted Redis forgot it
+                self._client.script_load(_redis.READ_GROUP)
+                ids, bodies = self._client.evalsha(self._read_sha, *args)
+        except redis.ResponseError as exc:
+            if not _redis.script_refused(exc):
+                raise
+            self._read_sha = None  # plain XREADGROUP from now on
+            return []
+        if not ids:
+            return []
+        out: list[_Entry] = []
+        append, decode = out.append, decode_envelope
+        for entry_id, body in zip(ids.split(b" "), bodies.split(b"\n"), strict=True):
+            if body:
+                try:
+                    append(_Entry(entry_id, None, decode(body), None, True))
+                    continue
+                except Exception:
+                    pass
+            # not a plain envelope (or trimmed away): read the entry as it is
+            found = self._client.xrange(self.stream, entry_id, entry_id)
+            fields = found[0][1] if found else None
+            out += self._entries([(entry_id, fields)], ack=True)
+        return out
 
     def _recover(self, exc: BaseException) -> bool:
         """Handle a failed read: True if it is worth trying again (after a backoff)."""
@@ -409,7 +486,7 @@ class RedisStreamSource:
         time.sleep(min(2.0, 0.05 * 2 ** min(down, 6)))
         return True
 
-    def _settle(self, ids: list[str], dead: list[_Entry]) -> None:
+    def _settle(self, ids: list[bytes | str], dead: list[_Entry]) -> None:
         """Acknowledge ``ids`` and copy ``dead`` entries to the dead-letter stream, in one
         round trip; retried while Redis is away (at least once: a lost ack re-delivers)."""
         while True:
@@ -419,7 +496,7 @@ class RedisStreamSource:
                     fields: dict[Any, Any] = dict(entry.fields or {})
                     fields.update(
                         source_stream=self.stream,
-                        source_id=entry.id,
+                        source_id=_text(entry.id),
                         group=self.group or "",
                         error=entry.error or "",
                     )
@@ -436,16 +513,6 @@ class RedisStreamSource:
 
     # -- the event loop --------------------------------------------------------------
 
-    def _fresh(self, envelope: Envelope) -> bool:
-        key = (envelope.bus_id, envelope.seq)
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        self._order.append(key)
-        if len(self._order) > self._window:
-            self._seen.discard(self._order.popleft())
-        return True
-
     async def forward(
         self,
         bus: Any,
@@ -460,62 +527,95 @@ class RedisStreamSource:
         ``on_envelope(envelope)`` runs on the event loop just before each
         publish (the wire envelope: its ``bus_id``/``seq`` are the producer's).
         With a group, each batch is acknowledged after ``bus.drain()`` says every
-        subscriber handled it. Cancelling stops within ``block_ms``; what was read
-        and not acknowledged is read again by the next ``forward`` or consumer.
+        subscriber handled it. The next batch is read (in the source's thread)
+        while the local subscribers handle this one. Cancelling stops within
+        ``block_ms``; what was read and not acknowledged is read again by the
+        next ``forward`` or consumer (a consumer reads its own pending entries first).
         """
-        worker = DaemonWorker(f"evsys-redis-source:{self.stream}")
-        self._mode, self._cursor = "pending", "0"
+        reader = DaemonWorker(f"evsys-redis-source:{self.stream}")
+        acker = DaemonWorker(f"evsys-redis-ack:{self.stream}")
+        self._mode, self._cursor, self._read_id = "pending", "0", self._last_id
         published = 0
         try:
-            while True:
-                batch: list[_Entry] = await worker.call(self._next_batch)
-                acks: list[str] = []
-                dead: list[_Entry] = []
-                handled = 0
-                stop = False
-                for entry in batch:
-                    handled += 1
-                    if entry.ack:
-                        acks.append(entry.id)
-                    env = entry.envelope
-                    if env is None:
-                        if entry.fields is not None:
-                            self._dead_letter(entry, dead)
-                        continue
-                    if env.bus_id == bus.bus_id or not self._mine(env):
-                        self._counts["skipped"] += 1
-                        continue
-                    if not self._fresh(env):
-                        self._counts["duplicates"] += 1
-                        continue
-                    if on_envelope is not None:
-                        on_envelope(env)
-                    bus.publish(env.event)
-                    published += 1
-                    self._counts["published"] += 1
-                    if not entry.ack and self.group is not None:
-                        self._counts["replayed"] += 1
-                    if until is not None and until(env.event):
-                        stop = True
-                        break
-                if handled:
-                    if self.group is None:
-                        self._last_id = batch[handled - 1].id
-                    if published:
+            # acknowledgements go out in order from their own thread while the next batch
+            # is handled; leaving this block waits for them
+            async with anyio.create_task_group() as acks_tg, anyio.create_task_group() as tg:
+                prefetch = _Prefetch(tg, reader, self._next_batch)
+                while True:
+                    batch: list[_Entry] = await prefetch.take()
+                    acks: list[bytes | str] = []
+                    dead: list[_Entry] = []
+                    handled = fresh = skipped = duplicates = replayed = 0
+                    stop = False
+                    own_bus, rank, publish = bus.bus_id, self.rank, bus.publish
+                    seen, order, window = self._seen, self._order, self._window
+                    for entry in batch:
+                        handled += 1
+                        if entry.ack:
+                            acks.append(entry.id)
+                        env = entry.envelope
+                        if env is None:
+                            if entry.fields is not None:
+                                self._dead_letter(entry, dead)
+                            continue
+                        if env.bus_id == own_bus or (rank is not None and env.event.rank != rank):
+                            skipped += 1
+                            continue
+                        key = (env.bus_id, env.seq)  # the window of recently seen envelopes
+                        if key in seen:
+                            duplicates += 1
+                            continue
+                        seen.add(key)
+                        order.append(key)
+                        if len(order) > window:
+                            seen.discard(order.popleft())
+                        if on_envelope is not None:
+                            on_envelope(env)
+                        publish(env.event)
+                        fresh += 1
+                        if not entry.ack:
+                            replayed += 1
+                        if until is not None and until(env.event):
+                            stop = True
+                            break
+                    published += fresh
+                    counts = self._counts
+                    counts["published"] += fresh
+                    counts["skipped"] += skipped
+                    counts["duplicates"] += duplicates
+                    if self.group is not None:
+                        counts["replayed"] += replayed
+                    if handled and self.group is None:
+                        self._last_id = _text(batch[handled - 1].id)
+                    if fresh:
                         await self._drain(bus)
                     if acks or dead:
-                        await worker.call(self._settle, acks, dead)
-                if stop:
-                    return published
+                        acks_tg.start_soon(self._ack, acker, acks, dead)
+                    if stop:
+                        tg.cancel_scope.cancel()
+                        break
         finally:
-            worker.close()
+            reader.close()
+            acker.close()
+        return published
+
+    async def _ack(self, acker: DaemonWorker, ids: list[bytes | str], dead: list[_Entry]) -> None:
+        try:
+            await acker.call(self._settle, ids, dead)
+        except Exception as exc:  # at least once still holds: they are delivered again
+            _log.warning(
+                "acknowledging a handled batch failed; its entries will be delivered again",
+                stream=self.stream,
+                entries=len(ids),
+                error=_redis.describe_error(exc, self.url),
+            )
 
     def _dead_letter(self, entry: _Entry, dead: list[_Entry]) -> None:
         _log.warning(
             "stream entry does not decode; "
             + ("copied to the dead-letter stream and acknowledged" if self.group else "skipped"),
             stream=self.stream,
-            entry=entry.id,
+            entry=_text(entry.id),
             dead_stream=self.dead_stream if self.group else None,
             error=entry.error,
         )
