@@ -84,7 +84,9 @@ class _LoopSink(SinkCallback):
         self.sink.flush()
 
     async def teardown(self, state: LoopState) -> None:
-        await anyio.to_thread.run_sync(self.sink.close)
+        # close waits (up to the sink's close_timeout) for its sender; past the run's
+        # shutdown deadline the run goes on without waiting for it
+        await anyio.to_thread.run_sync(self.sink.close, abandon_on_cancel=True)
 
 
 _SUBCLASSES: dict[tuple[type, bool], type[SinkCallback]] = {}
