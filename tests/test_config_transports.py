@@ -85,3 +85,15 @@ def test_a_config_without_transports_has_no_sink(tmp_path: Path) -> None:
 def test_sink_callback_refuses_what_is_not_a_sink() -> None:
     with pytest.raises(TypeError, match="has no flush"):
         SinkCallback(print)
+
+
+def test_a_nonblocking_sink_is_fed_on_the_event_loop_and_named_after_it(tmp_path: Path) -> None:
+    from evsys_async.callbacks.base import CallbackAdapter
+    from evsys_async.transports import JsonlSink
+
+    redis_cb = SinkCallback(RedisStreamSink("redis://127.0.0.1:6379/0", "x"))
+    file_cb = SinkCallback(JsonlSink(tmp_path / "e.jsonl"))
+    assert type(redis_cb).__name__ == "RedisStreamSink" and isinstance(redis_cb, SinkCallback)
+    assert type(file_cb).__name__ == "JsonlSink"
+    assert CallbackAdapter(redis_cb, ev.LoopState()).is_async  # no thread hop per event
+    assert not CallbackAdapter(file_cb, ev.LoopState()).is_async  # file writes: its thread

@@ -352,3 +352,24 @@ def test_a_killed_rank_ends_the_others_failed_naming_it(
     for r in survivors:
         assert r["status"] == "failed" and r["stop_rank"] == 3
         assert r["reason"].startswith("rank 3 stopped sending heartbeats")
+
+
+def test_two_ranks_asking_at_once_agree_on_one_decision(redis_url: str, run_key: str) -> None:
+    coordinators = [
+        RedisCoordinator(redis_url, run_key, rank=r, world_size=2, heartbeat=0.2, timeout=5)
+        for r in range(2)
+    ]
+
+    def asking(rank: int) -> Callable[[], dict[str, Any]]:
+        def step(i: int) -> StopRequest | None:
+            return StopRequest(f"rank {rank} had enough", failed=rank == 1) if i == 3 else None
+
+        return lambda: ranks_loop(coordinators[rank], 1000, step)
+
+    results = run_threads([asking(0), asking(1)])
+    decisions = {r["decision"] for r in results}
+    assert len(decisions) == 1
+    (decision,) = decisions
+    assert decision.reason == f"rank {decision.rank} had enough"  # the first proposal's
+    assert decision.failed == (decision.rank == 1) and decision.step == 3
+    assert {r["last_step"] for r in results} == {3}

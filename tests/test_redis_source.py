@@ -251,3 +251,42 @@ def test_bad_arguments_say_what_is_wrong() -> None:
         RedisStreamSource("redis://127.0.0.1:6379/0")
     with pytest.raises(ValueError, match="consumer= needs group="):
         RedisStreamSource("redis://127.0.0.1:6379/0", "k", consumer="c")
+
+
+async def test_prepare_finds_the_step_to_resume_at_and_what_to_hand_again(
+    redis_url: str, run_key: str
+) -> None:
+    from evsys_async.events import EvalEnded, TrainStarted
+
+    events: list[ev.Event] = [TrainStarted(num_steps=10, run_key=run_key)]
+    for step in range(8):
+        events.append(StepEnded(step=step, num_steps=10, run_key=run_key))
+        if step == 4:
+            events.append(EvalEnded(step=4, eval_name="val", run_key=run_key))
+    ids = _add(redis_url, run_key, [Envelope("p", i, e) for i, e in enumerate(events)])
+    client = _client(redis_url)
+    stream = events_stream(run_key)
+    client.xgroup_create(stream, "g", id="0")
+    client.xreadgroup("g", "me", {stream: ">"}, count=9)  # TrainStarted .. EvalEnded(4)
+    client.xack(stream, "g", *ids[:6])  # handled up to StepEnded(4); the eval was not
+    client.close()
+    source = RedisStreamSource(redis_url, run_key, group="g", consumer="me")
+    point = source.prepare()
+    assert point is not None
+    # k = 4 (the eval of step 4 was not acknowledged); StepEnded(4) is handed again
+    assert (point.start_step, point.replay_from, point.first_unacked) == (4, ids[5], ids[6])
+    got = await _collect(source, until=lambda e: getattr(e, "step", None) == 7)
+    source.close()
+    assert [(type(e).__name__, e.step) for e in got][:3] == [  # type: ignore[attr-defined]
+        ("StepEnded", 4),
+        ("EvalEnded", 4),
+        ("StepEnded", 5),
+    ]
+    assert source.stats().replayed == 1
+
+
+async def test_a_new_group_is_not_a_resume(redis_url: str, run_key: str) -> None:
+    _add(redis_url, run_key, _steps(run_key, [0, 1]))
+    source = RedisStreamSource(redis_url, run_key, group="fresh")
+    assert source.prepare() is None
+    source.close()
