@@ -19,8 +19,11 @@ from typing import Any, Protocol
 import anyio
 
 from ._async import on_asyncio
+from ._log import get_logger
 
-__all__ = ["AsyncFile", "append_bytes", "open_async"]
+__all__ = ["AsyncFile", "append_bytes", "open_async", "write_atomic"]
+
+_log = get_logger()
 
 
 class AsyncFile(Protocol):
@@ -73,3 +76,24 @@ async def append_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         await f.write(data)
     finally:
         await f.aclose()
+
+
+def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> bool:
+    """Replace ``path`` with ``data`` atomically and durably: a temp file in the same
+    directory, flushed and fsynced, then ``os.replace``. A reader sees the old
+    file or the new one, never half of one. A failure is logged at WARNING
+    (with the path) and returns ``False``; it never raises.
+    """
+    target = os.fspath(path)
+    tmp = f"{target}.tmp"
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        _log.warning("could not write file", path=target, error=str(exc))
+        return False
+    return True
