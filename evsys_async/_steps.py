@@ -139,6 +139,7 @@ async def train(run: Run) -> Status:
 async def _async_steps(run: Run) -> Status:
     state, step = run.state, run.loop.step
     batch_takers = _batch_takers(run)
+    plan = Plan(run)
     for step_idx in range(run.start_step, state.num_steps):
         state.step = step_idx
         try:
@@ -149,9 +150,10 @@ async def _async_steps(run: Run) -> Status:
         for adapter in batch_takers:
             adapter.offer_batch(step_idx, batch)
         seq = run.emit(StepEnded, step=step_idx, num_steps=state.num_steps, metrics=metrics)
-        ended = await boundary(run, step_idx, seq)
-        if ended is not None:
-            return ended
+        if plan.needed(step_idx):
+            ended = await boundary(run, step_idx, seq)
+            if ended is not None:
+                return ended
         await anyio.lowlevel.checkpoint()  # subscribers and cancellation make progress
     return "completed"
 
@@ -177,6 +179,31 @@ async def _thread_steps(run: Run) -> Status:
         gate.close()  # cancelled: the thread ends after the step in progress
 
 
+class Plan:
+    """Whether the boundary after a step has any work: decided in a few attribute reads,
+    so a boundary without work costs (almost) nothing, on either path."""
+
+    def __init__(self, run: Run) -> None:
+        loop = run.loop
+        self._state = run.state
+        self._every = [
+            every for ev in loop.evaluators if (every := int(getattr(ev, "run_every", 0) or 0))
+        ]
+        self._save_every = loop.save_every if loop.checkpoint is not None else 0
+        # a steering callback sees every step (or a stop): then every boundary has work
+        self._always = run.barrier.applies(StepEnded) or run.barrier.applies(StopRequested)
+
+    def needed(self, step_idx: int) -> bool:
+        """The boundary after ``step_idx`` has work: a steering callback, a request, or
+        an eval or checkpoint due."""
+        if self._always or self._state.has_requests:
+            return True
+        i = step_idx + 1
+        if self._save_every and i % self._save_every == 0:
+            return True
+        return any(i % every == 0 for every in self._every)
+
+
 class Gate:
     """Between the step thread and the run's task: when the thread must stop at a
     boundary, and the hand-over when it does. While it waits for the boundary the
@@ -184,17 +211,11 @@ class Gate:
     there, in the step thread, as it would between two steps)."""
 
     def __init__(self, run: Run, worker: DaemonWorker) -> None:
-        loop = run.loop
         self._run = run
         self._worker = worker
+        self._plan = Plan(run)
         self.num_steps = run.state.num_steps
         self.finished = False
-        self._state = run.state
-        self._every = [
-            every for ev in loop.evaluators if (every := int(getattr(ev, "run_every", 0) or 0))
-        ]
-        self._save_every = loop.save_every if loop.checkpoint is not None else 0
-        self._always = run.barrier.applies(StepEnded) or run.barrier.applies(StopRequested)
         self._stop = False  # the run's task is gone (cancelled): end now
         self._asked: tuple[int, dict[str, float]] | None = None
         self._answer: Status | None = None
@@ -206,12 +227,7 @@ class Gate:
 
     def needed(self, step_idx: int) -> bool:
         """The boundary after ``step_idx`` has work for the event loop (cheap)."""
-        if self._always or self._stop or self._state.has_requests:
-            return True
-        i = step_idx + 1
-        if self._save_every and i % self._save_every == 0:
-            return True
-        return any(i % every == 0 for every in self._every)
+        return self._stop or self._plan.needed(step_idx)
 
     def ask(self, step_idx: int, metrics: dict[str, float]) -> Status | None:
         """Have the run's task publish ``StepEnded`` and pass the boundary; its verdict.
