@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,47 +14,6 @@ from evsys_async.events import CheckpointSaved
 from evsys_async.store import LocalStore
 
 from .helpers import drive, make_state, run_events
-
-
-def test_store_layout_and_atomic_records(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-    eid = store.create_experiment("exp one", config={"a": 1})
-    assert eid.startswith("exp_one-")
-    store.start_run(eid, "arm/a", num_steps=3)
-    assert store.append(eid, "arm/a", "metrics", [{"step": 0}, {"step": 1}]) == 2
-    store.append(eid, "arm/a", "checkpoints", [{"name": "final", "path": Path("/x")}])
-    store.update_run(eid, "arm/a", status="completed")
-    store.update_experiment(eid, status="completed")
-    run_dir = tmp_path / "store" / "experiments" / eid / "runs" / "arm_a"
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-    assert store.read_rows(eid, "arm/a", "metrics") == [{"step": 0}, {"step": 1}]
-    assert store.read_rows(eid, "arm/a", "checkpoints") == [{"name": "final", "path": "/x"}]
-    assert json.loads((tmp_path / "store" / "experiments" / eid / "experiment.json").read_text())[
-        "config"
-    ] == {"a": 1}
-    assert not list((tmp_path / "store").rglob("*.tmp"))
-    with pytest.raises(FileNotFoundError, match="create it first"):
-        store.update_run(eid, "nope", status="x")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        store.append(eid, "arm/a", "logs", [{}])  # type: ignore[arg-type]
-
-
-def test_store_updates_from_many_threads_lose_nothing(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    eid = store.create_experiment("e", experiment_id="e1")
-    store.start_run(eid, "r")
-
-    def work(i: int) -> None:
-        for j in range(20):
-            store.update_run(eid, "r", **{f"k{i}_{j}": j})
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    record = store.read_run(eid, "r")
-    assert record is not None and sum(k.startswith("k") for k in record) == 80
 
 
 @pytest.mark.anyio
