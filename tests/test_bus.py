@@ -51,13 +51,14 @@ async def test_subscribe_outside_the_block_raises_bus_closed() -> None:
     bus = ev.EventBus(close_timeout=5)
     with pytest.raises(ev.BusClosedError, match="async with EventBus"):
         bus.subscribe(Rec())
-    async with bus:
-        await checkpoint()  # see test_a_block_that_never_yields_can_be_left
-    with pytest.raises(ev.BusClosedError):
-        bus.subscribe(Rec())
-    with pytest.raises(ev.BusClosedError, match="entered once"):
+    with anyio.fail_after(WAIT):
         async with bus:
-            pass
+            await checkpoint()  # see test_a_block_that_never_yields_can_be_left
+        with pytest.raises(ev.BusClosedError):
+            bus.subscribe(Rec())
+        with pytest.raises(ev.BusClosedError, match="entered once"):
+            async with bus:
+                pass
     assert isinstance(ev.BusClosedError("x"), RuntimeError)
 
 
@@ -95,22 +96,23 @@ async def test_handler_signature_and_arguments_checked_at_subscribe() -> None:
     def with_default(event: Any, extra: int = 1) -> None: ...
     def star(*args: Any) -> None: ...
 
-    async with ev.EventBus(close_timeout=5) as bus:
-        for bad in (none, two, kw_only):
-            with pytest.raises(TypeError, match="must accept one positional argument"):
-                bus.subscribe(bad)
-        with pytest.raises(TypeError, match="callable"):
-            bus.subscribe(42)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="Event subclasses"):
-            bus.subscribe(Rec(), events=(int,))  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="policy"):
-            bus.subscribe(Rec(), policy="latest")  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="timeout"):
-            bus.subscribe(Rec(), timeout=0)
-        bus.subscribe(with_default)
-        bus.subscribe(star)
-        bus.subscribe(functools.partial(two, "bound"))
-        assert set(bus.stats()) == {"with_default", "star", "two"}
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            for bad in (none, two, kw_only):
+                with pytest.raises(TypeError, match="must accept one positional argument"):
+                    bus.subscribe(bad)
+            with pytest.raises(TypeError, match="callable"):
+                bus.subscribe(42)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="Event subclasses"):
+                bus.subscribe(Rec(), events=(int,))  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="policy"):
+                bus.subscribe(Rec(), policy="latest")  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="timeout"):
+                bus.subscribe(Rec(), timeout=0)
+            bus.subscribe(with_default)
+            bus.subscribe(star)
+            bus.subscribe(functools.partial(two, "bound"))
+            assert set(bus.stats()) == {"with_default", "star", "two"}
 
 
 async def test_async_runs_on_the_loop_def_in_its_own_thread_and_sync_overrides() -> None:
@@ -143,18 +145,20 @@ async def test_async_runs_on_the_loop_def_in_its_own_thread_and_sync_overrides()
 
 
 async def test_bus_ids_differ_by_default() -> None:
-    async with ev.EventBus(close_timeout=5) as a, ev.EventBus(close_timeout=5) as b:
-        assert a.bus_id != b.bus_id and a.last_seq == -1
-        await checkpoint()
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as a, ev.EventBus(close_timeout=5) as b:
+            assert a.bus_id != b.bus_id and a.last_seq == -1
+            await checkpoint()
 
 
 async def test_publish_rejects_non_events() -> None:
-    async with ev.EventBus(close_timeout=5) as bus:
-        with pytest.raises(TypeError):
-            bus.publish("not an event")  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            await bus.publish_and_wait("not an event")  # type: ignore[arg-type]
-        await checkpoint()
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            with pytest.raises(TypeError):
+                bus.publish("not an event")  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                await bus.publish_and_wait("not an event")  # type: ignore[arg-type]
+            await checkpoint()
 
 
 async def test_handler_that_subscribes_and_publishes_does_not_deadlock() -> None:
@@ -293,12 +297,13 @@ async def test_leaving_the_block_drains_everything() -> None:
 
     sync_got: list[int] = []
     n = 500
-    async with ev.EventBus(close_timeout=5) as bus:
-        bus.subscribe(slow)
-        bus.subscribe(slow_sync)
-        for i in range(n):
-            bus.publish(step(i))
-        assert bus.stats()["slow"].pending > 0
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            bus.subscribe(slow)
+            bus.subscribe(slow_sync)
+            for i in range(n):
+                bus.publish(step(i))
+            assert bus.stats()["slow"].pending > 0
     assert slow_got == sync_got == list(range(n))
     st = bus.stats()
     assert st["slow"].delivered == st["slow_sync"].delivered == n
@@ -427,6 +432,7 @@ async def test_block_error_propagates_unwrapped_after_the_drain() -> None:
                 bus.publish(step(i))
             raise KeyError("mine")
 
-    with pytest.raises(KeyError, match="mine"):
-        await body()
+    with anyio.fail_after(WAIT):
+        with pytest.raises(KeyError, match="mine"):
+            await body()
     assert steps_of(got.items) == list(range(50))

@@ -155,12 +155,13 @@ async def test_idle_loop_wakes_for_a_foreign_publish() -> None:
 
 async def test_publish_from_a_thread_before_enter_raises_and_after_close_counts() -> None:
     bus = ev.EventBus(close_timeout=5)
-    with pytest.raises(ev.BusClosedError, match="async with EventBus"):
-        await anyio.to_thread.run_sync(bus.publish, ThrTestMsg(source="x", i=0))
-    with pytest.raises(TypeError):
-        async with bus:
-            await anyio.to_thread.run_sync(bus.publish, "not an event")
-    assert await anyio.to_thread.run_sync(bus.publish, ThrTestMsg(source="x", i=1)) is None
+    with anyio.fail_after(WAIT):
+        with pytest.raises(ev.BusClosedError, match="async with EventBus"):
+            await anyio.to_thread.run_sync(bus.publish, ThrTestMsg(source="x", i=0))
+        with pytest.raises(TypeError):
+            async with bus:
+                await anyio.to_thread.run_sync(bus.publish, "not an event")
+        assert await anyio.to_thread.run_sync(bus.publish, ThrTestMsg(source="x", i=1)) is None
     assert bus.dropped_after_close == 1
 
 
@@ -170,12 +171,13 @@ async def test_publish_from_a_thread_before_enter_raises_and_after_close_counts(
 async def test_publish_after_close_counted_and_logged_once(
     warnings_log: pytest.LogCaptureFixture,
 ) -> None:
-    async with ev.EventBus(close_timeout=5) as bus:
-        got = Rec()
-        bus.subscribe(got)
-    assert bus.publish(step(0)) is None  # never raises
-    bus.publish(step(1))
-    await anyio.to_thread.run_sync(bus.publish, step(2))
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            got = Rec()
+            bus.subscribe(got)
+        assert bus.publish(step(0)) is None  # never raises
+        bus.publish(step(1))
+        await anyio.to_thread.run_sync(bus.publish, step(2))
     assert bus.dropped_after_close == 3
     assert got.items == []
     assert len([m for m in failure_messages(warnings_log) if "after the bus closed" in m]) == 1

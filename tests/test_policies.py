@@ -241,19 +241,22 @@ async def test_memory_bounded_under_a_stuck_bounded_subscriber(policy: ev.Policy
         entered.set()
         release.wait()
 
-    async with ev.EventBus(close_timeout=5) as bus:
-        try:
-            bus.subscribe(stuck, policy=policy, events=(EvalEnded, StepEnded))
-            bus.publish(bus_step(0))
-            await thread_wait(entered)
-            for i in range(1, 5000):
-                bus.publish(EvalEnded(step=i, eval_name="v") if i % 2 else bus_step(i))
-                if i % 100 == 0:
-                    # 8 kept (+ 1 step for Latest) + 1 in its hands
-                    assert bus.stats()["stuck"].pending <= 10
-                    await checkpoint()
-            st = bus.stats()["stuck"]
-            assert st.pending <= 10 and st.max_pending <= 9
-            assert st.dropped == 5000 - st.pending  # every event is kept, in its hands or dropped
-        finally:
-            release.set()
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            try:
+                bus.subscribe(stuck, policy=policy, events=(EvalEnded, StepEnded))
+                bus.publish(bus_step(0))
+                await thread_wait(entered)
+                for i in range(1, 5000):
+                    bus.publish(EvalEnded(step=i, eval_name="v") if i % 2 else bus_step(i))
+                    if i % 100 == 0:
+                        # 8 kept (+ 1 step for Latest) + 1 in its hands
+                        assert bus.stats()["stuck"].pending <= 10
+                        await checkpoint()
+                st = bus.stats()["stuck"]
+                assert st.pending <= 10 and st.max_pending <= 9
+                assert (
+                    st.dropped == 5000 - st.pending
+                )  # every event is kept, in its hands or dropped
+            finally:
+                release.set()
