@@ -25,7 +25,6 @@ printed keys (the files get every key). Rank 0 only.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import IO, Any
 
 import msgspec
 
+from .._files import write_atomic
 from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
@@ -136,7 +136,7 @@ class LocalLoggerCallback(Callback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
             return
-        _write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts))
+        write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts))
 
     def flush(self) -> None:
         """Write what the batch buffered: one write per file."""
@@ -220,9 +220,3 @@ def _get(obj: Any, name: str, default: Any) -> Any:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "benchmark"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
