@@ -38,6 +38,7 @@ from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
 from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
+from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
 from .base import Callback
 from .registry import register_callback
 
@@ -159,7 +160,7 @@ class LocalLoggerCallback(Callback):
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
     ) -> None:
         """Append the predictions to ``<run_dir>/predictions/<name>.jsonl`` (one write)."""
-        name = str(_get(eval_result, "name", None) or "benchmark")
+        name = benchmark_name(eval_result)
         key = getattr(ctx, "run_key", "") or ""
         run_dir = Path(getattr(ctx, "output_dir", ".")) / key if key else Path(ctx.output_dir)
         out = run_dir / "predictions"
@@ -212,11 +213,5 @@ class LocalLoggerCallback(Callback):
         return "\n".join(lines) + "\n"
 
 
-def _get(obj: Any, name: str, default: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "benchmark"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or DEFAULT_BENCHMARK_NAME
