@@ -15,7 +15,8 @@ defaults, so a user subclass may add required fields::
 Subclasses register themselves when defined; the codec decodes every known
 event type as one tagged union (the tag is the class name unless the class
 says ``tag="..."``). Live objects never travel in events: the step's batch
-and the loop's artifacts reach hooks out of band (DESIGN rule 11).
+and the loop's artifacts reach hooks out of band (the callback adapter hands
+them over).
 
 Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 ``coalesce = True``) may be coalesced by a ``Latest`` subscriber.

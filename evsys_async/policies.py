@@ -10,8 +10,8 @@
   oldest go first.
 
 Drops are counted in ``SubscriberStats.dropped`` and reported through
-``SubscriberLagged`` (DESIGN rules 3 and 4). Memory under a stuck bounded
-subscriber is bounded.
+``SubscriberLagged`` (when, is in ``docs/design.md``, "Guarantees"). Memory
+under a stuck bounded subscriber is bounded.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class Hooks(ev.Callback):
         self.log.append((self.tag, "experiment_end", result.best_arm))
 
 
-async def test_seed_order_shared_callbacks_and_best_arm(tmp_path: Path) -> None:
+async def test_original_hook_order_shared_callbacks_and_best_arm(tmp_path: Path) -> None:
     log: list[Any] = []
     arms = [
         ev.Arm("slow", make_step(0.1), params={"gain": 0.5}),

@@ -79,7 +79,7 @@ async def loss_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
     return {"loss": 1.0 / (step_idx + 1)}
 
 
-async def test_seed_example_every_hook_in_order(tmp_path: Path) -> None:
+async def test_original_example_every_hook_in_order(tmp_path: Path) -> None:
     rec, arec, acc = Recorder(), AsyncRecorder(), Acc(run_every=5)
     loop = ev.TrainingLoop(
         loss_step,

@@ -175,7 +175,7 @@ async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
     assert [r["step"] for r in store.read_rows(eid, "r1", "evals")] == EVAL_STEPS
 
 
-def test_every_seed_name_is_registered() -> None:
+def test_every_original_name_is_registered() -> None:
     assert set(ev.list_callbacks()) >= {
         "print_progress",
         "csv_metrics",

@@ -17,7 +17,7 @@ from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
 from .helpers import WAIT
 
 
-def seed_stop_index(
+def original_stop_index(
     values: Sequence[float], patience: int, mode: str, min_delta: float
 ) -> int | None:
     """The original EarlyStoppingCallback.on_eval, verbatim in effect: the index of the
@@ -68,12 +68,12 @@ def feed(
     mode=st.sampled_from(["max", "min"]),
     min_delta=st.sampled_from([0.0, 0.01, 0.5]),
 )
-def test_stops_at_the_same_eval_as_the_seed(
+def test_stops_at_the_same_eval_as_the_original(
     values: list[float], patience: int, mode: str, min_delta: float
 ) -> None:
     cb = EarlyStoppingCallback("acc", patience=patience, mode=mode, min_delta=min_delta)  # type: ignore[arg-type]
     _, stopped = feed(cb, values)
-    assert stopped == seed_stop_index(values, patience, mode, min_delta)
+    assert stopped == original_stop_index(values, patience, mode, min_delta)
 
 
 def test_reason_and_plateau() -> None:
@@ -104,7 +104,7 @@ def test_non_finite_stops_at_once(bad: float) -> None:
     _, stopped = feed(
         EarlyStoppingCallback("loss", mode="min", patience=2, check_finite=False), [1.0, bad, bad]
     )
-    assert stopped == seed_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the original rule
+    assert stopped == original_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the original rule
 
 
 def test_strict_fails_when_the_metric_never_appears_by_the_second_eval() -> None:
@@ -196,7 +196,7 @@ async def test_in_the_loop_stops_before_the_next_step(tmp_path: Path) -> None:
         return {"loss": 1.0}
 
     values = [min(k, 9) / 18 for k in range(4, 100, 5)]
-    k = seed_stop_index(values, 2, "max", 0.0)
+    k = original_stop_index(values, 2, "max", 0.0)
     assert k is not None
     stop_step = 4 + 5 * k  # evals after steps 4, 9, 14, ...: the original stops after step 19
     cb = EarlyStoppingCallback("acc", patience=2)
