@@ -5,10 +5,11 @@ reader sees the old content or the new, never a mix: the new content goes to a
 temporary file beside the target, is flushed and ``fsync``-ed, and moved into
 place with ``os.replace`` (then the directory is ``fsync``-ed, so the rename
 survives a crash). A failure leaves the old file as it was, removes the
-temporary one, and is never silent: it is raised, or with ``errors="log"``
-logged at WARNING naming the file. Every file evsys-async rewrites goes
-through them (the store's records, ``metrics.csv`` when its header widens,
-``summary.md``, a resumed run's trimmed logs).
+temporary one, and is never silent: :func:`write_atomic` logs it at WARNING
+naming the file (or raises it, with ``errors="raise"``); :func:`atomic_writer`
+raises it. Every file evsys-async rewrites goes through them (the manifest,
+``error.txt``, ``callbacks_state.json``, the store's records, ``metrics.csv``
+when its header widens, ``summary.md``, a resumed run's trimmed logs).
 
 aiofiles works on asyncio only (under trio it fails with "no running event
 loop"), so :func:`open_async` picks aiofiles on asyncio and
@@ -79,15 +80,16 @@ def write_atomic(
     path: str | os.PathLike[str],
     data: str | bytes,
     *,
-    errors: Literal["raise", "log"] = "raise",
+    errors: Literal["log", "raise"] = "log",
 ) -> bool:
-    """Replace ``path``'s content with ``data`` (text as UTF-8), atomically (see
-    :func:`atomic_writer`). Returns ``True`` once it is in place.
+    """Replace ``path``'s content with ``data`` (text as UTF-8), atomically and
+    durably (see :func:`atomic_writer`). Returns ``True`` once it is in place.
 
-    ``errors="raise"``: an ``OSError`` propagates. ``errors="log"``: it is
-    logged at WARNING with the path and the error, and ``False`` returned —
-    for files written on the way out, where raising would hide why the run
-    ended.
+    ``errors="log"`` (the default): an ``OSError`` is logged at WARNING with
+    the path and the error, and ``False`` returned; it never raises — for
+    files written on the way out (the manifest), where raising would hide why
+    the run ended. ``errors="raise"``: the ``OSError`` propagates (the store's
+    records: the caller decides).
     """
     try:
         with atomic_writer(path, "wb") as f:

@@ -69,4 +69,4 @@ def trim_jsonl(path: Path, start_step: int) -> None:
                 step = None
             if not isinstance(step, int) or step < start_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    write_atomic(path, "".join(kept))
+    write_atomic(path, "".join(kept), errors="raise")

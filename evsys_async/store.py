@@ -166,4 +166,4 @@ class LocalStore:
     @staticmethod
     def _write_atomic(path: Path, record: Mapping[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, msgspec.json.format(encode_json(record), indent=2))
+        write_atomic(path, msgspec.json.format(encode_json(record), indent=2), errors="raise")

@@ -27,8 +27,10 @@ ORDER = [
     "subscription", "bus",
     # beyond the bus
     "transports", "store", "state", "callbacks", "evaluators", "_signals",
-    # the run and its phases
-    "_rundir", "_resume", "loop",
+    # the run and its phases: the run dir, resume, metrics, checkpoints, evals, steps,
+    # the shutdown, the one execution, the public loop
+    "_rundir", "_resume", "_metrics", "_checkpoints", "_evals", "_steps", "_shutdown",
+    "_run", "loop",
     # on top of runs
     "experiment", "config", "demo", "replay", "testing", "cli", "__main__",
 ]  # fmt: skip

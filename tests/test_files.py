@@ -85,18 +85,18 @@ def test_a_failed_replace_is_raised_and_cleaned_up(tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.mkdir()  # os.replace cannot put a file over a directory
     with pytest.raises(OSError):
-        write_atomic(target, "data")
+        write_atomic(target, "data", errors="raise")
     assert target.is_dir() and _leftovers(tmp_path) == []
 
 
-def test_errors_log_names_the_file_and_returns_false(
+def test_a_failure_is_logged_naming_the_file_or_raised_when_asked(
     tmp_path: Path, warnings_log: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "missing-dir" / "manifest.json"
     with pytest.raises(FileNotFoundError):
-        write_atomic(path, "{}")
+        write_atomic(path, "{}", errors="raise")
     assert warnings_log.records == []  # raised, so not logged as well
-    assert write_atomic(path, "{}", errors="log") is False
+    assert write_atomic(path, "{}") is False  # the default: logged, never raised
     [record] = warnings_log.records
     message = record.getMessage()
     assert message.startswith("could not write file") and str(path) in message

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import anyio
 import anyio.from_thread
@@ -46,7 +46,7 @@ from ..events import (
     TrainStarted,
 )
 from ..policies import Lossless, Policy
-from ..state import LoopArtifacts, LoopState
+from ..state import LoopArtifacts, LoopState, Status
 
 __all__ = [
     "EXPERIMENT_HOOKS",
@@ -293,7 +293,7 @@ class CallbackAdapter:
             run_dir=Path(self.state.output_dir),
             total_requested_steps=event.num_steps,
             steps_completed=event.steps_completed,
-            status=event.status,
+            status=cast(Status, event.status),
             stop_reason=event.stop_reason,
             train_seconds=event.train_seconds,
             error=event.error,

@@ -137,7 +137,7 @@ class LocalLoggerCallback(Callback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
             return
-        write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts))
+        write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts), errors="raise")
 
     def flush(self) -> None:
         """Write what the batch buffered: one write per file."""
