@@ -6,6 +6,8 @@
 * No module of the package imports another module's private (underscore)
   names; from the package's private modules (``_delivery.py`` ...) it imports
   only the names their ``__all__`` documents. Module seams are interfaces.
+* Files are replaced in one place, ``_files.py`` (temp file, fsync, replace):
+  no other module renames files into place.
 """
 
 from __future__ import annotations
@@ -130,3 +132,25 @@ def test_names_from_private_modules_are_the_ones_their_all_documents() -> None:
     )
     stale = set(UNDOCUMENTED_IMPORTS) - used
     assert not stale, f"these UNDOCUMENTED_IMPORTS entries are fixed now; remove them: {stale}"
+
+
+def test_files_are_replaced_only_through_the_atomic_helper() -> None:
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path == PKG / "_files.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("replace", "rename"):
+                continue
+            # os.replace(a, b) / os.rename(a, b); Path.replace(b) / Path.rename(b) take one
+            # argument (str.replace takes two, msgspec.structs.replace keywords)
+            on_os = getattr(node.func.value, "id", "") == "os"
+            one_path = len(node.args) == 1 and not node.keywords
+            if on_os or one_path:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, (
+        "rename a file into place through evsys_async._files (write_atomic or "
+        "atomic_writer: temp file, fsync, replace, failures never silent):\n  " + "\n  ".join(bad)
+    )
