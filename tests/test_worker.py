@@ -1,8 +1,9 @@
 """DaemonWorker and Outcome (``_worker.py``): one dedicated daemon thread, calls one at a time.
 
 What the module promises: every call runs in the same thread (thread-local
-state stays put), a daemon, never the event loop's; calls run in submission
-order; what a call raises is re-raised to the awaiting task; cancelling a call
+state stays put), a daemon started in a copy of its creator's contextvars,
+never the event loop's — or, with ``start=False``, the thread that runs
+``serve()``; calls run in submission order; what a call raises is re-raised to the awaiting task; cancelling a call
 does not stop it (the next call starts after it, ``wait_idle`` waits for it);
 ``close`` never blocks and lets the thread end after what was submitted; a
 result handed to a loop that has ended raises nothing in the thread.
@@ -10,6 +11,7 @@ result handed to a loop that has ended raises nothing in the thread.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Any
 
@@ -188,3 +190,85 @@ def test_an_outcome_settled_after_its_loop_ended_raises_nothing(backend: str) ->
 
 def _raise_key_error() -> None:
     raise KeyError("kept for the awaiting task")
+
+
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("evsys_test_caller", default="")
+
+
+async def test_the_thread_starts_with_a_copy_of_the_creators_contextvars() -> None:
+    token = _CALLER.set("set before the worker was made")
+    try:
+        worker = DaemonWorker("evsys-test-context")
+    finally:
+        _CALLER.reset(token)
+    _CALLER.set("set after")  # a copy, taken at creation: later changes stay here
+    try:
+        with anyio.fail_after(WAIT):
+            assert await worker.call(_CALLER.get) == "set before the worker was made"
+    finally:
+        worker.close()
+
+
+async def test_without_a_thread_of_its_own_the_thread_that_serves_runs_the_calls() -> None:
+    worker = DaemonWorker("evsys-test-served", start=False)
+    served: list[bool] = []
+
+    def serve() -> None:
+        served.append(worker.serve())
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with anyio.fail_after(WAIT):
+            assert await worker.call(_ident) == server.ident
+            assert not worker.busy
+    finally:
+        worker.close()
+    with anyio.fail_after(WAIT):
+        await anyio.to_thread.run_sync(server.join, WAIT)
+    assert served == [False]  # close() ends serve() with False
+
+
+async def test_serve_until_returns_once_the_condition_holds_after_a_call_or_a_nudge() -> None:
+    worker = DaemonWorker("evsys-test-until", start=False)
+    answered = threading.Event()
+    results: list[bool] = []
+
+    def serve_until() -> None:
+        results.append(worker.serve(until=answered.is_set))
+        results.append(worker.serve(until=answered.is_set))  # true at once after a nudge
+
+    server = threading.Thread(target=serve_until, daemon=True)
+    server.start()
+    try:
+        with anyio.fail_after(WAIT):
+            # the call makes the condition true: the first serve() returns right after it,
+            # before it could take anything else from the queue
+            await worker.call(answered.set)
+            worker.nudge()  # no call: the second serve() looks at its condition again
+            await anyio.to_thread.run_sync(server.join, WAIT)
+        assert results == [True, True]
+    finally:
+        worker.close()
+
+
+async def test_busy_while_the_latest_call_runs() -> None:
+    worker = DaemonWorker("evsys-test-busy")
+    entered, release = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    try:
+        assert not worker.busy  # nothing submitted
+        with anyio.fail_after(WAIT):
+            outcome = worker.submit(slow)
+            await anyio.to_thread.run_sync(entered.wait, WAIT)
+            assert worker.busy
+            release.set()
+            await outcome.result()
+        assert not worker.busy
+    finally:
+        release.set()
+        worker.close()
