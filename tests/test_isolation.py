@@ -570,8 +570,9 @@ async def test_the_same_callback_instance_twice_is_refused(tmp_path: Path) -> No
         ev.TrainingLoop(step, num_steps=3, output_dir=tmp_path, callbacks=[cb, cb])
     loop = ev.TrainingLoop(step, num_steps=3, output_dir=tmp_path, callbacks=[cb])
     loop.callbacks.append(cb)  # after construction: still refused before the first step
-    with pytest.raises(ValueError, match="same DefSibling instance"):
-        await loop.run()
+    with anyio.fail_after(WAIT):
+        with pytest.raises(ValueError, match="same DefSibling instance"):
+            await loop.run()
     assert cb.envelopes == []
 
 
