@@ -40,6 +40,7 @@ __all__ = [
     "Handler",
     "Hook",
     "current_delivery",
+    "only_failures",
     "thread_local",
 ]
 

@@ -35,6 +35,7 @@ import evsys_async as ev
 from evsys_async.events import (
     Envelope,
     EvalEnded,
+    Event,
     StepEnded,
 )
 
@@ -210,3 +211,38 @@ async def test_publishes_while_the_bus_closes_are_delivered_or_counted() -> None
         await anyio.to_thread.run_sync(t.join, WAIT)
     late = [e for e in got.items if e.source == "late"]
     assert len(late) + bus.dropped_after_close == 10
+
+
+# -- cross-thread order ------------------------------------------------------------
+
+
+class CausalMsg(Event, kw_only=True):
+    source: str
+    i: int
+
+
+async def test_a_threads_publish_before_the_loops_is_numbered_first() -> None:
+    got: list[Any] = []
+
+    async def record(env: ev.Envelope) -> None:
+        got.append(env)
+
+    with anyio.fail_after(10):
+        async with ev.EventBus() as bus:
+            bus.subscribe(record, events=(CausalMsg,), envelopes=True)
+            for i in range(200):
+                published = threading.Event()
+
+                def from_thread(i: int = i, done: threading.Event = published) -> None:
+                    bus.publish(CausalMsg(source="thread", i=i))
+                    done.set()
+
+                threading.Thread(target=from_thread).start()
+                # block the loop itself (as a step boundary does): the thread's wake
+                # callback cannot run before the loop's own publish below
+                published.wait(10)
+                bus.publish(CausalMsg(source="loop", i=i))  # happens after the thread's
+                await anyio.lowlevel.checkpoint()
+            assert (await bus.drain()).ok
+    sources = [e.event.source for e in sorted(got, key=lambda e: e.seq)]
+    assert sources == ["thread", "loop"] * 200
