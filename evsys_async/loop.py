@@ -93,37 +93,21 @@ class TrainingLoop:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not callable(step):
-            raise TypeError(f"TrainingLoop: step must be callable (state, step_idx), got {step!r}")
-        _check_steps(num_steps, 0)
-        if save_every < 0:
-            raise ValueError(f"TrainingLoop: save_every must be >= 0 (0 = never), got {save_every}")
-        if eval_mode not in ("inline", "background"):
-            raise ValueError(
-                f"TrainingLoop: eval_mode must be 'inline' or 'background', got {eval_mode!r}"
-            )
-        if callback_errors not in ("log", "raise"):
-            raise ValueError(
-                f"TrainingLoop: callback_errors must be 'log' or 'raise', got {callback_errors!r}"
-            )
-        for name, value in (
-            ("eval_timeout", eval_timeout),
-            ("control_timeout", control_timeout),
-            ("drain_timeout", drain_timeout),
-        ):
-            if value <= 0:
-                raise ValueError(f"TrainingLoop: {name} must be > 0 seconds, got {value}")
-        if max_evals_in_flight < 1:
-            raise ValueError(
-                f"TrainingLoop: max_evals_in_flight must be >= 1, got {max_evals_in_flight}"
-            )
-        _check_distinct(callbacks or ())
-        for i, ev in enumerate(evaluators or ()):
-            if not (hasattr(ev, "name") and hasattr(ev, "evaluate")):
-                raise TypeError(
-                    f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
-                    "`async def evaluate(state, step_idx)`"
-                )
+        _check_options(
+            step=step,
+            num_steps=num_steps,
+            save_every=save_every,
+            eval_mode=eval_mode,
+            callback_errors=callback_errors,
+            timeouts={
+                "eval_timeout": eval_timeout,
+                "control_timeout": control_timeout,
+                "drain_timeout": drain_timeout,
+            },
+            max_evals_in_flight=max_evals_in_flight,
+            callbacks=callbacks or (),
+            evaluators=evaluators or (),
+        )
         ctx, out_dir, key = _context(ctx, output_dir, run_key, config)
         self.step = step
         self.num_steps = num_steps
@@ -356,6 +340,48 @@ def _context(
     key = run_key or ctx.run_key or (name if isinstance(name, str) and name else "") or "run"
     ctx.run_key = key
     return ctx, Path(ctx.output_dir if output_dir is None else output_dir), key
+
+
+def _check_options(
+    *,
+    step: Any,
+    num_steps: Any,
+    save_every: int,
+    eval_mode: str,
+    callback_errors: str,
+    timeouts: dict[str, float],
+    max_evals_in_flight: int,
+    callbacks: Sequence[Callback],
+    evaluators: Sequence[Evaluator],
+) -> None:
+    """``TrainingLoop``'s arguments, each with an error that names it and its range."""
+    if not callable(step):
+        raise TypeError(f"TrainingLoop: step must be callable (state, step_idx), got {step!r}")
+    _check_steps(num_steps, 0)
+    if save_every < 0:
+        raise ValueError(f"TrainingLoop: save_every must be >= 0 (0 = never), got {save_every}")
+    if eval_mode not in ("inline", "background"):
+        raise ValueError(
+            f"TrainingLoop: eval_mode must be 'inline' or 'background', got {eval_mode!r}"
+        )
+    if callback_errors not in ("log", "raise"):
+        raise ValueError(
+            f"TrainingLoop: callback_errors must be 'log' or 'raise', got {callback_errors!r}"
+        )
+    for name, value in timeouts.items():
+        if value <= 0:
+            raise ValueError(f"TrainingLoop: {name} must be > 0 seconds, got {value}")
+    if max_evals_in_flight < 1:
+        raise ValueError(
+            f"TrainingLoop: max_evals_in_flight must be >= 1, got {max_evals_in_flight}"
+        )
+    _check_distinct(callbacks)
+    for i, ev in enumerate(evaluators):
+        if not (hasattr(ev, "name") and hasattr(ev, "evaluate")):
+            raise TypeError(
+                f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
+                "`async def evaluate(state, step_idx)`"
+            )
 
 
 def _check_steps(num_steps: int, start_step: int) -> None:

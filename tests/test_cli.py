@@ -57,7 +57,7 @@ def test_run_without_config_is_the_demo(tmp_path: Path) -> None:
     assert "status: completed — 200 of 200 steps" in out
     assert "best eval: val/pass_rate = " in out
     assert f"files: {Path('runs') / 'demo'}/" in out
-    assert "EarlyStoppingCallback  ok" in out
+    assert "early_stopping  ok" in out
     assert_complete_files(tmp_path / "runs" / "demo", "completed")
     with open(tmp_path / "runs" / "demo" / "metrics.csv", newline="") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
@@ -470,13 +470,12 @@ def test_the_summary_says_coalesced_by_design_and_hides_its_own_tracker(tmp_path
     )
     proc = cli("run", "run.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  SlowBar")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  slow_bar")]
     assert "coalesced (by design" in line and "dropped" not in line and line.split()[1] == "ok"
     manifest = json.loads((tmp_path / "runs" / "bar" / "manifest.json").read_text())
-    assert list(manifest["callback_report"]) == [
-        "SlowBar"
-    ]  # the CLI's eval tracker is not a callback
-    assert manifest["callback_report"]["SlowBar"]["coalesced"] >= 1
+    # reported under its registered name; the CLI's eval tracker is not a callback
+    assert list(manifest["callback_report"]) == ["slow_bar"]
+    assert manifest["callback_report"]["slow_bar"]["coalesced"] >= 1
 
 
 def test_steps_count_from_1_and_eval_names_match_the_files(tmp_path: Path) -> None:
@@ -589,7 +588,7 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  wandb_logger")]
     assert line.split()[1] == "ok", line  # WANDB_MODE=offline: no API key needed
     assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
     # a logger that switched itself off says so, in the summary and in the manifest
@@ -602,11 +601,11 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  wandb_logger")]
     assert "off: wandb init failed: " in line and " ok " not in line, line
     run_dir = tmp_path / "runs" / "wb-1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["callback_report"]["WandbLoggerCallback"]["disabled"].startswith(
+    assert manifest["callback_report"]["wandb_logger"]["disabled"].startswith(
         "wandb init failed"
     )
 

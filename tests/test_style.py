@@ -149,3 +149,25 @@ def test_files_are_replaced_only_through_the_atomic_helper() -> None:
         "rename a file into place through evsys_async._files (write_atomic or "
         "atomic_writer: temp file, fsync, replace, failures never silent):\n  " + "\n  ".join(bad)
     )
+
+
+def test_no_function_over_sixty_lines() -> None:
+    """A function a reader can hold in one screen: at most 60 lines of body (its
+    docstring not counted), everywhere in the package."""
+    long: list[str] = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            body = node.body
+            if (
+                len(body) > 1
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                body = body[1:]
+            lines = (node.end_lineno or node.lineno) - body[0].lineno + 1
+            if lines > 60:
+                long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({lines})")
+    assert not long, "split these functions: " + ", ".join(long)

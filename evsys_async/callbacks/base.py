@@ -183,7 +183,8 @@ class CallbackAdapter:
     def __init__(self, callback: Callback, state: LoopState) -> None:
         self.callback = callback
         self.state = state
-        self.name = type(callback).__name__
+        # reported and logged under its name: the registered kind (csv_metrics), else its class
+        self.name = str(getattr(callback, "name", "") or type(callback).__name__)
         self._batch: tuple[int, Any] | None = None
         for hook, arity in {
             **dict(LOOP_HOOKS.values()),
