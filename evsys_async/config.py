@@ -42,15 +42,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from .callbacks.registry import (
-    CallbackSpec,
+from ._kinds import explain_validation
+from .callbacks.registry import CallbackSpec, build_callbacks
+from .errors import (
+    ConfigError,
     PlacedConfigError,
     PlacedMissingExtraError,
-    build_callbacks,
-    explain_validation,
+    describe,
+    did_you_mean,
     format_path,
 )
-from .errors import ConfigError, describe, did_you_mean
 from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop

@@ -18,7 +18,7 @@ PKG = ROOT / "evsys_async"
 # until it is put here); a planned one may be listed before it exists.
 ORDER = [
     # the ground: errors, version, logging, the async utilities, files, JSON
-    "errors", "_version", "_secrets", "_log", "_async", "_files", "_json", "_traceback",
+    "errors", "_version", "_secrets", "_log", "_kinds", "_async", "_files", "_json", "_traceback",
     "_worker", "_frozen",
     # events and what a subscriber's buffer keeps
     "events", "policies",
