@@ -31,7 +31,13 @@ import anyio.lowlevel
 from ._async import LoopWaker
 from ._worker import DaemonWorker
 
-__all__ = ["Interrupted", "handled_signals", "run_beside", "run_with_signals"]
+__all__ = [
+    "Interrupted",
+    "handled_signals",
+    "run_beside",
+    "run_with_signals",
+    "signal_name",
+]
 
 T = TypeVar("T")
 
@@ -46,7 +52,7 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, value: Any = None) -> None:
-        super().__init__(f"interrupted by {_signal_name(signum)}")
+        super().__init__(f"interrupted by {signal_name(signum)}")
         self.signum = signum
         self.value = value
 
@@ -55,7 +61,8 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
+    """``SIGINT`` for 2; ``signal 99`` for a number that names none."""
     try:
         return signal.Signals(signum).name
     except ValueError:

@@ -29,7 +29,7 @@ from typing import Any, TextIO, cast
 
 import msgspec
 
-from ._signals import Interrupted, run_with_signals
+from ._signals import Interrupted, run_with_signals, signal_name
 from ._traceback import user_traceback
 from ._version import __version__
 from .bus import EventBus
@@ -200,7 +200,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     def on_signal(signum: int) -> None:
         print(
-            f"\nevsys-async: {_signame(signum)} received: stopping after the shutdown "
+            f"\nevsys-async: {signal_name(signum)} received: stopping after the shutdown "
             "(send it again to exit at once)",
             file=err,
             flush=True,
@@ -237,7 +237,7 @@ def _run_experiment(config: ExperimentConfig, backend: str, out: TextIO, err: Te
     try:
         result: ExperimentResult = run_with_signals(experiment.run, backend=backend)
     except Interrupted as exc:
-        print(f"experiment {config.name}: interrupted by {_signame(exc.signum)}", file=out)
+        print(f"experiment {config.name}: interrupted by {signal_name(exc.signum)}", file=out)
         return exc.exit_code
     print(f"experiment {config.name}: {len(result.arms)} arm(s) x {config.repeats}", file=out)
     failed = False
@@ -425,15 +425,6 @@ def _print_summary(
         for name, h in report.items():
             lines.append(f"  {name:<{width}}  {_health(h)}")
     print("\n".join(lines), file=out, flush=True)
-
-
-def _signame(signum: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 # -- entry points ----------------------------------------------------------------------
