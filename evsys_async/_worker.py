@@ -82,12 +82,20 @@ class DaemonWorker:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
+        return await self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Outcome:
+        """Queue ``fn(*args)`` without waiting; ``await outcome.result()`` later.
+
+        Lets a task keep a call in flight while it does other work (replay
+        decodes the next block while it publishes this one). On the event loop.
+        """
         if self._waker is None:
             self._waker = LoopWaker()
         outcome = Outcome.new(self._waker)
         self._last = outcome
         self._queue.put((fn, args, outcome))
-        return await outcome.result()
+        return outcome
 
     async def wait_idle(self) -> None:
         """Wait until the latest call submitted has returned (e.g. after cancelling it)."""

@@ -42,6 +42,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from .callbacks.base import Callback
 from .callbacks.registry import (
     CallbackSpec,
     PlacedConfigError,
@@ -66,6 +67,7 @@ __all__ = [
     "check_config",
     "encode_config",
     "import_object",
+    "load_callbacks",
     "load_config",
 ]
 
@@ -386,6 +388,9 @@ class _Source:
         self.text = text
         self.fmt = fmt
         self.root: yaml.Node | None = None
+        #: a leading part of every error's path that the file itself does not spell
+        #: (a callbacks file that is a bare list: its errors say ``callbacks[1]...``)
+        self.implicit: Path_ = ()
 
     def parse(self) -> Any:
         if self.fmt == "yaml":
@@ -430,6 +435,8 @@ class _Source:
         node = self.root
         if node is None:
             return None
+        if self.implicit and path[: len(self.implicit)] == self.implicit:
+            path = path[len(self.implicit) :]
         line = node.start_mark.line + 1
         for part in path:
             if isinstance(node, yaml.MappingNode):
@@ -561,13 +568,7 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
     field 'patiense' — did you mean 'patience'?``.
     """
     file = Path(path)
-    fmt = _format_of(file)
-    try:
-        data_bytes = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
-    text = _text_of(file, data_bytes)
-    source = _Source(file, text, fmt)
+    source = _read_source(file)
     data = source.parse()
     if not isinstance(data, Mapping):
         raise ConfigError(
@@ -590,6 +591,54 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
     except PlacedMissingExtraError as exc:  # a kind whose extra is not installed here
         raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
     return config
+
+
+def _read_source(file: Path) -> _Source:
+    fmt = _format_of(file)
+    try:
+        data_bytes = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
+    return _Source(file, _text_of(file, data_bytes), fmt)
+
+
+def load_callbacks(path: str | os.PathLike[str]) -> list[Callback]:
+    """Build the callbacks a file lists (``evsys-async replay --callbacks FILE``).
+
+    The file is YAML, TOML or JSON: a list of ``{kind, params}``, or a mapping
+    whose one key ``callbacks`` holds that list (TOML has no top-level list:
+    ``[[callbacks]]``). Checked as a run config's ``callbacks:`` is; raises
+    :class:`ConfigError` naming the file, the line (YAML) and the place, e.g.
+    ``cbs.yaml:3: callbacks[1].params.out_pat (csv_metrics): unknown field
+    'out_pat' — did you mean 'out_path'?``.
+    """
+    file = Path(path)
+    source = _read_source(file)
+    data = source.parse()
+    try:
+        if isinstance(data, Mapping):
+            for key in data:
+                if key != "callbacks":
+                    hint = did_you_mean(str(key), ["callbacks"], ";")
+                    raise PlacedConfigError(
+                        (str(key),),
+                        f"unknown key {key!r}{hint} a callbacks file is a list of "
+                        "{kind, params}, or holds that list under 'callbacks'",
+                    )
+            specs = data.get("callbacks", [])
+        elif isinstance(data, list):
+            specs = data
+            source.implicit = ("callbacks",)
+        else:
+            raise ConfigError(
+                f"{file}: a callbacks file is a list of {{kind, params}} (or a mapping with "
+                f"the key 'callbacks'), got {type(data).__name__}"
+            )
+        return build_callbacks(specs, place="callbacks")
+    except PlacedConfigError as exc:
+        raise source.error(exc) from None
+    except PlacedMissingExtraError as exc:  # a kind whose extra is not installed here
+        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
 
 
 def encode_config(config: AnyConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:

@@ -212,6 +212,7 @@ class EventLogReader:
         self._carry = b""
         self._eof = False
         self._ready: list[LogBatch] = []
+        self._error: EventDecodeError | None = None
 
     def open(self) -> None:
         """Open the file (``read`` does it too); raises ``FileNotFoundError`` naming it."""
@@ -228,14 +229,24 @@ class EventLogReader:
         self._eof = True
 
     def read(self) -> LogBatch | None:
-        """The next batch: a header with the envelopes after it, or envelopes alone."""
+        """The next batch: a header with the envelopes after it, or envelopes alone.
+
+        The lines before a malformed one are returned first; the error comes with
+        the call after them (and every call after that).
+        """
         self.open()
         while True:
-            if self._ready and (len(self._ready) > 1 or self._eof or self._ready[0].envelopes):
-                return self._ready.pop(0)
+            ready = self._ready
+            if ready and (len(ready) > 1 or self._eof or self._error or ready[0].envelopes):
+                return ready.pop(0)
+            if self._error is not None:
+                raise self._error
             if self._eof:
                 return None
-            self._read_block()
+            try:
+                self._read_block()
+            except EventDecodeError as exc:
+                self._error = exc
 
     def _read_block(self) -> None:
         assert self._file is not None
