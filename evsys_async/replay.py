@@ -302,6 +302,7 @@ class _Replay:
         self.ctx: LogContext | None = None
         self.num_steps = 0
         self.read = 0
+        self.published = 0
         self.filtered = 0
         self.unknown: dict[str, int] = {}
         self.checkpoints: list[dict[str, Any]] = []
@@ -326,7 +327,7 @@ class _Replay:
             batch = await self._segment(batch)
         report.events_read = self.read
         report.events_filtered = self.filtered
-        report.events_published = self.read - self.filtered
+        report.events_published = self.published
         report.skipped = list(self.blocks.reader.skipped)
         report.unknown_types = dict(self.unknown)
         report.callback_report = {
@@ -435,6 +436,7 @@ class _Replay:
         """Publish every kept event (the hot path: a few dict lookups per event)."""
         publish, wanted, kept = bus.publish, self.wanted, self._kept
         last: int | None = None
+        published = 0
         for envelope in envelopes:
             event = envelope.event
             cls = type(event)
@@ -448,6 +450,8 @@ class _Replay:
                     self.filtered += 1
                     continue
             last = publish(event)
+            published += 1
+        self.published += published
         return last
 
     async def _publish_paced(
@@ -477,6 +481,7 @@ class _Replay:
                 if 0 < delay < math.inf:
                     await anyio.sleep(delay)
             last = bus.publish(event)
+            self.published += 1
         return last
 
     def _keeps(self, event: Event) -> bool:
