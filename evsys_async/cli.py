@@ -428,6 +428,9 @@ def _print_replay(report: ReplayReport, out: TextIO) -> None:
     lines = ["", f"replayed {counts} from {report.source} in {report.seconds:.2f} s"]
     if report.segments > 1:
         lines.append(f"resumed runs: {report.segments - 1} resume boundary(ies) replayed as such")
+    for name, close in report.only_unmatched.items():
+        hint = f" — did you mean {close!r}?" if close else ""
+        lines.append(f"--only {name}: no event of this type in the log{hint}")
     for kind, n in sorted(report.unknown_types.items()):
         lines.append(f"unknown event type {kind!r} ({n:,}): delivered to on_event as UnknownEvent")
     for skipped in report.skipped:

@@ -25,6 +25,7 @@ run did, so their files come out as the live ones did.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import time
@@ -42,7 +43,6 @@ from ._rundir import claim_run_dir
 from ._worker import DaemonWorker, Outcome
 from .bus import EventBus, Subscription
 from .callbacks.base import Callback, CallbackAdapter
-from .errors import did_you_mean
 from .events import (
     CheckpointSaved,
     Envelope,
@@ -78,7 +78,9 @@ class ReplayReport:
     """What a replay read, published and skipped, and how each callback fared.
 
     ``events_read`` = ``events_published`` + ``events_filtered`` (left out by
-    ``only``). ``skipped`` lists the lines not read, each with its line number
+    ``only``); ``only_unmatched`` maps each ``only`` name that matched no event
+    to the closest event type name known or seen (``None`` if none is close):
+    a typo, most likely. ``skipped`` lists the lines not read, each with its line number
     and reason: a truncated last line, and malformed lines under
     ``skip_bad``. ``unknown_types`` counts events of types not defined here
     (delivered as :class:`~evsys_async.events.UnknownEvent`). ``segments`` is 1,
@@ -95,6 +97,7 @@ class ReplayReport:
     events_read: int = 0
     events_published: int = 0
     events_filtered: int = 0
+    only_unmatched: dict[str, str | None] = field(default_factory=dict)
     skipped: list[SkippedLine] = field(default_factory=list)
     unknown_types: dict[str, int] = field(default_factory=dict)
     segments: int = 0
@@ -190,8 +193,9 @@ def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
 
 
 def _check_only(only: str | Iterable[str] | None) -> frozenset[str] | None:
-    """The event type names to keep; a name close to a known one but not it is refused
-    (a name unknown here may be a user's type that is not importable: kept)."""
+    """The event type names to keep. Names are not checked against the types known
+    here: a user's type that is not importable here is a fine name (the report says
+    which names matched nothing, with the closest type name)."""
     if only is None:
         return None
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only)]
@@ -199,12 +203,6 @@ def _check_only(only: str | Iterable[str] | None) -> frozenset[str] | None:
         raise ValueError(
             f"replay: only= takes event type names such as 'StepEnded,EvalEnded', got {only!r}"
         )
-    known = event_types()
-    for name in names:
-        if name not in known:
-            hint = did_you_mean(name, known)
-            if hint:
-                raise ValueError(f"replay: only: no event type {name!r}{hint}")
     return frozenset(names)
 
 
@@ -307,6 +305,7 @@ class _Replay:
         self.unknown: dict[str, int] = {}
         self.checkpoints: list[dict[str, Any]] = []
         self._kept: dict[type, bool] = {}
+        self.matched: set[str] = set()  # the ``only`` names that kept an event
         self._origin: tuple[float, float] | None = None  # (recorded ts, monotonic) for pacing
         self.health: list[CallbackHealth | None] = [None] * len(callbacks)
         self.names = [type(cb).__name__ for cb in callbacks]
@@ -330,6 +329,11 @@ class _Replay:
         report.events_published = self.published
         report.skipped = list(self.blocks.reader.skipped)
         report.unknown_types = dict(self.unknown)
+        if self.wanted is not None:
+            names = [*event_types(), *self.unknown]
+            for name in sorted(self.wanted - self.matched):
+                close = difflib.get_close_matches(name, names, n=1)
+                report.only_unmatched[name] = close[0] if close else None
         report.callback_report = {
             name: h for name, h in zip(self.names, self.health, strict=True) if h is not None
         }
@@ -490,14 +494,15 @@ class _Replay:
         wanted = self.wanted
         assert wanted is not None
         cls = type(event)
+        names: set[Any]
         if cls is UnknownEvent:
-            return event.event_type in wanted or "UnknownEvent" in wanted  # type: ignore[attr-defined]
-        keep = any(
-            getattr(getattr(base, "__struct_config__", None), "tag", None) in wanted
-            for base in cls.__mro__
-        )
-        self._kept[cls] = keep
-        return keep
+            names = {event.event_type, "UnknownEvent"} & wanted  # type: ignore[attr-defined]
+        else:
+            names = {getattr(b, "__struct_config__", None) for b in cls.__mro__}
+            names = {getattr(config, "tag", None) for config in names} & wanted
+            self._kept[cls] = bool(names)
+        self.matched |= names
+        return bool(names)
 
     def _note(self, state: LoopState, event: Any) -> None:
         """What the rebuilt state learns from the rarer events."""
