@@ -217,6 +217,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         run_with_signals(main, backend=args.backend, on_signal=on_signal)
     except Interrupted as exc:
         code = exc.exit_code
+    except KeyboardInterrupt:  # raised by the step or a hook, not a signal: shut down
+        code = 130
+    except SystemExit as exc:  # likewise: its code, after the shutdown
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except Exception as exc:
         failure = exc
         code = EXIT_FAILED

@@ -15,7 +15,8 @@ defaults, so a user subclass may add required fields::
 Subclasses register themselves when defined; the codec decodes every known
 event type as one tagged union (the tag is the class name unless the class
 says ``tag="..."``). Live objects never travel in events: the step's batch
-and the loop's artifacts reach hooks out of band (DESIGN rule 11).
+and the loop's artifacts reach hooks out of band (the callback adapter hands
+them over).
 
 Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 ``coalesce = True``) may be coalesced by a ``Latest`` subscriber.
@@ -23,7 +24,6 @@ Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeAlias
@@ -31,6 +31,7 @@ from typing import Any, ClassVar, TypeAlias
 import msgspec
 
 from ._frozen import freeze, freeze_flat
+from ._json import non_finite_as_strings
 from .errors import EventDecodeError, did_you_mean
 
 __all__ = [
@@ -361,7 +362,7 @@ def encode(obj: Event | Envelope, *, format: str = "json") -> bytes:
     if format == "json":
         data = _json_encoder.encode(obj)
         if b"null" in data:  # msgspec writes NaN and +-inf as null: keep them
-            fixed = _non_finite_as_strings(msgspec.to_builtins(obj))
+            fixed = non_finite_as_strings(msgspec.to_builtins(obj))
             if fixed is not None:
                 data = _json_encoder.encode(fixed)
         return data
@@ -397,25 +398,6 @@ def _unknown(raw: Any, format: str) -> UnknownEvent | None:
         )
     except msgspec.ValidationError:
         return None
-
-
-def _non_finite_as_strings(value: Any) -> Any:
-    """``value`` with NaN/inf floats as "nan"/"inf"/"-inf", or ``None`` if it has none."""
-    changed = False
-
-    def walk(v: Any) -> Any:
-        nonlocal changed
-        if isinstance(v, float) and not math.isfinite(v):
-            changed = True
-            return str(v)
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        return v
-
-    out = walk(value)
-    return out if changed else None
 
 
 def _index(format: str) -> int:

@@ -83,6 +83,16 @@ def failing(state, step_idx):
     if step_idx == 2:
         raise RuntimeError("diverged")
     return {"loss": 1.0}
+
+async def interrupting(state, step_idx):
+    if step_idx == 2:
+        raise KeyboardInterrupt
+    return {"loss": 1.0}
+
+def exiting(state, step_idx):
+    if step_idx == 2:
+        raise SystemExit(3)
+    return {"loss": 1.0}
 """
 
 CONFIG = """\
@@ -123,6 +133,19 @@ def test_a_failed_step_exits_1(tmp_path: Path) -> None:
     assert "RuntimeError: diverged" in proc.stderr
     assert "status: failed — 2 of 12 steps" in proc.stdout
     assert_complete_files(tmp_path / "runs" / "mine", "failed")
+
+
+@pytest.mark.parametrize(("step", "code"), [("interrupting", 130), ("exiting", 3)])
+def test_an_interrupt_from_the_step_prints_the_summary_and_exits_with_its_code(
+    tmp_path: Path, step: str, code: int
+) -> None:
+    (tmp_path / "mysteps.py").write_text(STEPS)
+    (tmp_path / "run.yaml").write_text(CONFIG.format(step=f"mysteps:{step}"))
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert "status: cancelled — 2 of 12 steps" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert_complete_files(tmp_path / "runs" / "mine", "cancelled")
 
 
 TYPO = """\

@@ -446,9 +446,15 @@ async def test_a_newer_format_version_says_so_and_stops(tmp_path: Path) -> None:
 
 
 async def test_a_missing_source_names_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"has no events\.jsonl: .*local_logger"):
+    with (
+        anyio.fail_after(10),
+        pytest.raises(FileNotFoundError, match=r"has no events\.jsonl: .*local_logger"),
+    ):
         await ev.replay(tmp_path, [])
-    with pytest.raises(FileNotFoundError, match="no such event log or run directory"):
+    with (
+        anyio.fail_after(10),
+        pytest.raises(FileNotFoundError, match="no such event log or run directory"),
+    ):
         await ev.replay(tmp_path / "nope", [])
 
 

@@ -26,7 +26,6 @@ printed keys (the files get every key). Rank 0 only.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,12 +33,14 @@ from typing import IO, Any
 
 import msgspec
 
+from .._files import write_atomic
 from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
 from ..transports.jsonl import log_header
 from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
+from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
 from .base import Callback
 from .registry import register_callback
 
@@ -141,7 +142,7 @@ class LocalLoggerCallback(Callback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
             return
-        _write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts))
+        write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts), errors="raise")
 
     def flush(self) -> None:
         """Write what the batch buffered: one write per file."""
@@ -164,7 +165,7 @@ class LocalLoggerCallback(Callback):
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
     ) -> None:
         """Append the predictions to ``<run_dir>/predictions/<name>.jsonl`` (one write)."""
-        name = str(_get(eval_result, "name", None) or "benchmark")
+        name = benchmark_name(eval_result)
         key = getattr(ctx, "run_key", "") or ""
         run_dir = Path(getattr(ctx, "output_dir", ".")) / key if key else Path(ctx.output_dir)
         out = run_dir / "predictions"
@@ -217,17 +218,5 @@ class LocalLoggerCallback(Callback):
         return "\n".join(lines) + "\n"
 
 
-def _get(obj: Any, name: str, default: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "benchmark"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or DEFAULT_BENCHMARK_NAME

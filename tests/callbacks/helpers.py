@@ -13,6 +13,9 @@ import evsys_async as ev
 from evsys_async.callbacks.base import CallbackAdapter
 from evsys_async.events import Event, StepEnded, TrainEnded, TrainStarted
 
+#: the fail_after around every test's waits: generous, never reached when all is well
+WAIT = 30.0
+
 
 def make_state(
     tmp_path: Path, *, run_key: str = "r1", num_steps: int = 10, **kw: Any

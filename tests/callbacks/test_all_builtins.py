@@ -176,7 +176,7 @@ async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
     assert [r["step"] for r in store.read_rows(eid, "r1", "evals")] == EVAL_STEPS
 
 
-def test_every_seed_name_is_registered() -> None:
+def test_every_original_name_is_registered() -> None:
     assert set(ev.list_callbacks()) >= {
         "print_progress",
         "csv_metrics",
@@ -191,8 +191,8 @@ def test_every_seed_name_is_registered() -> None:
 
 def test_builtins_import_no_bus_loop_or_sibling() -> None:
     """Imports point one way: a built-in imports only events, state, base, registry, errors, _log,
-    _files, store, policies (for its class attribute) and a transport (jsonl: the event log's
-    header line)."""
+    _files, _json, store, the built-ins' helpers (_format, _values), policies for its class
+    attribute, and a transport (jsonl: the event log's header line)."""
     import ast
 
     allowed = {
@@ -206,6 +206,7 @@ def test_builtins_import_no_bus_loop_or_sibling() -> None:
         "store",
         "policies",
         "_format",
+        "_values",
         "_json",
         "jsonl",
     }
