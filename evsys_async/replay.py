@@ -189,6 +189,7 @@ def _check_callbacks(callbacks: Iterable[Callback]) -> list[Callback]:
                 f"replay: callbacks[{i}] is the same {type(cb).__name__} instance as "
                 f"callbacks[{j}]; pass one instance per subscription (build it twice)"
             )
+        CallbackAdapter(cb, LoopState())  # hook signatures: refused before any file is made
     return out
 
 

@@ -689,3 +689,21 @@ def test_version_1_reads_events_with_and_without_rank(tmp_path: Path) -> None:
         "TrainEnded",
     ]
     assert getattr(got[2], "rank", 1) == 1 and getattr(got[1], "rank", 0) == 0
+
+
+async def test_bad_callbacks_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(2))
+
+    class WrongHook(ev.Callback):
+        def on_step_end(self, state: ev.LoopState) -> None:  # type: ignore[override]
+            pass
+
+    csv = ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "m.csv"}}])[0]
+    for callbacks, error, words in (
+        ([WrongHook()], TypeError, "cannot take the hook's arguments"),
+        ([csv, csv], ValueError, r"callbacks\[1\] is the same CsvMetricsCallback instance"),
+        ([object()], TypeError, r"callbacks\[0\] is <object .*>, not a Callback"),
+    ):
+        with anyio.fail_after(10), pytest.raises(error, match=words):
+            await ev.replay(path, callbacks, output_dir=tmp_path / "out")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
