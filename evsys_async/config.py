@@ -471,11 +471,17 @@ class _YamlLoader(yaml.SafeLoader):
     """
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _YamlDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes the strings :class:`_YamlLoader` would read as
+    floats (``"0E0"``), so :func:`encode_config` round-trips them."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
 
 #: How many values a YAML file may expand to once its aliases are followed. Anchors
 #: and aliases keep working (a shared block of params is a few hundred values);
@@ -646,5 +652,5 @@ def encode_config(config: AnyConfig, fmt: Literal["yaml", "json"] = "yaml") -> s
     data = msgspec.to_builtins(config)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
-    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    text: str = yaml.dump(data, Dumper=_YamlDumper, sort_keys=False, allow_unicode=True)
     return text
