@@ -6,6 +6,8 @@
     evsys-async run [CONFIG] [--backend asyncio|trio] [--output-dir DIR] [--num-steps N]
                     [--overwrite]
     evsys-async validate CONFIG
+    evsys-async replay SOURCE --callbacks FILE [--only TYPE,...] [--speed X] [--skip-bad]
+                       [--output-dir DIR] [--backend asyncio|trio]
     evsys-async callbacks
     evsys-async evaluators
 
@@ -40,12 +42,14 @@ from .config import (
     RunConfig,
     build_experiment,
     build_loop,
+    load_callbacks,
     load_config,
 )
-from .errors import ConfigError, MissingExtraError, describe
+from .errors import ConfigError, EventDecodeError, MissingExtraError, describe
 from .evaluators import list_evaluators
 from .events import EvalEnded
 from .experiment import ExperimentResult
+from .replay import ReplayReport, replay
 from .state import CallbackHealth, LoopArtifacts
 
 __all__ = ["main", "run_cli"]
@@ -149,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         help="list the evaluator kinds with their params",
         description="List every registered evaluator kind with its params.",
     )
+    _add_replay_parser(sub, common)
     return parser
 
 
@@ -317,6 +322,135 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
+# -- replay ----------------------------------------------------------------------------
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a speed; give a number > 0 (2 = twice as fast as recorded)"
+        )
+    return value
+
+
+def _add_replay_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    replay_ = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="run callbacks over a recorded run's events.jsonl",
+        description="Publish the events a run recorded (SOURCE: its events.jsonl, or the run "
+        "directory) to the callbacks FILE lists, as the live run published them: regenerate "
+        "a CSV or TensorBoard logs, try a new callback on a real stream. The callbacks write "
+        "into a new run directory, never into SOURCE (docs/replay.md).",
+    )
+    replay_.add_argument("source", type=Path, help="an events.jsonl, or a run directory")
+    replay_.add_argument(
+        "--callbacks",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="a .yaml/.yml, .toml or .json file: a list of {kind, params}, as a config's "
+        "callbacks:",
+    )
+    replay_.add_argument(
+        "--only",
+        metavar="TYPE,...",
+        help="publish only these event types (e.g. StepEnded,EvalEnded)",
+    )
+    replay_.add_argument(
+        "--speed",
+        type=_speed,
+        metavar="X",
+        help="pace by the recorded timestamps, X times as fast (default: as fast as possible)",
+    )
+    replay_.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed lines (counted and listed) instead of stopping at the first",
+    )
+    replay_.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where the replay's run directory goes (default: runs; it takes the recorded "
+        "run key, or the next free <key>-N)",
+    )
+    replay_.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the async library to run on (default: asyncio)",
+    )
+
+
+def _cmd_replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        print("evsys-async: --backend trio needs trio: pip install 'evsys-async[trio]'", file=err)
+        return EXIT_USAGE
+    callbacks = load_callbacks(args.callbacks)
+
+    async def main() -> ReplayReport:
+        return await replay(
+            args.source,
+            callbacks,
+            only=args.only,
+            speed=args.speed,
+            skip_bad=args.skip_bad,
+            output_dir=args.output_dir,
+        )
+
+    def on_signal(signum: int) -> None:
+        print(
+            f"\nevsys-async: {signal_name(signum)} received: stopping after the callbacks close "
+            "(send it again to exit at once)",
+            file=err,
+            flush=True,
+        )
+
+    try:
+        report: ReplayReport = run_with_signals(main, backend=args.backend, on_signal=on_signal)
+    except Interrupted as exc:
+        return exc.exit_code
+    except EventDecodeError as exc:
+        print(f"evsys-async: bad event log: {exc}", file=err)
+        return EXIT_USAGE
+    except (OSError, ValueError) as exc:  # a missing log, a bad --only
+        text = str(exc)
+        print(f"evsys-async: {'' if text.startswith('replay:') else 'replay: '}{text}", file=err)
+        return EXIT_USAGE
+    _print_replay(report, out)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_replay(report: ReplayReport, out: TextIO) -> None:
+    counts = f"{report.events_read:,} events"
+    if report.events_filtered:
+        counts += f" ({report.events_published:,} published, {report.events_filtered:,} left out)"
+    lines = ["", f"replayed {counts} from {report.source} in {report.seconds:.2f} s"]
+    if report.segments > 1:
+        lines.append(f"resumed runs: {report.segments - 1} resume boundary(ies) replayed as such")
+    for name, close in report.only_unmatched.items():
+        hint = f" — did you mean {close!r}?" if close else ""
+        lines.append(f"--only {name}: no event of this type in the log{hint}")
+    for kind, n in sorted(report.unknown_types.items()):
+        lines.append(f"unknown event type {kind!r} ({n:,}): delivered to on_event as UnknownEvent")
+    for skipped in report.skipped:
+        lines.append(f"skipped line {skipped.line}: {skipped.reason}")
+    if report.run_dir is not None:
+        run_dir = report.run_dir
+        files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        lines.append(f"files: {run_dir}/ ({', '.join(files) or 'none'})")
+    if report.callback_report:
+        lines.append("callbacks:")
+        width = max(len(n) for n in report.callback_report)
+        for name, h in report.callback_report.items():
+            lines.append(f"  {name:<{width}}  {_health(h)}")
+    print("\n".join(lines), file=out, flush=True)
+
+
 # -- the summary -----------------------------------------------------------------------
 
 
@@ -473,6 +607,8 @@ def run_cli(
             return _cmd_run(args, out, err)
         if args.command == "validate":
             return _cmd_validate(args, out)
+        if args.command == "replay":
+            return _cmd_replay(args, out, err)
         if args.command == "callbacks":
             return _cmd_list(list_callbacks(), "callback", out)
         return _cmd_list(list_evaluators(), "evaluator", out)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,11 +29,18 @@ def cli(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProce
     )
 
 
+def logged_envelopes(path: Path) -> list[dict[str, Any]]:
+    """The envelopes of an events.jsonl as JSON, its header line(s) left out."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["format"] == "evsys-async/events"
+    return [line for line in lines if "event" in line]
+
+
 def assert_complete_files(run_dir: Path, status: str) -> None:
     """Every file parses whole; the manifest has the status and a clean callback report."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["split"] in ("train", "val") for line in lines)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = logged_envelopes(run_dir / "events.jsonl")
     assert events[-1]["event"]["type"] == "TrainEnded"
     assert events[-1]["event"]["status"] == status
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -285,9 +293,7 @@ def test_nan_and_inf_are_kept_the_same_way_in_every_file(tmp_path: Path) -> None
     assert [r["metrics"]["loss"] for r in rows] == expected
     with open(run_dir / "metrics.csv", newline="") as f:
         assert [r["loss"] for r in csv.DictReader(f)] == [str(v) for v in expected]
-    events = [
-        json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()
-    ]
+    events = [e["event"] for e in logged_envelopes(run_dir / "events.jsonl")]
     assert [e["metrics"]["loss"] for e in events if e["type"] == "StepEnded"] == expected
     assert all(isinstance(float(v), float) for v in expected)  # float() reads each back
 
@@ -605,9 +611,7 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
     assert "off: wandb init failed: " in line and " ok " not in line, line
     run_dir = tmp_path / "runs" / "wb-1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["callback_report"]["wandb_logger"]["disabled"].startswith(
-        "wandb init failed"
-    )
+    assert manifest["callback_report"]["wandb_logger"]["disabled"].startswith("wandb init failed")
 
 
 # -- early stopping on a metric that never appears ----------------------------------------------
@@ -658,10 +662,7 @@ def test_rerunning_a_config_is_a_new_run_and_overwrite_reuses_the_dir(tmp_path: 
     )
     assert (tmp_path / "runs" / "mine" / "metrics.csv").read_text() == csv_before  # untouched
     assert_complete_files(tmp_path / "runs" / "mine-1", "completed")
-    events = [
-        json.loads(x)
-        for x in (tmp_path / "runs" / "mine-1" / "events.jsonl").read_text().splitlines()
-    ]
+    events = logged_envelopes(tmp_path / "runs" / "mine-1" / "events.jsonl")
     assert {e["event"]["run_key"] for e in events} == {"mine-1"}
     (tmp_path / "runs" / "mine" / "stale.txt").write_text("x")
     third = cli("run", "run.yaml", "--overwrite", cwd=tmp_path)

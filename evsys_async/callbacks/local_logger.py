@@ -3,9 +3,10 @@
 * ``metrics.jsonl`` — one line per step ``{"split": "train", "step", "ts",
   "metrics"}`` and per eval ``{"split": "val", "eval_name", "step", "ts",
   "metrics"}``;
-* ``events.jsonl`` — every event as an envelope ``{"bus_id", "seq",
-  "event"}``, encoded with :func:`evsys_async.events.encode`: the input of
-  replay;
+* ``events.jsonl`` — a header line (:func:`evsys_async.transports.jsonl.log_header`),
+  then every event as an envelope ``{"bus_id", "seq", "event"}``, encoded
+  with :func:`evsys_async.events.encode`: the input of replay
+  (``docs/replay.md``);
 * ``predictions/<name>.jsonl`` — the rows of each ``on_benchmark_eval``;
 * ``summary.md`` — written at ``on_train_end``: status, steps, stop reason,
   last train metrics and last metrics of each eval.
@@ -15,8 +16,8 @@ plain ``def`` writes in the callback's own thread (faster than async files:
 ``docs/callbacks.md``); every line is whole, so the files parse at any
 moment. Files open in ``setup`` and close in ``teardown``; a resumed run
 (``state.start_step`` k > 0) drops the ``metrics.jsonl`` rows from step k on
-(they are written again) and appends; ``events.jsonl`` keeps every event, its
-``TrainStarted`` marks where the resume began. ``print_every`` keeps the
+(they are written again) and appends; ``events.jsonl`` keeps every event, and
+a second header line marks where the resume began. ``print_every`` keeps the
 original system's console one-liner (``0`` = silent; lines after every
 ``print_every`` steps, counted from 1, and the last); ``keys`` restricts the
 printed keys (the files get every key). Rank 0 only.
@@ -36,6 +37,7 @@ from .._files import write_atomic
 from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
+from ..transports.jsonl import log_header
 from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
 from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
@@ -95,6 +97,9 @@ class LocalLoggerCallback(Callback):
         mode = "ab" if state.start_step > 0 else "wb"
         self._metrics_file = open(run_dir / "metrics.jsonl", mode)  # noqa: SIM115 - closed in teardown
         self._events_file = open(run_dir / "events.jsonl", mode)  # noqa: SIM115
+        header = log_header(run_key=state.ctx.run_key, start_step=state.start_step)
+        self._events_file.write(header + b"\n")
+        self._events_file.flush()
 
     def teardown(self, state: LoopState) -> None:
         self.flush()

@@ -9,14 +9,18 @@ onto a local bus, from their own thread (``publish`` is thread-safe).
 from __future__ import annotations
 
 from .base import EnvelopeSink, attach
-from .jsonl import JsonlSink, read_jsonl
+from .jsonl import EventLogReader, JsonlSink, LogHeader, SkippedLine, log_header, read_jsonl
 from .redis import RedisStreamSink, RedisStreamSource
 
 __all__ = [
     "EnvelopeSink",
+    "EventLogReader",
     "JsonlSink",
+    "LogHeader",
     "RedisStreamSink",
     "RedisStreamSource",
+    "SkippedLine",
     "attach",
+    "log_header",
     "read_jsonl",
 ]

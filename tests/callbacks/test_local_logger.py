@@ -11,7 +11,8 @@ import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.local_logger import LocalLoggerCallback
-from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded, decode_envelope
+from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded
+from evsys_async.transports import read_jsonl
 
 from .helpers import WAIT, drive, make_state, run_events
 
@@ -49,9 +50,14 @@ async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("val", 9, {"acc": 0.5}),
     ]
 
-    envelopes = [
-        decode_envelope(line) for line in (run_dir / "events.jsonl").read_bytes().splitlines()
-    ]
+    header = lines(run_dir / "events.jsonl")[0]
+    assert header["format"] == "evsys-async/events" and header["version"] == 1
+    assert (header["run_key"], header["start_step"], header["evsys_async"]) == (
+        "r1",
+        0,
+        ev.__version__,
+    )
+    envelopes = list(read_jsonl(run_dir / "events.jsonl"))
     assert [type(e.event) for e in envelopes] == [type(e) for e in events]
     assert [e.event for e in envelopes] == events  # lossless and in order
     seqs = [e.seq for e in envelopes]
@@ -114,11 +120,11 @@ async def test_resume_appends(tmp_path: Path) -> None:
         )
     rows = lines(tmp_path / "r1" / "metrics.jsonl")
     assert len(rows) == 3
-    buses = {
-        decode_envelope(x).bus_id
-        for x in (tmp_path / "r1" / "events.jsonl").read_bytes().splitlines()
-    }
+    buses = {e.bus_id for e in read_jsonl(tmp_path / "r1" / "events.jsonl")}
     assert len(buses) == 2  # a new bus id keeps (bus_id, seq) unique
+    # a second header marks where the resume began
+    headers = [r for r in lines(tmp_path / "r1" / "events.jsonl") if "format" in r]
+    assert [h["start_step"] for h in headers] == [0, 2]
 
 
 async def test_only_rank_zero_writes(tmp_path: Path) -> None:
