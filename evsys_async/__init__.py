@@ -52,6 +52,7 @@ from .events import Envelope, Event
 from .experiment import Arm, ArmResult, Experiment, ExperimentResult, RunResult
 from .loop import TrainingLoop
 from .policies import DropOldest, Latest, Lossless
+from .replay import ReplayReport, read_events, replay
 from .state import CallbackHealth, LogContext, LoopArtifacts, LoopState, StepOutput
 
 __all__ = [
@@ -85,6 +86,7 @@ __all__ = [
     "Lossless",
     "MissingExtraError",
     "PrintProgressCallback",
+    "ReplayReport",
     "RunConfig",
     "RunResult",
     "StepOutput",
@@ -104,7 +106,9 @@ __all__ = [
     "list_callbacks",
     "list_evaluators",
     "load_config",
+    "read_events",
     "register_callback",
     "register_evaluator",
+    "replay",
     "transports",
 ]

@@ -173,10 +173,15 @@ def absorb_native_cancel(exc: BaseException, deadline: Deadline) -> bool:
 class Deadline:
     """A point in ``time.monotonic()`` time; ``None`` timeout means never."""
 
-    __slots__ = ("when",)
+    __slots__ = ("started", "when")
 
     def __init__(self, timeout: float | None) -> None:
-        self.when = math.inf if timeout is None else time.monotonic() + timeout
+        self.started = time.monotonic()
+        self.when = math.inf if timeout is None else self.started + timeout
+
+    def elapsed(self) -> float:
+        """Seconds since the deadline was set."""
+        return time.monotonic() - self.started
 
     def remaining(self) -> float | None:
         """Seconds left (never negative), or ``None`` without a deadline: a ``timeout=``."""

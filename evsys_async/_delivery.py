@@ -40,6 +40,7 @@ __all__ = [
     "Handler",
     "Hook",
     "current_delivery",
+    "only_failures",
     "thread_local",
 ]
 
@@ -146,6 +147,8 @@ class Delivery(ABC):
         self.on_close = on_close
         self.on_interrupt = on_interrupt
         self.hook_name = hook_name
+        #: the backlog at which the pump hands a batch over without waiting for the delay
+        self.batch_size = engine.batch_size
         self.buffer = policy.buffer()
         #: the pump's way in: the buffer's own put, bound once
         self.put = self.buffer.put

@@ -1,4 +1,15 @@
-"""Async file writes on both backends.
+"""File writes: atomic replacement, and async writes on both backends.
+
+:func:`atomic_writer` and :func:`write_atomic` replace a file so that a
+reader sees the old content or the new, never a mix: the new content goes to a
+temporary file beside the target, is flushed and ``fsync``-ed, and moved into
+place with ``os.replace`` (then the directory is ``fsync``-ed, so the rename
+survives a crash). A failure leaves the old file as it was, removes the
+temporary one, and is never silent: :func:`write_atomic` logs it at WARNING
+naming the file (or raises it, with ``errors="raise"``); :func:`atomic_writer`
+raises it. Every file evsys-async rewrites goes through them (the manifest,
+``error.txt``, ``callbacks_state.json``, the store's records, ``metrics.csv``
+when its header widens, ``summary.md``, a resumed run's trimmed logs).
 
 aiofiles works on asyncio only (under trio it fails with "no running event
 loop"), so :func:`open_async` picks aiofiles on asyncio and
@@ -13,14 +24,97 @@ measured by ``benchmarks/bench_files.py`` and explained in
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Protocol
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
 
 import anyio
 
 from ._async import on_asyncio
+from ._log import get_logger
 
-__all__ = ["AsyncFile", "append_bytes", "open_async"]
+__all__ = ["AsyncFile", "append_bytes", "atomic_writer", "open_async", "write_atomic"]
+
+_log = get_logger()
+
+
+@contextlib.contextmanager
+def atomic_writer(
+    path: str | os.PathLike[str],
+    mode: Literal["w", "wb"] = "w",
+    *,
+    encoding: str | None = None,
+    newline: str | None = None,
+) -> Iterator[IO[Any]]:
+    """Write ``path`` whole or not at all: yields a file to write the new content to.
+
+    On leaving the block the file is flushed, ``fsync``-ed and moved over
+    ``path``; readers see the old content until then. If the block or the
+    replacement raises, the temporary file is removed, ``path`` is untouched,
+    and the error propagates. Blocks on file I/O: call it from a thread or a
+    ``def`` hook. The directory must exist.
+    """
+    target = Path(path)
+    # unique per call: two writers (threads) of one file never share a temp file; a
+    # plain open (not mkstemp) keeps the permissions every other file gets (umask)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    if "b" not in mode and encoding is None:
+        encoding = "utf-8"
+    try:
+        with open(tmp, mode.replace("w", "x"), encoding=encoding, newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def write_atomic(
+    path: str | os.PathLike[str],
+    data: str | bytes,
+    *,
+    errors: Literal["log", "raise"] = "log",
+) -> bool:
+    """Replace ``path``'s content with ``data`` (text as UTF-8), atomically and
+    durably (see :func:`atomic_writer`). Returns ``True`` once it is in place.
+
+    ``errors="log"`` (the default): an ``OSError`` is logged at WARNING with
+    the path and the error, and ``False`` returned; it never raises — for
+    files written on the way out (the manifest), where raising would hide why
+    the run ended. ``errors="raise"``: the ``OSError`` propagates (the store's
+    records: the caller decides).
+    """
+    try:
+        with atomic_writer(path, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as exc:
+        if errors == "raise":
+            raise
+        _log.warning("could not write file", path=str(path), error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where directories
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename stands
+        pass
+    finally:
+        os.close(fd)
 
 
 class AsyncFile(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-__all__ = ["FrozenDict", "FrozenList", "freeze"]
+__all__ = ["FrozenDict", "FrozenList", "freeze", "freeze_flat"]
 
 
 def _refuse(self: object, *args: Any, **kwargs: Any) -> NoReturn:

@@ -86,6 +86,10 @@ class Intake:
         if not self.accepting:
             self.drop_closed(event)
             return None
+        if self._foreign:
+            # what other threads published first is numbered first: a thread that
+            # publishes, then waits for the loop, sees its event before the loop's
+            self.take_foreign()
         seq = self.next_seq
         self.next_seq = seq + 1
         new = self.new

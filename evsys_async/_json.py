@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from ._files import write_atomic
+
 __all__ = ["encode_json", "non_finite_as_strings", "trim_jsonl"]
 
 _encoder = msgspec.json.Encoder(enc_hook=str)
@@ -67,6 +69,4 @@ def trim_jsonl(path: Path, start_step: int) -> None:
                 step = None
             if not isinstance(step, int) or step < start_step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(kept), errors="raise")

@@ -71,6 +71,7 @@ class Pump:
         self.is_open = False
         self._on_interrupt = on_interrupt
         self._waiters = 0
+        self._moved = False  # a poll changed what waiters see (a call abandoned)
         self._last_tick = -math.inf
         self._thread_wake_pending = False
         self._progress: anyio.Event | None = None
@@ -215,23 +216,30 @@ class Pump:
 
     def tick(self) -> float:
         """Walk, collect, wake (see the module docstring); the earliest deadline at
-        which a subscriber falls due."""
+        which a subscriber falls due. Waiters are told only when something moved:
+        telling them on every tick would have them tick again, and again, holding
+        the GIL from the very threads they wait for."""
         intake = self.intake
         intake.take_foreign()
+        moved = False
         if intake.new:
             new, intake.new = intake.new, []
             self.walked = self.routes.walk(new, self.walked)
+            moved = True
         now = time.monotonic()
         walked = self.walked
         hurry = intake.urgent
         deadline = math.inf
         lagged: SubscriberLagged | None = None
         if self.closing:  # ended def subscribers still finishing their last batch
-            self.closing = [d for d in self.closing if not d.closed]
-            for d in self.closing:
-                deadline = min(deadline, d.poll(now))
+            still = [d for d in self.closing if not d.closed]
+            moved |= len(still) != len(self.closing)
+            self.closing = still
+            for d in still:
+                deadline = min(deadline, self._poll(d, now))
         for d in self.routes.active:
-            deadline = min(deadline, d.poll(now))
+            handled = d.handled_upto
+            deadline = min(deadline, self._poll(d, now))
             n = len(d.buffer)
             if n > d.max_pending:
                 d.max_pending = n
@@ -239,25 +247,34 @@ class Pump:
                 lagged = self._lag(d, n)
             if not d.idle:
                 if n and not d.is_async:
-                    # its thread is busy and more waits: look again soon (the thread
-                    # also rings when it finishes with a backlog; a task re-arms itself)
+                    # its thread is busy and more waits: look again soon (its finished
+                    # batch is collected lazily; a task re-arms itself)
                     deadline = min(deadline, now + self.batch_delay)
-                continue
-            if n == 0:
+            elif n == 0:
                 d.handled_upto = walked
-                continue
-            first = d.first_pending
-            if first is None:
-                # its oldest event was published after the previous tick, at the earliest
-                d.first_pending = first = self._last_tick
-            if hurry or n >= self.batch_size or now - first >= self.batch_delay:
-                d.wake()
             else:
-                deadline = min(deadline, first + self.batch_delay)
+                first = d.first_pending
+                if first is None:
+                    # its oldest event came after the previous tick, at the earliest
+                    d.first_pending = first = self._last_tick
+                if hurry or n >= d.batch_size or now - first >= self.batch_delay:
+                    d.wake()
+                else:
+                    deadline = min(deadline, first + self.batch_delay)
+            moved |= d.handled_upto != handled
         self._last_tick = now
         if lagged is not None and intake.accepting:
             self.publish(lagged)
-        self.notify()
+        if moved or self._moved:
+            self._moved = False
+            self.notify()
+        return deadline
+
+    def _poll(self, d: Delivery, now: float) -> float:
+        stuck = d.stuck
+        deadline = d.poll(now)
+        if d.stuck != stuck:  # abandoned at its timeout: no longer waited for
+            self._moved = True
         return deadline
 
     def _lag(self, d: Delivery, pending: int) -> SubscriberLagged | None:

@@ -28,7 +28,16 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-__all__ = ["Interrupted", "handled_signals", "run_with_signals"]
+from ._async import LoopWaker
+from ._worker import DaemonWorker
+
+__all__ = [
+    "Interrupted",
+    "handled_signals",
+    "run_beside",
+    "run_with_signals",
+    "signal_name",
+]
 
 T = TypeVar("T")
 
@@ -43,7 +52,7 @@ class Interrupted(KeyboardInterrupt):
     """
 
     def __init__(self, signum: int, value: Any = None) -> None:
-        super().__init__(f"interrupted by {_signal_name(signum)}")
+        super().__init__(f"interrupted by {signal_name(signum)}")
         self.signum = signum
         self.value = value
 
@@ -52,7 +61,8 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
+    """``SIGINT`` for 2; ``signal 99`` for a number that names none."""
     try:
         return signal.Signals(signum).name
     except ValueError:
@@ -125,7 +135,7 @@ def run_with_signals(
                 with run_scope:
                     outcome.value = await main()
                     outcome.finished = True
-            except Exception as exc:  # re-raised below, outside the task group
+            except BaseException as exc:  # re-raised below, unwrapped, outside the group
                 outcome.error = exc
             finally:
                 # The watcher stays up through main()'s shutdown, so a second
@@ -139,6 +149,74 @@ def run_with_signals(
         raise outcome.error
     if not outcome.finished:  # pragma: no cover - cancelled without a signal: not ours
         raise RuntimeError("run_with_signals: main() was cancelled without a signal")
+    return outcome.value  # type: ignore[return-value]
+
+
+def run_beside(
+    main: Callable[[DaemonWorker], Awaitable[T]],
+    *,
+    backend: str = "asyncio",
+    name: str = "evsys-step",
+) -> T:
+    """Run ``main(worker)`` on an event loop in a background thread, while *this*
+    thread serves ``worker``'s calls (a ``def`` step runs here); return its value.
+
+    So a plain script keeps its thread: thread-local state set around the call
+    (``torch.no_grad()``, ``torch.device``) applies inside the step, and it
+    works where an event loop already runs in this thread. In the main thread
+    the first SIGINT or SIGTERM cancels ``main``'s scope (its shutdown runs,
+    the step in progress finishes), then :class:`Interrupted` is raised; a
+    second flushes stdio and leaves at once with ``os._exit(128 + signum)``.
+
+    Raises whatever ``main`` raises, unwrapped.
+    """
+    worker = DaemonWorker(name, start=False)
+    outcome: _Outcome[T] = _Outcome()
+    cancel: list[Callable[[], object]] = []  # the run scope's cancel, soon on the loop
+
+    async def runner() -> None:
+        scope = anyio.CancelScope()
+        waker = LoopWaker()
+        cancel.append(lambda: waker.soon(scope.cancel))
+        if outcome.signals:  # a signal came before the loop was up
+            scope.cancel()
+        try:
+            with scope:
+                outcome.value = await main(worker)
+                outcome.finished = True
+        except BaseException as exc:  # re-raised in the caller's thread, unwrapped
+            outcome.error = exc
+
+    def loop_thread() -> None:
+        try:
+            anyio.run(runner, backend=backend)
+        except BaseException as exc:  # pragma: no cover - anyio.run itself failed
+            outcome.error = outcome.error or exc
+        finally:
+            worker.close()  # the caller's serve() returns
+
+    def on_signal(signum: int, frame: object) -> None:
+        if outcome.signals:
+            _exit_now(signum)
+        outcome.signals.append(signum)
+        for fn in cancel:
+            fn()
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in handled_signals()}
+    thread = threading.Thread(target=loop_thread, name="evsys-loop", daemon=True)
+    try:
+        thread.start()
+        worker.serve()
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if outcome.signals:
+        raise Interrupted(outcome.signals[0], outcome.value) from outcome.error
+    if outcome.error is not None:
+        raise outcome.error
     return outcome.value  # type: ignore[return-value]
 
 

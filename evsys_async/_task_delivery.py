@@ -103,7 +103,7 @@ class TaskDelivery(Delivery):
                         self._running = False
                         engine.notify()
                         if not (
-                            engine.hurry or len(self.buffer) >= engine.batch_size or self.closing
+                            engine.hurry or len(self.buffer) >= self.batch_size or self.closing
                         ):
                             if len(self.buffer):  # what came meanwhile: due one delay from now
                                 engine.arm(time.monotonic() + engine.batch_delay)

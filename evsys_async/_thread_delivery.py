@@ -58,6 +58,9 @@ class ThreadDelivery(Delivery):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # a hand-over to a thread costs a GIL round trip (and the GIL waits up to the
+        # switch interval): 4x larger batches; events still wait at most batch_delay
+        self.batch_size = self.engine.batch_size * 4
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._inflight_end: int | None = None  # the walk position the batch in hand ends at
         self._stuck_call: int | None = None  # the call number abandoned at its timeout
@@ -213,7 +216,10 @@ class ThreadDelivery(Delivery):
                 if self.on_batch_end is not None and not self._abandoned:
                     self._call_hook(self.on_batch_end, "on_batch_end", quiet=only_failures(batch))
                 self._done = end  # after the batch's publishes reached the intake
-                if engine.watched or self._stuck_call is not None or len(self.buffer):
+                # collected lazily, at the next pump tick (a publish of a full batch or
+                # the timer), unless someone waits: a cross-thread wake inside a
+                # sleeping step costs the step (docs/design.md, "Threads and tasks")
+                if engine.watched or self._stuck_call is not None:
                     engine.wake_from_thread()
             if self.on_close is not None:
                 self._call_hook(self.on_close, "on_close")
@@ -222,11 +228,30 @@ class ThreadDelivery(Delivery):
             engine.wake_from_thread()
 
     def _handle(self, batch: list[Entry]) -> None:
+        started = time.perf_counter()
+        if self.timeout is None:
+            self._handle_untimed(batch)
+        else:
+            self._handle_timed(batch)
+        self.seconds += time.perf_counter() - started
+
+    def _handle_untimed(self, batch: list[Entry]) -> None:
+        # nothing abandons a call without a timeout: no clock, no lock per call
         handler = self.handler
         envelopes = self.envelopes
         bus_id = self.engine.bus_id
-        timed = self.timeout is not None
-        started = time.perf_counter()
+        for seq, event in batch:
+            try:
+                handler(Envelope(bus_id, seq, event) if envelopes else event)
+            except BaseException as exc:  # in its own thread, anything is its failure
+                self._thread_failure(event, exc, "")
+            else:
+                self.delivered += 1
+
+    def _handle_timed(self, batch: list[Entry]) -> None:
+        handler = self.handler
+        envelopes = self.envelopes
+        bus_id = self.engine.bus_id
         for seq, event in batch:
             arg = Envelope(bus_id, seq, event) if envelopes else event
             self._call_event = event
@@ -237,7 +262,7 @@ class ThreadDelivery(Delivery):
                 handler(arg)
             except BaseException as exc:  # in its own thread, anything is its failure
                 error = exc
-            if self._call_ended(call, timed):
+            if self._call_ended(call, True):
                 if self._abandoned:
                     break  # closed while stuck: the rest was counted as dropped
                 continue  # counted as failed when it was abandoned at its timeout
@@ -246,7 +271,6 @@ class ThreadDelivery(Delivery):
             else:
                 self._thread_failure(event, error, "")
         self._call_event = None
-        self.seconds += time.perf_counter() - started
 
     def _call_ended(self, call: int, timed: bool) -> bool:
         """Mark call ``call`` as returned; True if it had been abandoned at its timeout

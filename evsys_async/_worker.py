@@ -8,6 +8,7 @@ anyio's ``to_thread`` pool is neither.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from ._async import LoopWaker
 __all__ = ["DaemonWorker", "Outcome"]
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "Outcome"]
+#: wakes a serve(until=...) without a call
+_NUDGE: Any = object()
 
 
 class Outcome:
@@ -58,41 +61,72 @@ class Outcome:
 
 
 class DaemonWorker:
-    """One daemon thread; :meth:`call` runs ``fn(*args)`` there and awaits the result.
+    """One thread that runs calls; :meth:`call` runs ``fn(*args)`` there and awaits it.
+
+    By default the thread is a daemon of its own, started in a copy of the
+    creator's contextvars. With ``start=False`` no thread is started: the
+    caller's thread serves the calls by running :meth:`serve` (``run_sync()``
+    keeps a plain script's steps on its main thread that way).
 
     Calls run in submission order. Cancelling :meth:`call` does not stop the
     thread's call (threads cannot be cancelled): it runs on, its result is
     dropped, and the next call starts after it.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, start: bool = True) -> None:
+        self.name = name
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._last: Outcome | None = None
         self._waker: LoopWaker | None = None
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
+        if start:
+            context = contextvars.copy_context()
+            thread = threading.Thread(target=context.run, args=(self.serve,), name=name)
+            thread.daemon = True
+            thread.start()
 
-    def _main(self) -> None:
+    def serve(self, until: Callable[[], bool] | None = None) -> bool:
+        """Run the calls as they come (in the serving thread), until :meth:`close`
+        (returns ``False``) or, when given, until ``until()`` is true after a call
+        or a :meth:`nudge` (returns ``True``). A call made from inside a call waits
+        for this to run it: a thread blocked on the loop serves it meanwhile."""
         while True:
             job = self._queue.get()
             if job is None:
-                return
-            fn, args, outcome = job
-            outcome.settle(fn, *args)
+                self._queue.put(None)  # an outer serve() ends too
+                return False
+            if job is not _NUDGE:
+                fn, args, outcome = job
+                outcome.settle(fn, *args)
+            if until is not None and until():
+                return True
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
+    def nudge(self) -> None:
+        """Wake a ``serve(until=...)`` to look at its condition again (any thread)."""
+        self._queue.put(_NUDGE)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Outcome:
+        """Queue ``fn(*args)`` for the worker's thread (on the loop); await
+        ``result()`` of what it returns for the result."""
         if self._waker is None:
             self._waker = LoopWaker()
         outcome = Outcome.new(self._waker)
         self._last = outcome
         self._queue.put((fn, args, outcome))
-        return await outcome.result()
+        return outcome
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the worker's thread; re-raise what it raised."""
+        return await self.submit(fn, *args).result()
 
     async def wait_idle(self) -> None:
         """Wait until the latest call submitted has returned (e.g. after cancelling it)."""
         if self._last is not None and not self._last.done:
             await self._last.event.wait()
+
+    @property
+    def busy(self) -> bool:
+        """The latest call submitted has not returned yet."""
+        return self._last is not None and not self._last.done
 
     def close(self) -> None:
         """Let the thread end after the calls already submitted. Never blocks."""

@@ -6,6 +6,8 @@
     evsys-async run [CONFIG] [--backend asyncio|trio] [--output-dir DIR] [--num-steps N]
                     [--overwrite]
     evsys-async validate CONFIG
+    evsys-async replay SOURCE --callbacks FILE [--only TYPE,...] [--speed X] [--skip-bad]
+                       [--output-dir DIR] [--backend asyncio|trio]
     evsys-async callbacks
     evsys-async evaluators
     evsys-async tail URL RUN_KEY [--every N] [--rank R] [--world-size N] [--from-now]
@@ -32,23 +34,25 @@ from typing import Any, TextIO, cast
 
 import msgspec
 
-from ._signals import Interrupted, run_with_signals
+from ._signals import Interrupted, run_with_signals, signal_name
 from ._traceback import user_traceback
 from ._version import __version__
 from .bus import EventBus
 from .callbacks._format import eval_metric_name, fmt_value
-from .callbacks.registry import build_callbacks, list_callbacks
+from .callbacks.registry import list_callbacks
 from .config import (
     ExperimentConfig,
     RunConfig,
     build_experiment,
     build_loop,
+    load_callbacks,
     load_config,
 )
-from .errors import ConfigError, MissingExtraError, describe
+from .errors import ConfigError, EventDecodeError, MissingExtraError, describe
 from .evaluators import list_evaluators
 from .events import EvalEnded
 from .experiment import ExperimentResult
+from .replay import ReplayReport, replay
 from .state import CallbackHealth, LoopArtifacts
 from .transports import RedisUnavailableError
 
@@ -153,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         help="list the evaluator kinds with their params",
         description="List every registered evaluator kind with its params.",
     )
-    _stream_parsers(sub, common)
+    _add_more_parsers(sub, common)
     return parser
 
 
@@ -187,19 +191,29 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
-    """``tail`` and ``consume``: a run followed through its Redis stream (docs/distributed.md)."""
-    where = (
-        "URL is the Redis server (redis://[:password@]host:6379/0; shown redacted) and "
-        "RUN_KEY the run's key: its stream is evsys:<RUN_KEY>:events."
-    )
+def _add_more_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The commands beyond run, validate and the lists: replay, tail, consume."""
+    _add_replay_parser(sub, common)
+    _add_tail_parser(sub, common)
+    _add_consume_parser(sub, common)
+
+
+#: what ``tail`` and ``consume`` say of their arguments
+_STREAM_ARGS = (
+    "URL is the Redis server (redis://[:password@]host:6379/0; shown redacted) and "
+    "RUN_KEY the run's key: its stream is evsys:<RUN_KEY>:events."
+)
+
+
+def _add_tail_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``tail``: a live run, printed from its Redis stream (docs/distributed.md)."""
     tail = sub.add_parser(
         "tail",
         parents=[common],
         help="print a live run from its Redis stream, as its progress line does",
         description="Print the run's progress lines (one rank's; --rank) from the start of its "
         "stream, then live, and one line per rank when it ends; exit once every rank has ended "
-        f"(0 if each completed or stopped, 1 otherwise). {where}",
+        f"(0 if each completed or stopped, 1 otherwise). {_STREAM_ARGS}",
     )
     tail.add_argument("url", metavar="URL")
     tail.add_argument("run_key", metavar="RUN_KEY")
@@ -213,6 +227,13 @@ def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     tail.add_argument(
         "--from-now", action="store_true", help="only what happens from now on, not the past"
     )
+    tail.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS
+    )
+
+
+def _add_consume_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``consume``: any callbacks on a run's events, as a consumer group member."""
     consume = sub.add_parser(
         "consume",
         parents=[common],
@@ -220,8 +241,7 @@ def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Run the callbacks of FILE on the run's events as a member of consumer "
         "group G: each batch is acknowledged once every callback handled it, so a consumer "
         "killed and started again with the same group misses nothing, and its files end as an "
-        "uninterrupted consumer's. Exits once every rank of the run has ended. "
-        f"{where}",
+        f"uninterrupted consumer's. Exits once every rank of the run has ended. {_STREAM_ARGS}",
     )
     consume.add_argument("url", metavar="URL")
     consume.add_argument("run_key", metavar="RUN_KEY")
@@ -231,7 +251,7 @@ def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         required=True,
         type=Path,
         metavar="FILE",
-        help="the callbacks: a YAML/JSON list of {kind, params} (or `callbacks:` holding one)",
+        help="the callbacks: a list of {kind, params} (the file replay --callbacks reads)",
     )
     consume.add_argument(
         "--output-dir",
@@ -254,10 +274,9 @@ def _stream_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="take over entries another consumer of the group left pending this long (30)",
     )
-    for p in (tail, consume):
-        p.add_argument(
-            "--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS
-        )
+    consume.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help=argparse.SUPPRESS
+    )
 
 
 # -- commands --------------------------------------------------------------------------
@@ -308,7 +327,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     def on_signal(signum: int) -> None:
         print(
-            f"\nevsys-async: {_signame(signum)} received: stopping after the shutdown "
+            f"\nevsys-async: {signal_name(signum)} received: stopping after the shutdown "
             "(send it again to exit at once)",
             file=err,
             flush=True,
@@ -320,6 +339,10 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         run_with_signals(main, backend=args.backend, on_signal=on_signal)
     except Interrupted as exc:
         code = exc.exit_code
+    except KeyboardInterrupt:  # raised by the step or a hook, not a signal: shut down
+        code = 130
+    except SystemExit as exc:  # likewise: its code, after the shutdown
+        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
     except Exception as exc:
         failure = exc
         code = EXIT_FAILED
@@ -341,7 +364,7 @@ def _run_experiment(config: ExperimentConfig, backend: str, out: TextIO, err: Te
     try:
         result: ExperimentResult = run_with_signals(experiment.run, backend=backend)
     except Interrupted as exc:
-        print(f"experiment {config.name}: interrupted by {_signame(exc.signum)}", file=out)
+        print(f"experiment {config.name}: interrupted by {signal_name(exc.signum)}", file=out)
         return exc.exit_code
     print(f"experiment {config.name}: {len(result.arms)} arm(s) x {config.repeats}", file=out)
     failed = False
@@ -421,6 +444,138 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
+# -- replay ----------------------------------------------------------------------------
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a speed; give a number > 0 (2 = twice as fast as recorded)"
+        )
+    return value
+
+
+def _add_replay_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    replay_ = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="run callbacks over a recorded run's events.jsonl",
+        description="Publish the events a run recorded (SOURCE: its events.jsonl, or the run "
+        "directory) to the callbacks FILE lists, as the live run published them: regenerate "
+        "a CSV or TensorBoard logs, try a new callback on a real stream. The callbacks write "
+        "into a new run directory, never into SOURCE (docs/replay.md).",
+    )
+    replay_.add_argument("source", type=Path, help="an events.jsonl, or a run directory")
+    replay_.add_argument(
+        "--callbacks",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="a .yaml/.yml, .toml or .json file: a list of {kind, params}, as a config's "
+        "callbacks:",
+    )
+    replay_.add_argument(
+        "--only",
+        metavar="TYPE,...",
+        help="publish only these event types (e.g. StepEnded,EvalEnded)",
+    )
+    replay_.add_argument(
+        "--speed",
+        type=_speed,
+        metavar="X",
+        help="pace by the recorded timestamps, X times as fast (default: as fast as possible)",
+    )
+    replay_.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed lines (counted and listed) instead of stopping at the first",
+    )
+    replay_.add_argument(
+        "--output-dir",
+        type=Path,
+        help="where the replay's run directory goes (default: runs; it takes the recorded "
+        "run key, or the next free <key>-N)",
+    )
+    replay_.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the async library to run on (default: asyncio)",
+    )
+
+
+def _cmd_replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        print("evsys-async: --backend trio needs trio: pip install 'evsys-async[trio]'", file=err)
+        return EXIT_USAGE
+    callbacks = load_callbacks(args.callbacks)
+
+    async def main() -> ReplayReport:
+        return await replay(
+            args.source,
+            callbacks,
+            only=args.only,
+            speed=args.speed,
+            skip_bad=args.skip_bad,
+            output_dir=args.output_dir,
+        )
+
+    def on_signal(signum: int) -> None:
+        print(
+            f"\nevsys-async: {signal_name(signum)} received: stopping after the callbacks close "
+            "(send it again to exit at once)",
+            file=err,
+            flush=True,
+        )
+
+    try:
+        report: ReplayReport = run_with_signals(main, backend=args.backend, on_signal=on_signal)
+    except Interrupted as exc:
+        return exc.exit_code
+    except EventDecodeError as exc:
+        print(f"evsys-async: bad event log: {exc}", file=err)
+        return EXIT_USAGE
+    except (OSError, ValueError) as exc:  # a missing log, a bad --only
+        text = str(exc)
+        print(f"evsys-async: {'' if text.startswith('replay:') else 'replay: '}{text}", file=err)
+        return EXIT_USAGE
+    _print_replay(report, out)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _print_replay(report: ReplayReport, out: TextIO) -> None:
+    counts = f"{report.events_read:,} events"
+    if report.events_filtered:
+        counts += f" ({report.events_published:,} published, {report.events_filtered:,} left out)"
+    lines = ["", f"replayed {counts} from {report.source} in {report.seconds:.2f} s"]
+    if report.segments > 1:
+        lines.append(f"resumed runs: {report.segments - 1} resume boundary(ies) replayed as such")
+    for name, close in report.only_unmatched.items():
+        hint = f" — did you mean {close!r}?" if close else ""
+        lines.append(f"--only {name}: no event of this type in the log{hint}")
+    for kind, n in sorted(report.unknown_types.items()):
+        lines.append(f"unknown event type {kind!r} ({n:,}): delivered to on_event as UnknownEvent")
+    for skipped in report.skipped:
+        lines.append(f"skipped line {skipped.line}: {skipped.reason}")
+    if report.run_dir is not None:
+        run_dir = report.run_dir
+        files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        lines.append(f"files: {run_dir}/ ({', '.join(files) or 'none'})")
+    if report.callback_report:
+        lines.append("callbacks:")
+        width = max(len(n) for n in report.callback_report)
+        for name, h in report.callback_report.items():
+            lines.append(f"  {name:<{width}}  {_health(h)}")
+    print("\n".join(lines), file=out, flush=True)
+
+
+# -- tail and consume -------------------------------------------------------------------
+
+
 def _cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .consume import tail
 
@@ -445,11 +600,9 @@ def _cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _cmd_consume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ._secrets import redact_url
-    from .config import load_callback_specs
     from .consume import consume
 
-    specs = load_callback_specs(args.callbacks)
-    callbacks = build_callbacks(specs)
+    callbacks = load_callbacks(args.callbacks)
 
     async def main() -> Any:
         return await consume(
@@ -601,15 +754,6 @@ def _print_summary(
     print("\n".join(lines), file=out, flush=True)
 
 
-def _signame(signum: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
 # -- entry points ----------------------------------------------------------------------
 
 
@@ -656,6 +800,8 @@ def run_cli(
             return _cmd_run(args, out, err)
         if args.command == "validate":
             return _cmd_validate(args, out)
+        if args.command == "replay":
+            return _cmd_replay(args, out, err)
         if args.command == "callbacks":
             return _cmd_list(list_callbacks(), "callback", out)
         if args.command == "tail":

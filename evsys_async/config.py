@@ -43,18 +43,19 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from ._kinds import explain_validation, validate_params
 from ._secrets import redact_url
-from .callbacks.registry import (
-    CallbackSpec,
+from .callbacks.base import Callback
+from .callbacks.registry import CallbackSpec, build_callbacks
+from .callbacks.sink import SinkCallback
+from .errors import (
+    ConfigError,
     PlacedConfigError,
     PlacedMissingExtraError,
-    build_callbacks,
-    explain_validation,
+    describe,
+    did_you_mean,
     format_path,
-    validate_params,
 )
-from .callbacks.sink import SinkCallback
-from .errors import ConfigError, describe, did_you_mean
 from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop
@@ -73,7 +74,7 @@ __all__ = [
     "check_config",
     "encode_config",
     "import_object",
-    "load_callback_specs",
+    "load_callbacks",
     "load_config",
 ]
 
@@ -296,59 +297,6 @@ def _redacted(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-# -- callbacks files (consume, replay) -------------------------------------------------
-
-
-def load_callback_specs(path: str | os.PathLike[str]) -> list[CallbackSpec]:
-    """Read a callbacks file: a list of ``{kind, params}`` (YAML or JSON), or a mapping
-    whose only key is ``callbacks`` holding that list (any format; TOML needs it).
-
-    Every callback is built once and dropped, as :func:`load_config` does. Raises
-    :class:`ConfigError` naming the file, the line (YAML) and the place, e.g.
-    ``cbs.yaml:3: [1].params.out_paht (csv_metrics): unknown field 'out_paht' — did
-    you mean 'out_path'?``.
-    """
-    file = Path(path)
-    fmt = _format_of(file)
-    try:
-        data_bytes = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"{file}: cannot read the callbacks file: {exc.strerror or exc}"
-        ) from None
-    source = _Source(file, _text_of(file, data_bytes), fmt)
-    data = source.parse()
-    prefix: Path_ = ()
-    if isinstance(data, Mapping) and "callbacks" in data:
-        extra = sorted(str(k) for k in data if k != "callbacks")
-        if extra:
-            raise source.error(
-                PlacedConfigError(
-                    (extra[0],),
-                    "a callbacks file holds only `callbacks:` (a list of {kind, params})",
-                )
-            )
-        data, prefix = data["callbacks"], ("callbacks",)
-    if not isinstance(data, list):
-        raise ConfigError(
-            f"{file}: a callbacks file is a list of {{kind, params}} (or `callbacks:` holding "
-            f"one), got {type(data).__name__}; for example:\n"
-            "- {kind: csv_metrics, params: {out_path: metrics.csv}}"
-        )
-    try:
-        try:
-            specs = msgspec.convert(data, list[CallbackSpec])
-        except msgspec.ValidationError as exc:
-            raise explain_validation(str(exc), list[CallbackSpec], data, prefix) from None
-        _add_import_dirs(Path.cwd(), file.parent)
-        build_callbacks(specs, place=prefix)
-    except PlacedConfigError as exc:
-        raise source.error(exc) from None
-    except PlacedMissingExtraError as exc:
-        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
-    return specs
-
-
 # -- checking and building -------------------------------------------------------------
 
 
@@ -538,6 +486,9 @@ class _Source:
         self.text = text
         self.fmt = fmt
         self.root: yaml.Node | None = None
+        #: a leading part of every error's path that the file itself does not spell
+        #: (a callbacks file that is a bare list: its errors say ``callbacks[1]...``)
+        self.implicit: Path_ = ()
 
     def parse(self) -> Any:
         if self.fmt == "yaml":
@@ -582,6 +533,8 @@ class _Source:
         node = self.root
         if node is None:
             return None
+        if self.implicit and path[: len(self.implicit)] == self.implicit:
+            path = path[len(self.implicit) :]
         line = node.start_mark.line + 1
         for part in path:
             if isinstance(node, yaml.MappingNode):
@@ -616,11 +569,17 @@ class _YamlLoader(yaml.SafeLoader):
     """
 
 
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _YamlDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes the strings :class:`_YamlLoader` would read as
+    floats (``"0E0"``), so :func:`encode_config` round-trips them."""
+
+
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
 
 #: How many values a YAML file may expand to once its aliases are followed. Anchors
 #: and aliases keep working (a shared block of params is a few hundred values);
@@ -713,13 +672,7 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
     field 'patiense' — did you mean 'patience'?``.
     """
     file = Path(path)
-    fmt = _format_of(file)
-    try:
-        data_bytes = file.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
-    text = _text_of(file, data_bytes)
-    source = _Source(file, text, fmt)
+    source = _read_source(file)
     data = source.parse()
     if not isinstance(data, Mapping):
         raise ConfigError(
@@ -744,10 +697,58 @@ def load_config(path: str | os.PathLike[str], *, check: bool = True) -> AnyConfi
     return config
 
 
+def _read_source(file: Path) -> _Source:
+    fmt = _format_of(file)
+    try:
+        data_bytes = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config: {exc.strerror or exc}") from None
+    return _Source(file, _text_of(file, data_bytes), fmt)
+
+
+def load_callbacks(path: str | os.PathLike[str]) -> list[Callback]:
+    """Build the callbacks a file lists (``evsys-async replay --callbacks FILE``).
+
+    The file is YAML, TOML or JSON: a list of ``{kind, params}``, or a mapping
+    whose one key ``callbacks`` holds that list (TOML has no top-level list:
+    ``[[callbacks]]``). Checked as a run config's ``callbacks:`` is; raises
+    :class:`ConfigError` naming the file, the line (YAML) and the place, e.g.
+    ``cbs.yaml:3: callbacks[1].params.out_pat (csv_metrics): unknown field
+    'out_pat' — did you mean 'out_path'?``.
+    """
+    file = Path(path)
+    source = _read_source(file)
+    data = source.parse()
+    try:
+        if isinstance(data, Mapping):
+            for key in data:
+                if key != "callbacks":
+                    hint = did_you_mean(str(key), ["callbacks"], ";")
+                    raise PlacedConfigError(
+                        (str(key),),
+                        f"unknown key {key!r}{hint} a callbacks file is a list of "
+                        "{kind, params}, or holds that list under 'callbacks'",
+                    )
+            specs = data.get("callbacks", [])
+        elif isinstance(data, list):
+            specs = data
+            source.implicit = ("callbacks",)
+        else:
+            raise ConfigError(
+                f"{file}: a callbacks file is a list of {{kind, params}} (or a mapping with "
+                f"the key 'callbacks'), got {type(data).__name__}"
+            )
+        return build_callbacks(specs, place="callbacks")
+    except PlacedConfigError as exc:
+        raise source.error(exc) from None
+    except PlacedMissingExtraError as exc:  # a kind whose extra is not installed here
+        raise source.error(PlacedConfigError(exc.place, exc.detail, kind=exc.kind)) from None
+
+
 def encode_config(config: AnyConfig, fmt: Literal["yaml", "json"] = "yaml") -> str:
     """``config`` as YAML or JSON text that :func:`load_config` reads back equal."""
     data = msgspec.to_builtins(config)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
-    text: str = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    text: str = yaml.dump(data, Dumper=_YamlDumper, sort_keys=False, allow_unicode=True)
     return text

@@ -6,8 +6,10 @@ working for code that does not know this library::
 
     EvsysError
     ├── ConfigError(ValueError)        a config, a spec or a callback's params is wrong
+    │   └── PlacedConfigError          ... and it knows where: ("callbacks", 1, "params", "x")
     ├── EventDecodeError(ValueError)   an encoded event or event log is malformed
     ├── MissingExtraError(ImportError) an optional dependency is not installed
+    │   └── PlacedMissingExtraError    ... for a config's spec, which it names
     └── BusClosedError(RuntimeError)   the bus is not open (subscribe before enter/after exit)
 
 Messages name the place (file, line, ``callbacks[1].params.patiense``), the
@@ -18,12 +20,17 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import ModuleType
+from typing import TypeAlias
 
 __all__ = [
     "BusClosedError",
     "ConfigError",
+    "ConfigPath",
+    "PlacedConfigError",
+    "PlacedMissingExtraError",
+    "format_path",
     "describe",
     "did_you_mean",
     "EventDecodeError",
@@ -32,6 +39,10 @@ __all__ = [
     "import_extra",
     "missing_extra",
 ]
+
+
+#: A place inside a config: ``("callbacks", 1, "params", "patiense")``.
+ConfigPath: TypeAlias = tuple[str | int, ...]
 
 
 class EvsysError(Exception):
@@ -56,6 +67,48 @@ class MissingExtraError(EvsysError, ImportError):
 
 class BusClosedError(EvsysError, RuntimeError):
     """The operation needs an open bus (inside ``async with EventBus()``)."""
+
+
+class PlacedConfigError(ConfigError):
+    """A :class:`ConfigError` that knows where it happened.
+
+    ``path`` is the place inside the config (``("callbacks", 1, "params",
+    "patiense")``), ``detail`` the problem and fix without the place; the
+    message is ``"<path> (<kind>): <detail>"``.
+    """
+
+    def __init__(self, path: ConfigPath, detail: str, *, kind: str | None = None) -> None:
+        self.path = path
+        self.detail = detail
+        self.kind = kind
+        where = format_path(path)
+        label = f" ({kind})" if kind else ""
+        super().__init__(f"{where}{label}: {detail}" if where else f"{detail}")
+
+
+class PlacedMissingExtraError(MissingExtraError):
+    """A :class:`MissingExtraError` raised while building a spec, with the spec's place.
+
+    The message is the extra's own (it names the install command); ``place``
+    and ``kind`` let a config loader put the file, line and place in front of it.
+    """
+
+    def __init__(self, place: ConfigPath, detail: str, *, kind: str | None = None) -> None:
+        self.place = place
+        self.detail = detail
+        self.kind = kind
+        super().__init__(detail)
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """``("callbacks", 1, "params", "x")`` -> ``"callbacks[1].params.x"``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
 
 
 def missing_extra(module: str, extra: str, what: str) -> MissingExtraError:

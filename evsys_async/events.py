@@ -16,7 +16,8 @@ processes), all with defaults, so a user subclass may add required fields::
 Subclasses register themselves when defined; the codec decodes every known
 event type as one tagged union (the tag is the class name unless the class
 says ``tag="..."``). Live objects never travel in events: the step's batch
-and the loop's artifacts reach hooks out of band (DESIGN rule 11).
+and the loop's artifacts reach hooks out of band (the callback adapter hands
+them over).
 
 Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 ``coalesce = True``) may be coalesced by a ``Latest`` subscriber.
@@ -24,7 +25,6 @@ Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeAlias
@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeAlias
 import msgspec
 
 from ._frozen import freeze, freeze_flat
+from ._json import non_finite_as_strings
 from .errors import EventDecodeError, did_you_mean
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "SubscriberLagged",
     "TrainEnded",
     "TrainStarted",
+    "UnknownEvent",
     "decode",
     "decode_envelope",
     "encode",
@@ -248,6 +250,34 @@ class SubscriberLagged(Event, kw_only=True):
     coalesce: ClassVar[bool] = True
 
 
+# -- events from elsewhere -------------------------------------------------------
+
+
+class UnknownEvent(Event, kw_only=True):
+    """An event whose class is not defined in this process.
+
+    Decoding with ``keep_unknown=True`` (replay and :func:`evsys_async.read_events`
+    do) turns an event of an unknown type — a user's custom event whose class
+    is not importable here — into this record instead of an error:
+    ``event_type`` is its type name (its tag), ``fields`` its own fields as
+    plain JSON values; ``ts`` and ``run_key`` are its own. Encoding it writes
+    the original event back (``{"type": event_type, ...fields}``), so it
+    round-trips through event logs and streams unchanged. Callbacks get it in
+    ``on_event``.
+    """
+
+    event_type: str
+    fields: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        """The event as it was encoded: ``{"type": event_type, "ts", "run_key", ...fields}``."""
+        record: dict[str, Any] = {"type": self.event_type}
+        for name in Event.__struct_fields__:  # ts, run_key and any later base field
+            record[name] = getattr(self, name)
+        record.update(self.fields)
+        return record
+
+
 # -- envelope and codec ---------------------------------------------------------
 
 
@@ -336,11 +366,16 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 
 
 def encode(obj: Event | Envelope, *, format: str = "json") -> bytes:
-    """Encode an event or an envelope as JSON (one line, no newline) or msgpack."""
+    """Encode an event or an envelope as JSON (one line, no newline) or msgpack.
+
+    An :class:`UnknownEvent` is written as the event it stands for.
+    """
+    if type(obj) is UnknownEvent or (type(obj) is Envelope and type(obj.event) is UnknownEvent):
+        obj = _with_record(obj)  # type: ignore[assignment]
     if format == "json":
         data = _json_encoder.encode(obj)
         if b"null" in data:  # msgspec writes NaN and +-inf as null: keep them
-            fixed = _non_finite_as_strings(msgspec.to_builtins(obj))
+            fixed = non_finite_as_strings(msgspec.to_builtins(obj))
             if fixed is not None:
                 data = _json_encoder.encode(fixed)
         return data
@@ -349,23 +384,33 @@ def encode(obj: Event | Envelope, *, format: str = "json") -> bytes:
     raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
 
 
-def _non_finite_as_strings(value: Any) -> Any:
-    """``value`` with NaN/inf floats as "nan"/"inf"/"-inf", or ``None`` if it has none."""
-    changed = False
+def _with_record(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, Envelope):
+        event: UnknownEvent = obj.event  # type: ignore[assignment]
+        return {"bus_id": obj.bus_id, "seq": obj.seq, "event": event.as_record()}
+    return obj.as_record()  # type: ignore[no-any-return]
 
-    def walk(v: Any) -> Any:
-        nonlocal changed
-        if isinstance(v, float) and not math.isfinite(v):
-            changed = True
-            return str(v)
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        return v
 
-    out = walk(value)
-    return out if changed else None
+def _unknown(raw: Any, format: str) -> UnknownEvent | None:
+    """``raw`` (an encoded event) as an :class:`UnknownEvent` if it is an object whose
+    ``type`` names no known event type; ``None`` otherwise (it is malformed)."""
+    try:
+        data = msgspec.json.decode(raw) if format == "json" else msgspec.msgpack.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    tag = data.get("type")
+    if not isinstance(tag, str) or tag in event_types():
+        return None
+    base = {name: data.pop(name) for name in Event.__struct_fields__ if name in data}
+    del data["type"]
+    try:
+        return msgspec.convert(
+            {**base, "type": "UnknownEvent", "event_type": tag, "fields": data}, UnknownEvent
+        )
+    except msgspec.ValidationError:
+        return None
 
 
 def _index(format: str) -> int:
@@ -376,18 +421,31 @@ def _index(format: str) -> int:
     raise ValueError(f"format must be 'json' or 'msgpack', got {format!r}")
 
 
-def decode(data: bytes | str, *, format: str = "json") -> Event:
-    """Decode one event of any known type; raises :class:`EventDecodeError` with the place."""
+def decode(data: bytes | str, *, format: str = "json", keep_unknown: bool = False) -> Event:
+    """Decode one event of any known type; raises :class:`EventDecodeError` with the place.
+
+    With ``keep_unknown`` an event of a type not defined here comes back as an
+    :class:`UnknownEvent` instead of an error.
+    """
     dec = _codec()[1][_index(format)]
     try:
         event: Event = dec.decode(data)
     except msgspec.DecodeError as exc:
+        unknown = _unknown(data, format) if keep_unknown else None
+        if unknown is not None:
+            return unknown
         raise EventDecodeError(f"malformed event: {exc}") from None
     return event
 
 
-def decode_envelope(data: bytes | str, *, format: str = "json") -> Envelope:
-    """Decode one envelope (``{"bus_id", "seq", "event"}``); errors name the place."""
+def decode_envelope(
+    data: bytes | str, *, format: str = "json", keep_unknown: bool = False
+) -> Envelope:
+    """Decode one envelope (``{"bus_id", "seq", "event"}``); errors name the place.
+
+    With ``keep_unknown`` an event of a type not defined here comes back as an
+    :class:`UnknownEvent` instead of an error.
+    """
     _, events, wire, _ = _codec()
     i = _index(format)
     try:
@@ -397,6 +455,9 @@ def decode_envelope(data: bytes | str, *, format: str = "json") -> Envelope:
     try:
         event = events[i].decode(raw.event)
     except msgspec.DecodeError as exc:
+        unknown = _unknown(raw.event, format) if keep_unknown else None
+        if unknown is not None:
+            return Envelope(bus_id=raw.bus_id, seq=raw.seq, event=unknown)
         msg = str(exc)
         msg = msg.replace("`$", "`$.event") if " - at `$" in msg else f"{msg} - at `$.event`"
         raise EventDecodeError(f"malformed envelope: {msg}") from None

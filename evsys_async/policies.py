@@ -10,8 +10,9 @@
   oldest go first.
 
 Drops are counted in ``SubscriberStats.dropped`` and reported through
-``SubscriberLagged`` (DESIGN rules 3 and 4). Memory under a stuck bounded
-subscriber is bounded.
+``SubscriberLagged``: when a bound first forces a drop, and at each doubling
+(``docs/design.md``, "Guarantees"). Memory under a stuck bounded subscriber is
+bounded.
 """
 
 from __future__ import annotations

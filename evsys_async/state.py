@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -23,8 +23,13 @@ __all__ = [
     "LogContext",
     "LoopArtifacts",
     "LoopState",
+    "Status",
     "StepOutput",
 ]
+
+#: How a run stands: ``running`` until it ends, then how it ended. A ``Literal``
+#: of plain strings, so ``artifacts.status == "completed"`` reads as it should.
+Status: TypeAlias = Literal["running", "completed", "stopped", "failed", "cancelled"]
 
 
 @dataclass
@@ -90,7 +95,7 @@ class LoopArtifacts:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     total_requested_steps: int = 0
     steps_completed: int = 0
-    status: str = "running"
+    status: Status = "running"
     stop_reason: str | None = None
     train_seconds: float = 0.0
     drain_seconds: float = 0.0
@@ -125,7 +130,7 @@ class LoopState:
     eval_names: tuple[str, ...] = ()
     #: the step this run began at: > 0 for a resume (writers drop their rows from it on)
     start_step: int = 0
-    _publish: Callable[[Event], Any] | None = field(default=None, repr=False)
+    _publish: Callable[[Event], object] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checkpoint_requests: list[str] = field(default_factory=list, repr=False)
     _eval_requested: bool = field(default=False, repr=False)
@@ -168,7 +173,20 @@ class LoopState:
         if self._publish is not None:
             self._publish(event)
 
-    def _take_requests(self) -> tuple[list[str], bool]:
+    # -- the loop's side (not for hooks) -------------------------------------------
+
+    def bind(self, publish: Callable[[Event], object] | None) -> None:
+        """The loop's: where :meth:`publish` sends events (``None``: nowhere)."""
+        self._publish = publish
+
+    @property
+    def has_requests(self) -> bool:
+        """A stop, checkpoint or eval was requested and not yet taken (cheap, any thread)."""
+        return self.stop_requested or self._eval_requested or bool(self._checkpoint_requests)
+
+    def take_requests(self) -> tuple[list[str], bool]:
+        """The loop's, at a step boundary: the checkpoints and whether an eval was
+        requested since the last boundary (the stop request stays set)."""
         with self._lock:
             names, self._checkpoint_requests = self._checkpoint_requests, []
         wants_eval, self._eval_requested = self._eval_requested, False

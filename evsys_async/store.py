@@ -9,13 +9,14 @@ Layout under ``root`` (by default ``<output_dir>/store``)::
     experiments/<experiment_id>/runs/<run_key>/predictions.jsonl
     experiments/<experiment_id>/runs/<run_key>/checkpoints.jsonl
 
-Records (``experiment.json``, ``run.json``) are written atomically: a temp
-file beside the target, ``fsync``, ``os.replace``, so a reader sees the old
-record or the new one. Row files grow by whole lines, one write per call.
+Records (``experiment.json``, ``run.json``) are written atomically
+(``_files.write_atomic``: a temp file beside the target, ``fsync``,
+``os.replace``), so a reader sees the old record or the new one. Row files
+grow by whole lines, one write per call.
 Shared by ``evsys_logger`` and ``Experiment``; ``owned_by_experiment`` says
 the experiment itself writes the records (``evsys_logger`` then stays off).
 Methods block on file I/O: call them from a ``def`` hook or a worker thread.
-Imports only ``errors`` and ``events`` (it sits below ``state``).
+Imports only ``errors``, ``_files`` and ``_json`` (it sits below ``state``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ._files import write_atomic
 from ._json import encode_json
 from .errors import ConfigError
 
@@ -164,9 +166,4 @@ class LocalStore:
     @staticmethod
     def _write_atomic(path: Path, record: Mapping[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(msgspec.json.format(encode_json(record), indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, msgspec.json.format(encode_json(record), indent=2), errors="raise")

@@ -24,6 +24,8 @@ from evsys_async.events import (
 
 pytestmark = pytest.mark.anyio
 
+WAIT = 30.0  # the fail_after around every wait: generous, never reached when all is well
+
 
 class LateStep(StepEnded):
     """A user event that *is* a StepEnded: the nearest hook in its MRO handles it."""
@@ -70,7 +72,8 @@ async def test_exactly_one_hook_runs_per_event(tmp_path: Path) -> None:
         RunStarted(arm="a"),  # experiment scope: dispatch's job, never a named hook
         EvalEnded(step=1, eval_name="v", metrics={}),  # not overridden -> on_event
     ]
-    await run_events(Cb(), state_for(tmp_path), events)
+    with anyio.fail_after(WAIT):
+        await run_events(Cb(), state_for(tmp_path), events)
     assert calls == [
         ("on_step_end", "LoopState:0"),
         ("on_step_end", "LoopState:1"),
@@ -91,12 +94,13 @@ async def test_subscribed_only_to_overridden_hooks(tmp_path: Path) -> None:
             self.evals += 1
 
     cb = OnlyEval()
-    stats = await run_events(
-        cb,
-        state_for(tmp_path),
-        [StepEnded(step=i, num_steps=3) for i in range(3)]
-        + [EvalEnded(step=2, eval_name="v", metrics={"acc": 1.0})],
-    )
+    with anyio.fail_after(WAIT):
+        stats = await run_events(
+            cb,
+            state_for(tmp_path),
+            [StepEnded(step=i, num_steps=3) for i in range(3)]
+            + [EvalEnded(step=2, eval_name="v", metrics={"acc": 1.0})],
+        )
     assert cb.evals == 1
     assert stats.delivered == 1  # the StepEnded events never reached it
 
@@ -111,11 +115,12 @@ async def test_on_envelope_sees_every_event_after_the_named_hook(tmp_path: Path)
         async def on_envelope(self, state: ev.LoopState, envelope: ev.Envelope) -> None:
             order.append((envelope.seq, type(envelope.event).__name__))
 
-    await run_events(
-        Log(),
-        state_for(tmp_path),
-        [TrainStarted(num_steps=3), StepEnded(step=0, num_steps=3), Note(text="x")],
-    )
+    with anyio.fail_after(WAIT):
+        await run_events(
+            Log(),
+            state_for(tmp_path),
+            [TrainStarted(num_steps=3), StepEnded(step=0, num_steps=3), Note(text="x")],
+        )
     assert order == ["named", (0, "TrainStarted"), (1, "StepEnded"), (2, "Note")]
 
 
@@ -141,7 +146,10 @@ async def test_def_callback_lifecycle_runs_in_its_own_thread(tmp_path: Path) -> 
             seen.append(("teardown", threading.get_ident()))
 
     cb = Files()
-    await run_events(cb, state_for(tmp_path), [StepEnded(step=i, num_steps=3) for i in range(3)])
+    with anyio.fail_after(WAIT):
+        await run_events(
+            cb, state_for(tmp_path), [StepEnded(step=i, num_steps=3) for i in range(3)]
+        )
     names = [n for n, _ in seen]
     assert names == ["setup", "step", "step", "step", "teardown"]
     threads = {t for _, t in seen}
@@ -166,7 +174,8 @@ async def test_async_callback_runs_on_the_loop(tmp_path: Path) -> None:
 
     adapter = CallbackAdapter(A(), state_for(tmp_path))
     assert adapter.is_async
-    await run_events(A(), state_for(tmp_path), [StepEnded(step=0, num_steps=3)])
+    with anyio.fail_after(WAIT):
+        await run_events(A(), state_for(tmp_path), [StepEnded(step=0, num_steps=3)])
     assert seen == [("setup", loop_thread), ("step", loop_thread), ("teardown", loop_thread)]
 
 
@@ -185,14 +194,15 @@ async def test_mixed_callback_runs_in_a_thread_and_its_async_hooks_on_the_loop(
             seen.append(("end", threading.get_ident() == loop_thread))
 
     assert not CallbackAdapter(Mixed(), state_for(tmp_path)).is_async
-    await run_events(
-        Mixed(),
-        state_for(tmp_path),
-        [
-            StepEnded(step=0, num_steps=1),
-            TrainEnded(status="completed", steps_completed=1, num_steps=1),
-        ],
-    )
+    with anyio.fail_after(WAIT):
+        await run_events(
+            Mixed(),
+            state_for(tmp_path),
+            [
+                StepEnded(step=0, num_steps=1),
+                TrainEnded(status="completed", steps_completed=1, num_steps=1),
+            ],
+        )
     assert seen == [("step", False), ("end", True)]
 
 
@@ -219,7 +229,7 @@ async def test_wants_batch_gets_only_the_newest_batch(tmp_path: Path) -> None:
     assert cb.batches == [None, None, "batch2"]
 
 
-async def test_signature_checked_when_adapted(tmp_path: Path) -> None:
+def test_signature_checked_when_adapted(tmp_path: Path) -> None:
     class Bad(ev.Callback):
         def on_eval(self, state: ev.LoopState, step_idx: int) -> None:  # type: ignore[override]
             pass
@@ -267,7 +277,8 @@ async def test_dispatch_passes_keywords(tmp_path: Path) -> None:
         ) -> None:
             got.append((eval_result, predictions, step))
 
-    await ev.dispatch([Bench()], "on_benchmark_eval", ev.LogContext(), {"acc": 1}, [1], step=4)
+    with anyio.fail_after(WAIT):
+        await ev.dispatch([Bench()], "on_benchmark_eval", ev.LogContext(), {"acc": 1}, [1], step=4)
     assert got == [({"acc": 1}, [1], 4)]
 
 

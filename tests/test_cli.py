@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,11 +29,18 @@ def cli(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProce
     )
 
 
+def logged_envelopes(path: Path) -> list[dict[str, Any]]:
+    """The envelopes of an events.jsonl as JSON, its header line(s) left out."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["format"] == "evsys-async/events"
+    return [line for line in lines if "event" in line]
+
+
 def assert_complete_files(run_dir: Path, status: str) -> None:
     """Every file parses whole; the manifest has the status and a clean callback report."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["split"] in ("train", "val") for line in lines)
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = logged_envelopes(run_dir / "events.jsonl")
     assert events[-1]["event"]["type"] == "TrainEnded"
     assert events[-1]["event"]["status"] == status
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -57,7 +65,7 @@ def test_run_without_config_is_the_demo(tmp_path: Path) -> None:
     assert "status: completed — 200 of 200 steps" in out
     assert "best eval: val/pass_rate = " in out
     assert f"files: {Path('runs') / 'demo'}/" in out
-    assert "EarlyStoppingCallback  ok" in out
+    assert "early_stopping  ok" in out
     assert_complete_files(tmp_path / "runs" / "demo", "completed")
     with open(tmp_path / "runs" / "demo" / "metrics.csv", newline="") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
@@ -74,6 +82,16 @@ async def step(state, step_idx):
 def failing(state, step_idx):
     if step_idx == 2:
         raise RuntimeError("diverged")
+    return {"loss": 1.0}
+
+async def interrupting(state, step_idx):
+    if step_idx == 2:
+        raise KeyboardInterrupt
+    return {"loss": 1.0}
+
+def exiting(state, step_idx):
+    if step_idx == 2:
+        raise SystemExit(3)
     return {"loss": 1.0}
 """
 
@@ -115,6 +133,19 @@ def test_a_failed_step_exits_1(tmp_path: Path) -> None:
     assert "RuntimeError: diverged" in proc.stderr
     assert "status: failed — 2 of 12 steps" in proc.stdout
     assert_complete_files(tmp_path / "runs" / "mine", "failed")
+
+
+@pytest.mark.parametrize(("step", "code"), [("interrupting", 130), ("exiting", 3)])
+def test_an_interrupt_from_the_step_prints_the_summary_and_exits_with_its_code(
+    tmp_path: Path, step: str, code: int
+) -> None:
+    (tmp_path / "mysteps.py").write_text(STEPS)
+    (tmp_path / "run.yaml").write_text(CONFIG.format(step=f"mysteps:{step}"))
+    proc = cli("run", "run.yaml", cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert "status: cancelled — 2 of 12 steps" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert_complete_files(tmp_path / "runs" / "mine", "cancelled")
 
 
 TYPO = """\
@@ -262,9 +293,7 @@ def test_nan_and_inf_are_kept_the_same_way_in_every_file(tmp_path: Path) -> None
     assert [r["metrics"]["loss"] for r in rows] == expected
     with open(run_dir / "metrics.csv", newline="") as f:
         assert [r["loss"] for r in csv.DictReader(f)] == [str(v) for v in expected]
-    events = [
-        json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()
-    ]
+    events = [e["event"] for e in logged_envelopes(run_dir / "events.jsonl")]
     assert [e["metrics"]["loss"] for e in events if e["type"] == "StepEnded"] == expected
     assert all(isinstance(float(v), float) for v in expected)  # float() reads each back
 
@@ -447,13 +476,12 @@ def test_the_summary_says_coalesced_by_design_and_hides_its_own_tracker(tmp_path
     )
     proc = cli("run", "run.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  SlowBar")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  slow_bar")]
     assert "coalesced (by design" in line and "dropped" not in line and line.split()[1] == "ok"
     manifest = json.loads((tmp_path / "runs" / "bar" / "manifest.json").read_text())
-    assert list(manifest["callback_report"]) == [
-        "SlowBar"
-    ]  # the CLI's eval tracker is not a callback
-    assert manifest["callback_report"]["SlowBar"]["coalesced"] >= 1
+    # reported under its registered name; the CLI's eval tracker is not a callback
+    assert list(manifest["callback_report"]) == ["slow_bar"]
+    assert manifest["callback_report"]["slow_bar"]["coalesced"] >= 1
 
 
 def test_steps_count_from_1_and_eval_names_match_the_files(tmp_path: Path) -> None:
@@ -566,7 +594,7 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  wandb_logger")]
     assert line.split()[1] == "ok", line  # WANDB_MODE=offline: no API key needed
     assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
     # a logger that switched itself off says so, in the summary and in the manifest
@@ -579,13 +607,11 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  WandbLoggerCallback")]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("  wandb_logger")]
     assert "off: wandb init failed: " in line and " ok " not in line, line
     run_dir = tmp_path / "runs" / "wb-1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["callback_report"]["WandbLoggerCallback"]["disabled"].startswith(
-        "wandb init failed"
-    )
+    assert manifest["callback_report"]["wandb_logger"]["disabled"].startswith("wandb init failed")
 
 
 # -- early stopping on a metric that never appears ----------------------------------------------
@@ -636,10 +662,7 @@ def test_rerunning_a_config_is_a_new_run_and_overwrite_reuses_the_dir(tmp_path: 
     )
     assert (tmp_path / "runs" / "mine" / "metrics.csv").read_text() == csv_before  # untouched
     assert_complete_files(tmp_path / "runs" / "mine-1", "completed")
-    events = [
-        json.loads(x)
-        for x in (tmp_path / "runs" / "mine-1" / "events.jsonl").read_text().splitlines()
-    ]
+    events = logged_envelopes(tmp_path / "runs" / "mine-1" / "events.jsonl")
     assert {e["event"]["run_key"] for e in events} == {"mine-1"}
     (tmp_path / "runs" / "mine" / "stale.txt").write_text("x")
     third = cli("run", "run.yaml", "--overwrite", cwd=tmp_path)

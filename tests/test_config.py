@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evsys_async as ev
+from evsys_async.callbacks import CallbackSpec
 from evsys_async.config import (
     ExperimentConfig,
     RunConfig,
@@ -63,6 +64,15 @@ def write(config: Any, fmt: str, directory: Path) -> Path:
     else:
         path.write_text(encode_config(config, fmt), encoding="utf-8")  # type: ignore[arg-type]
     return path
+
+
+def test_strings_that_read_as_floats_round_trip_through_yaml(tmp_path: Path) -> None:
+    """The loader reads ``1e308`` as a number, so the dumper quotes such strings."""
+    config = RunConfig(
+        num_steps=1, callbacks=[CallbackSpec(kind="x", params={"a": "0E0", "b": "1e-5"})]
+    )
+    loaded = load_config(write(config, "yaml", tmp_path), check=False)
+    assert loaded == config
 
 
 # -- strategies ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import evsys_async as ev
-from evsys_async.config import load_callback_specs
+from evsys_async.config import load_callbacks
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "distributed.md").read_text()
@@ -27,7 +27,7 @@ def test_the_callbacks_file_shown_loads(tmp_path: Path) -> None:
     callbacks = next(b for b in blocks if b.startswith("- {kind:"))
     path = tmp_path / "cbs.yaml"
     path.write_text(callbacks)
-    assert [s.kind for s in load_callback_specs(path)] == ["csv_metrics", "tensorboard_logger"]
+    assert [c.name for c in load_callbacks(path)] == ["csv_metrics", "tensorboard_logger"]
 
 
 def test_the_config_page_transports_block_loads(tmp_path: Path) -> None:

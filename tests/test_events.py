@@ -72,7 +72,7 @@ USER = [EvTestLossSpike, EvTestTagged, EvTestEvalPlus, EvTestLevel]
 ALL_TYPES = [*BUILTIN.values(), *USER]
 
 #: the documented fields (at least these; ts, run_key and rank on every event)
-DESIGN_FIELDS = {
+DOCUMENTED_FIELDS = {
     "TrainStarted": {"run_key", "num_steps", "start_step", "output_dir", "world_size"},
     "StepEnded": {"step", "num_steps", "metrics"},
     "EvalEnded": {"step", "eval_name", "metrics"},
@@ -160,7 +160,7 @@ def test_builtin_event_is_frozen_kw_only_tagged_with_design_fields(name: str) ->
     config = cls.__struct_config__
     assert config.frozen and config.tag == name
     names = set(cls.__struct_fields__)
-    assert DESIGN_FIELDS[name] | {"ts", "run_key", "rank"} <= names
+    assert DOCUMENTED_FIELDS[name] | {"ts", "run_key", "rank"} <= names
     assert events.event_types()[name] is cls
 
 

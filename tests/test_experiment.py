@@ -12,6 +12,8 @@ import evsys_async as ev
 
 pytestmark = pytest.mark.anyio
 
+WAIT = 30.0  # the fail_after around every wait: generous, never reached when all is well
+
 
 def make_step(gain: float) -> Any:
     async def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
@@ -54,7 +56,7 @@ class Hooks(ev.Callback):
         self.log.append((self.tag, "experiment_end", result.best_arm))
 
 
-async def test_seed_order_shared_callbacks_and_best_arm(tmp_path: Path) -> None:
+async def test_original_hook_order_shared_callbacks_and_best_arm(tmp_path: Path) -> None:
     log: list[Any] = []
     arms = [
         ev.Arm("slow", make_step(0.1), params={"gain": 0.5}),
@@ -152,7 +154,7 @@ async def test_failed_run_is_recorded_and_the_experiment_goes_on(tmp_path: Path)
     assert result.best_arm == "good"
 
 
-async def test_concurrency_without_a_factory_warns_about_loop_hooks(
+def test_concurrency_without_a_factory_warns_about_loop_hooks(
     tmp_path: Path, warnings_log: pytest.LogCaptureFixture
 ) -> None:
     class LoopOnly(ev.Callback):

@@ -558,6 +558,7 @@ async def test_a_base_exception_in_a_def_handler_is_its_failure(
     assert isinstance(failed, CallbackFailed) and failed.subscriber == "hostile"
     [record] = [r for r in warnings_log.records if r.getMessage().startswith("callback failed")]
     assert "callback=hostile" in record.getMessage() and exc_type.__name__ in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is exc_type  # the traceback
 
 
 # -- refused before the first step -----------------------------------------------------
@@ -569,8 +570,9 @@ async def test_the_same_callback_instance_twice_is_refused(tmp_path: Path) -> No
         ev.TrainingLoop(step, num_steps=3, output_dir=tmp_path, callbacks=[cb, cb])
     loop = ev.TrainingLoop(step, num_steps=3, output_dir=tmp_path, callbacks=[cb])
     loop.callbacks.append(cb)  # after construction: still refused before the first step
-    with pytest.raises(ValueError, match="same DefSibling instance"):
-        await loop.run()
+    with anyio.fail_after(WAIT):
+        with pytest.raises(ValueError, match="same DefSibling instance"):
+            await loop.run()
     assert cb.envelopes == []
 
 

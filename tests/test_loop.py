@@ -18,6 +18,8 @@ from evsys_async.events import EvalFailed, StepEnded, StopRequested, TrainEnded
 
 pytestmark = pytest.mark.anyio
 
+WAIT = 30.0  # the fail_after around every wait: generous, never reached when all is well
+
 
 class Recorder(ev.Callback):
     """Counts every loop-scope hook, in order."""
@@ -77,7 +79,7 @@ async def loss_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
     return {"loss": 1.0 / (step_idx + 1)}
 
 
-async def test_seed_example_every_hook_in_order(tmp_path: Path) -> None:
+async def test_original_example_every_hook_in_order(tmp_path: Path) -> None:
     rec, arec, acc = Recorder(), AsyncRecorder(), Acc(run_every=5)
     loop = ev.TrainingLoop(
         loss_step,
@@ -583,8 +585,9 @@ def test_bad_arguments_name_the_allowed_range(kwargs: dict[str, Any], words: str
 
 async def test_start_step_out_of_range(tmp_path: Path) -> None:
     loop = ev.TrainingLoop(loss_step, num_steps=5, output_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"start_step must be in \[0, 4\]"):
-        await loop.run(start_step=5)
+    with anyio.fail_after(WAIT):
+        with pytest.raises(ValueError, match=r"start_step must be in \[0, 4\]"):
+            await loop.run(start_step=5)
 
 
 async def test_bad_hook_signature_is_caught_before_the_run(tmp_path: Path) -> None:
@@ -593,8 +596,11 @@ async def test_bad_hook_signature_is_caught_before_the_run(tmp_path: Path) -> No
             pass
 
     loop = ev.TrainingLoop(loss_step, num_steps=5, output_dir=tmp_path, callbacks=[Wrong()])
-    with pytest.raises(TypeError, match=r"Wrong\.on_step_end.*cannot take the hook's arguments"):
-        await loop.run()
+    with anyio.fail_after(WAIT):
+        with pytest.raises(
+            TypeError, match=r"Wrong\.on_step_end.*cannot take the hook's arguments"
+        ):
+            await loop.run()
 
 
 async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None:
@@ -602,8 +608,9 @@ async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None
         return {"loss": "low"}
 
     loop = ev.TrainingLoop(step, num_steps=5, output_dir=tmp_path)
-    with pytest.raises(TypeError, match="metric 'loss' = 'low', which is not a number"):
-        await loop.run()
+    with anyio.fail_after(WAIT):
+        with pytest.raises(TypeError, match="metric 'loss' = 'low', which is not a number"):
+            await loop.run()
 
 
 async def test_callback_stuck_past_the_deadline_is_named_and_torn_down_later(
@@ -771,29 +778,30 @@ async def test_native_asyncio_cancels_do_not_skip_the_shutdown(tmp_path: Path) -
         await asyncio.sleep(0)
         return {}
 
-    for shared in (False, True):
-        slow = Slow()
-        release.clear()
-        async with ev.EventBus() as bus:
-            loop = ev.TrainingLoop(
-                step, num_steps=10**6, output_dir=tmp_path, callbacks=[slow],
-                bus=bus if shared else None,
-            )  # fmt: skip
-            task = asyncio.ensure_future(loop.run())
-            while loop.artifacts is None or loop.artifacts.steps_completed < 20:
-                await asyncio.sleep(0)
-            task.cancel()
-            while not (loop.state and loop.state.artifacts):  # the shutdown has begun
-                await asyncio.sleep(0)
-            task.cancel()  # a second one, inside the shielded shutdown
-            release.set()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 30)
-        assert loop.artifacts is not None
-        assert loop.artifacts.status == "cancelled"
-        assert slow.steps == list(range(loop.artifacts.steps_completed))
-        assert slow.torn_down
-        assert loop.artifacts.callback_report is not None
+    with anyio.fail_after(WAIT):
+        for shared in (False, True):
+            slow = Slow()
+            release.clear()
+            async with ev.EventBus() as bus:
+                loop = ev.TrainingLoop(
+                    step, num_steps=10**6, output_dir=tmp_path, callbacks=[slow],
+                    bus=bus if shared else None,
+                )  # fmt: skip
+                task = asyncio.ensure_future(loop.run())
+                while loop.artifacts is None or loop.artifacts.steps_completed < 20:
+                    await asyncio.sleep(0)
+                task.cancel()
+                while not (loop.state and loop.state.artifacts):  # the shutdown has begun
+                    await asyncio.sleep(0)
+                task.cancel()  # a second one, inside the shielded shutdown
+                release.set()
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 30)
+            assert loop.artifacts is not None
+            assert loop.artifacts.status == "cancelled"
+            assert slow.steps == list(range(loop.artifacts.steps_completed))
+            assert slow.torn_down
+            assert loop.artifacts.callback_report is not None
 
 
 # -- run directories: every run is a new run ------------------------------------------------
@@ -808,30 +816,31 @@ async def test_each_run_claims_a_new_dir_unless_asked_to_reuse_it(tmp_path: Path
                 self.key = envelope.event.run_key
 
     keys = []
-    for _ in range(3):
-        seen = KeySeen()
+    with anyio.fail_after(WAIT):
+        for _ in range(3):
+            seen = KeySeen()
+            loop = ev.TrainingLoop(
+                loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", callbacks=[seen]
+            )
+            artifacts = await loop.run()
+            keys.append(loop.run_key)
+            assert artifacts.run_dir == tmp_path / loop.run_key
+            assert seen.key == loop.run_key  # the claimed key is the run key in events too
+        assert keys == ["demo", "demo-1", "demo-2"]
+        (tmp_path / "demo" / "mine.txt").write_text("an earlier run's file")
         loop = ev.TrainingLoop(
-            loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", callbacks=[seen]
+            loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", overwrite=True
         )
-        artifacts = await loop.run()
-        keys.append(loop.run_key)
-        assert artifacts.run_dir == tmp_path / loop.run_key
-        assert seen.key == loop.run_key  # the claimed key is the run key in events too
-    assert keys == ["demo", "demo-1", "demo-2"]
-    (tmp_path / "demo" / "mine.txt").write_text("an earlier run's file")
-    loop = ev.TrainingLoop(
-        loss_step, num_steps=2, output_dir=tmp_path, run_key="demo", overwrite=True
-    )
-    await loop.run()
-    assert loop.run_key == "demo" and not (tmp_path / "demo" / "mine.txt").exists()  # afresh
-    # no key: the config's name, else "run"
-    loop = ev.TrainingLoop(
-        loss_step, num_steps=1, output_dir=tmp_path, config={"name": "exp", "lr": 0.1}
-    )
-    assert (await loop.run()).run_dir == tmp_path / "exp"
-    assert (
-        await ev.TrainingLoop(loss_step, num_steps=1, output_dir=tmp_path).run()
-    ).run_dir == tmp_path / "run"
+        await loop.run()
+        assert loop.run_key == "demo" and not (tmp_path / "demo" / "mine.txt").exists()  # afresh
+        # no key: the config's name, else "run"
+        loop = ev.TrainingLoop(
+            loss_step, num_steps=1, output_dir=tmp_path, config={"name": "exp", "lr": 0.1}
+        )
+        assert (await loop.run()).run_dir == tmp_path / "exp"
+        assert (
+            await ev.TrainingLoop(loss_step, num_steps=1, output_dir=tmp_path).run()
+        ).run_dir == tmp_path / "run"
 
 
 @pytest.mark.parametrize("key", ["../x", "{tmp}/abs/x", "a/../../x", ".."])
@@ -869,9 +878,10 @@ async def test_resume_writes_each_step_once(tmp_path: Path) -> None:
             save_every=10,
         )
 
-    await loop().run(num_steps=25)
-    resumed = loop()
-    await resumed.run(start_step=20)
+    with anyio.fail_after(WAIT):
+        await loop().run(num_steps=25)
+        resumed = loop()
+        await resumed.run(start_step=20)
     assert resumed.run_key == "r"  # a resume reuses its dir
     run_dir = tmp_path / "r"
     import csv

@@ -1,14 +1,19 @@
 """Delivery policies: what a lagging subscriber's buffer keeps, and what it counts.
 
 The buffers are checked directly here (bound, order, drop counts), against a
-reference model under hypothesis; ``test_bus.py`` checks them on a live bus.
+reference model under hypothesis; the last tests check them on a live bus.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
+import anyio
 import pytest
+from anyio.lowlevel import checkpoint
+from bus_helpers import WAIT, thread_wait
+from bus_helpers import step as bus_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,3 +188,75 @@ def test_drop_oldest_matches_model(ops: list[tuple[str, str]], maxlen: int) -> N
         assert len(buf) == len(model) <= maxlen
         assert buf.dropped == dropped
     assert buf.take() == model
+
+
+# -- on a live bus ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_latest_coalesces_steps_keeps_rare_events_and_counts() -> None:
+    gate, entered = anyio.Event(), anyio.Event()
+    got: list[Event] = []
+
+    async def progress(event: Event) -> None:
+        got.append(event)
+        entered.set()
+        await gate.wait()
+
+    async with ev.EventBus(lag_threshold=10_000, close_timeout=5) as bus:
+        bus.subscribe(progress, policy=ev.Latest(max_kept=2), events=(StepEnded, EvalEnded))
+        first = bus_step(0)
+        bus.publish(first)
+        with anyio.fail_after(WAIT):
+            await entered.wait()  # holding step 0
+        published = [
+            bus_step(1, "a"),
+            EvalEnded(step=1, eval_name="e1"),
+            bus_step(2, "a"),
+            bus_step(1, "b"),
+            EvalEnded(step=2, eval_name="e2"),
+            EvalEnded(step=3, eval_name="e3"),  # max_kept=2: e1 goes
+            bus_step(3, "a"),
+        ]
+        for e in published:
+            bus.publish(e)
+        st = bus.stats()["progress"]
+        assert st.pending == 5 and st.dropped == 3  # 4 kept + step 0 in its hands
+        assert st.coalesced == 2  # steps 1a and 2a replaced; e1 was forced out by max_kept
+        gate.set()
+        with anyio.fail_after(WAIT):
+            assert (await bus.drain()).ok
+        st = bus.stats()["progress"]
+    # steps 1a and 2a were replaced (3a took its own place), e1 fell past max_kept
+    assert got == [first, published[3], published[4], published[5], published[6]]
+    assert st.dropped == 3 and st.delivered == 5 and st.max_pending <= 4
+
+
+@pytest.mark.parametrize("policy", [ev.DropOldest(8), ev.Latest(max_kept=8)], ids=repr)
+@pytest.mark.anyio
+async def test_memory_bounded_under_a_stuck_bounded_subscriber(policy: ev.Policy) -> None:
+    release, entered = threading.Event(), threading.Event()
+
+    def stuck(event: Event) -> None:
+        entered.set()
+        release.wait()
+
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            try:
+                bus.subscribe(stuck, policy=policy, events=(EvalEnded, StepEnded))
+                bus.publish(bus_step(0))
+                await thread_wait(entered)
+                for i in range(1, 5000):
+                    bus.publish(EvalEnded(step=i, eval_name="v") if i % 2 else bus_step(i))
+                    if i % 100 == 0:
+                        # 8 kept (+ 1 step for Latest) + 1 in its hands
+                        assert bus.stats()["stuck"].pending <= 10
+                        await checkpoint()
+                st = bus.stats()["stuck"]
+                assert st.pending <= 10 and st.max_pending <= 9
+                assert (
+                    st.dropped == 5000 - st.pending
+                )  # every event is kept, in its hands or dropped
+            finally:
+                release.set()

@@ -126,7 +126,8 @@ async def test_an_entry_that_does_not_decode_goes_to_the_dead_letter_stream(
     client.close()
     _add(redis_url, run_key, [*_steps(run_key, [2]), _end(run_key, 3)])
     source = RedisStreamSource(redis_url, run_key, group="g")
-    got = await _collect(source)
+    with anyio.fail_after(30):
+        got = await _collect(source)
     source.close()
     assert [e.step for e in got if isinstance(e, StepEnded)] == [0, 1, 2]  # it went on
     client = _client(redis_url)
@@ -148,7 +149,8 @@ async def test_duplicates_are_dropped_by_a_window_not_a_high_water_mark(
     first must be dropped, the second must not."""
     _add(redis_url, run_key, [*_steps(run_key, [0, 1, 2, 4, 5, 3, 3, 1]), _end(run_key, 6)])
     source = RedisStreamSource(redis_url, run_key, group="g")
-    got = await _collect(source)
+    with anyio.fail_after(30):
+        got = await _collect(source)
     source.close()
     assert [e.step for e in got if isinstance(e, StepEnded)] == [0, 1, 2, 4, 5, 3]
     assert source.stats().duplicates == 2
@@ -172,7 +174,8 @@ async def test_entries_a_dead_consumer_left_pending_are_claimed(
         got.append(event)
         return len([e for e in got if isinstance(e, StepEnded)]) == 6
 
-    await _collect(source, until=until)
+    with anyio.fail_after(30):
+        await _collect(source, until=until)
     source.close()
     assert sorted(e.step for e in got if isinstance(e, StepEnded)) == list(range(6))
     assert source.stats().claimed == 5
@@ -194,7 +197,8 @@ async def test_a_restarted_consumer_reads_its_own_pending_entries_first(
     _add(redis_url, run_key, [*_steps(run_key, [4]), _end(run_key, 5)])
     # claim_after far away: only reading its own pending entries brings 0-3 back
     source = RedisStreamSource(redis_url, run_key, group="g", consumer="me", claim_after=3600)
-    got = await _collect(source)
+    with anyio.fail_after(30):
+        got = await _collect(source)
     source.close()
     assert [e.step for e in got if isinstance(e, StepEnded)] == [0, 1, 2, 3, 4]
     assert source.stats().claimed == 0
@@ -209,7 +213,8 @@ async def test_a_rank_filter_keeps_one_rank(redis_url: str, run_key: str) -> Non
     ]
     _add(redis_url, run_key, envelopes)
     source = RedisStreamSource(redis_url, run_key, group="rank1", rank=1)
-    got = await _collect(source)
+    with anyio.fail_after(30):
+        got = await _collect(source)
     source.close()
     assert {e.rank for e in got} == {1} and len(got) == 3
     assert source.stats().skipped == 3
@@ -221,7 +226,8 @@ async def test_stopping_mid_batch_leaves_the_rest_unacknowledged(
 ) -> None:
     _add(redis_url, run_key, _steps(run_key, list(range(10))))
     source = RedisStreamSource(redis_url, run_key, group="g")
-    got = await _collect(source, until=lambda e: getattr(e, "step", None) == 3)
+    with anyio.fail_after(30):
+        got = await _collect(source, until=lambda e: getattr(e, "step", None) == 3)
     source.close()
     assert len(got) == 4
     assert _pending(redis_url, run_key, "g") == 6  # read in the same batch, not handled
@@ -229,14 +235,15 @@ async def test_stopping_mid_batch_leaves_the_rest_unacknowledged(
 
 async def test_without_a_group_the_source_is_an_observer(redis_url: str, run_key: str) -> None:
     _add(redis_url, run_key, [*_steps(run_key, [0, 1, 1]), _end(run_key, 2)])
-    got = await _collect(RedisStreamSource(redis_url, run_key))
+    with anyio.fail_after(30):
+        got = await _collect(RedisStreamSource(redis_url, run_key))
     assert [type(e).__name__ for e in got] == ["StepEnded", "StepEnded", "TrainEnded"]
     client = _client(redis_url)
     assert client.xinfo_groups(events_stream(run_key)) == []  # no group, nothing acked
     client.close()
 
 
-async def test_redis_unreachable_at_start_names_the_url_redacted() -> None:
+def test_redis_unreachable_at_start_names_the_url_redacted() -> None:
     url = f"redis://:hunter2-pw@127.0.0.1:{OwnRedis().port}/0"
     source = RedisStreamSource(url, "nowhere", group="g")
     with pytest.raises(RedisUnavailableError) as info:
@@ -275,7 +282,8 @@ async def test_prepare_finds_the_step_to_resume_at_and_what_to_hand_again(
     assert point is not None
     # k = 4 (the eval of step 4 was not acknowledged); StepEnded(4) is handed again
     assert (point.start_step, point.replay_from, point.first_unacked) == (4, ids[5], ids[6])
-    got = await _collect(source, until=lambda e: getattr(e, "step", None) == 7)
+    with anyio.fail_after(30):
+        got = await _collect(source, until=lambda e: getattr(e, "step", None) == 7)
     source.close()
     assert [(type(e).__name__, e.step) for e in got][:3] == [  # type: ignore[attr-defined]
         ("StepEnded", 4),
@@ -285,7 +293,7 @@ async def test_prepare_finds_the_step_to_resume_at_and_what_to_hand_again(
     assert source.stats().replayed == 1
 
 
-async def test_a_new_group_is_not_a_resume(redis_url: str, run_key: str) -> None:
+def test_a_new_group_is_not_a_resume(redis_url: str, run_key: str) -> None:
     _add(redis_url, run_key, _steps(run_key, [0, 1]))
     source = RedisStreamSource(redis_url, run_key, group="fresh")
     assert source.prepare() is None

@@ -26,6 +26,8 @@ from evsys_async.transports import (
 
 pytestmark = pytest.mark.anyio
 
+WAIT = 30.0  # the fail_after around every wait: generous, never reached when all is well
+
 
 class Remote(ev.Event):
     """A user event type that crosses the wire."""
@@ -46,11 +48,12 @@ def stream(redis_url: str) -> Iterator[str]:
 
 async def test_jsonl_sink_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "log" / "events.jsonl"
-    async with ev.EventBus() as bus:
-        attach(bus, JsonlSink(path))
-        for i in range(50):
-            bus.publish(StepEnded(step=i, num_steps=50, metrics={"loss": 1 / (i + 1)}))
-        bus.publish(Remote(payload={"a": 1}))
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus() as bus:
+            attach(bus, JsonlSink(path))
+            for i in range(50):
+                bus.publish(StepEnded(step=i, num_steps=50, metrics={"loss": 1 / (i + 1)}))
+            bus.publish(Remote(payload={"a": 1}))
     envelopes = list(read_jsonl(path))
     assert [e.seq for e in envelopes] == list(range(51))
     assert {e.bus_id for e in envelopes} == {bus.bus_id}

@@ -1,7 +1,7 @@
-"""Callback: the seed's hooks, each ``def`` or ``async def``; ``dispatch``; the adapter
-that turns a callback into one bus subscriber.
+"""Callback: the original system's hooks, each ``def`` or ``async def``; ``dispatch``;
+the adapter that turns a callback into one bus subscriber.
 
-Which hook runs (DESIGN rule 21): for a loop-scope event exactly one hook runs,
+Which hook runs: for a loop-scope event exactly one hook runs,
 the named hook of the nearest class in the event's MRO that the callback
 overrides, otherwise ``on_event``. ``on_envelope`` additionally sees every
 event with its sequence number. Experiment-scope hooks are called only by
@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import anyio
 import anyio.from_thread
@@ -46,7 +46,7 @@ from ..events import (
     TrainStarted,
 )
 from ..policies import Lossless, Policy
-from ..state import LoopArtifacts, LoopState
+from ..state import LoopArtifacts, LoopState, Status
 
 __all__ = [
     "EXPERIMENT_HOOKS",
@@ -183,7 +183,8 @@ class CallbackAdapter:
     def __init__(self, callback: Callback, state: LoopState) -> None:
         self.callback = callback
         self.state = state
-        self.name = type(callback).__name__
+        # reported and logged under its name: the registered kind (csv_metrics), else its class
+        self.name = str(getattr(callback, "name", "") or type(callback).__name__)
         self._batch: tuple[int, Any] | None = None
         for hook, arity in {
             **dict(LOOP_HOOKS.values()),
@@ -202,8 +203,9 @@ class CallbackAdapter:
             self.event_types = tuple(
                 t for t, (hook, _) in LOOP_HOOKS.items() if overrides(callback, hook)
             )
-        # decided once (STYLE rule 8): which hooks are coroutine functions, and so
-        # whether the callback runs in a task (all async) or in its own thread
+        # decided once, at subscribe time, not at the first event: which hooks are
+        # coroutine functions, and so whether the callback runs in a task (all async)
+        # or in its own thread
         self._async_hook = {
             h: is_async_callable(getattr(callback, h)) for h in _ROUTED if overrides(callback, h)
         }
@@ -292,7 +294,7 @@ class CallbackAdapter:
             run_dir=Path(self.state.output_dir),
             total_requested_steps=event.num_steps,
             steps_completed=event.steps_completed,
-            status=event.status,
+            status=cast(Status, event.status),
             stop_reason=event.stop_reason,
             train_seconds=event.train_seconds,
             error=event.error,

@@ -11,10 +11,11 @@ value is an empty cell.
 
 The original system appended new keys as columns without touching the header, which
 pandas misreads. Here, when a key first appears mid-run, the file is
-rewritten once with the wider header (old rows padded with empty cells) into
-a temporary file beside it and moved into place with ``os.replace``: a reader
-sees the old file or the new one, never a mix. Rows are buffered and written
-once per delivered batch (``flush()``), in the callback's own thread.
+rewritten once with the wider header (old rows padded with empty cells),
+atomically (``_files.atomic_writer``: a temporary file beside it, ``fsync``,
+``os.replace``): a reader sees the old file or the new one, never a mix.
+Rows are buffered and written once per delivered batch (``flush()``), in the
+callback's own thread.
 A resumed run (``state.start_step`` k > 0) keeps the existing file's header
 and its rows before step k, drops the rows from step k on (they are written
 again, so no step appears twice) and appends. Rank 0 only.
@@ -30,6 +31,7 @@ from typing import IO, Any
 
 import msgspec
 
+from .._files import atomic_writer
 from ..state import LoopState
 from ._format import eval_metric_name
 from .base import Callback
@@ -121,12 +123,10 @@ class CsvMetricsCallback(Callback):
             reader = csv.reader(f, delimiter=self.delimiter)
             header = next(reader, ["step"])
             rows = [r for r in reader if not (r and r[0].isdigit() and int(r[0]) >= start_step)]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_writer(path, newline="") as f:
             writer = csv.writer(f, delimiter=self.delimiter, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
-        os.replace(tmp, path)
         return header
 
     def _write_rows(self, f: IO[str], rows: list[dict[str, Any]], *, header: bool = False) -> None:
@@ -143,10 +143,9 @@ class CsvMetricsCallback(Callback):
         assert self._file is not None
         self._file.close()
         path = self.path
-        tmp = path.with_name(f".{path.name}.tmp")
         with (
             open(path, newline="", encoding="utf-8") as old,
-            open(tmp, "w", newline="", encoding="utf-8") as new,
+            atomic_writer(path, newline="") as new,
         ):
             reader = csv.reader(old, delimiter=self.delimiter)
             previous = next(reader, [])
@@ -160,9 +159,6 @@ class CsvMetricsCallback(Callback):
                     out[index[name]] = cell
                 writer.writerow(out)
             self._write_rows(new, rows)
-            new.flush()
-            os.fsync(new.fileno())
-        os.replace(tmp, path)
         self._file = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115
 
 

@@ -28,6 +28,7 @@ import msgspec
 from .._log import get_logger
 from ..state import LoopArtifacts, LoopState
 from ..store import LocalStore, RowKind
+from ._values import benchmark_metrics, benchmark_name, json_ready
 from .base import Callback
 from .registry import register_callback
 
@@ -82,7 +83,7 @@ class EvsysLoggerCallback(Callback):
             eid = ctx.ids.get("experiment_id")
             name = self.experiment or str((ctx.config or {}).get("experiment") or "default")
             self.experiment_id = self.store.create_experiment(
-                name, experiment_id=eid, config=_plain(ctx.config)
+                name, experiment_id=eid, config=json_ready(ctx.config)
             )
             ctx.ids["experiment_id"] = self.experiment_id
         return self.store
@@ -103,8 +104,8 @@ class EvsysLoggerCallback(Callback):
         if store is None:
             return
         eid, key = self.experiment_id, ctx.run_key or "run"
-        name = _get(eval_result, "name") or "benchmark"
-        metrics = dict(_get(eval_result, "metrics") or {})
+        name = benchmark_name(eval_result)
+        metrics = benchmark_metrics(eval_result)
         now = time.time()
         store.append(
             eid, key, "evals", [{"name": name, "step": step, "ts": now, "metrics": metrics}]
@@ -128,14 +129,14 @@ class EvsysLoggerCallback(Callback):
             "metrics": getattr(run_result, "metrics", None),
             "error": getattr(run_result, "error", None),
         }
-        store.update_run(self.experiment_id, ctx.run_key or "run", **_plain(fields))
+        store.update_run(self.experiment_id, ctx.run_key or "run", **json_ready(fields))
 
     def on_experiment_end(self, ctx: Any, result: Any) -> None:
         store = self._resolve(ctx)
         if store is None:
             return
         to_dict = getattr(result, "to_dict", None)
-        summary = to_dict() if callable(to_dict) else _plain(result)
+        summary = to_dict() if callable(to_dict) else json_ready(result)
         store.update_experiment(self.experiment_id, status="completed", result=summary)
 
     # -- loop scope ---------------------------------------------------------------
@@ -154,7 +155,7 @@ class EvsysLoggerCallback(Callback):
             self.experiment_id,
             self._run_key,
             group=ctx.group_name,
-            run_config=_plain(ctx.run_config),
+            run_config=json_ready(ctx.run_config),
             num_steps=state.num_steps,
             start_step=state.start_step,
             run_dir=str(state.run_dir),
@@ -179,7 +180,7 @@ class EvsysLoggerCallback(Callback):
 
     def on_checkpoint(self, state: LoopState, row: dict[str, Any]) -> None:
         if self._run_key is not None:
-            self._rows.setdefault("checkpoints", []).append(_plain(row))
+            self._rows.setdefault("checkpoints", []).append(json_ready(row))
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self._run_key is None:
@@ -206,14 +207,3 @@ class EvsysLoggerCallback(Callback):
     def teardown(self, state: LoopState) -> None:
         self.flush()
         self._run_key = None
-
-
-def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able builtins (dataclasses, Structs, paths become dicts and strings)."""
-    return msgspec.to_builtins(value, enc_hook=str)

@@ -3,9 +3,10 @@
 * ``metrics.jsonl`` — one line per step ``{"split": "train", "step", "ts",
   "metrics"}`` and per eval ``{"split": "val", "eval_name", "step", "ts",
   "metrics"}``;
-* ``events.jsonl`` — every event as an envelope ``{"bus_id", "seq",
-  "event"}``, encoded with :func:`evsys_async.events.encode`: the input of
-  replay;
+* ``events.jsonl`` — a header line (:func:`evsys_async.transports.jsonl.log_header`),
+  then every event as an envelope ``{"bus_id", "seq", "event"}``, encoded
+  with :func:`evsys_async.events.encode`: the input of replay
+  (``docs/replay.md``);
 * ``predictions/<name>.jsonl`` — the rows of each ``on_benchmark_eval``;
 * ``summary.md`` — written at ``on_train_end``: status, steps, stop reason,
   last train metrics and last metrics of each eval.
@@ -15,8 +16,8 @@ plain ``def`` writes in the callback's own thread (faster than async files:
 ``docs/callbacks.md``); every line is whole, so the files parse at any
 moment. Files open in ``setup`` and close in ``teardown``; a resumed run
 (``state.start_step`` k > 0) drops the ``metrics.jsonl`` rows from step k on
-(they are written again) and appends; ``events.jsonl`` keeps every event, its
-``TrainStarted`` marks where the resume began. ``print_every`` keeps the
+(they are written again) and appends; ``events.jsonl`` keeps every event, and
+a second header line marks where the resume began. ``print_every`` keeps the
 original system's console one-liner (``0`` = silent; lines after every
 ``print_every`` steps, counted from 1, and the last); ``keys`` restricts the
 printed keys (the files get every key). Rank 0 only.
@@ -25,7 +26,6 @@ printed keys (the files get every key). Rank 0 only.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,11 +33,14 @@ from typing import IO, Any
 
 import msgspec
 
+from .._files import write_atomic
 from .._json import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
+from ..transports.jsonl import log_header
 from ._format import due, eval_metric_name, human_step
 from ._format import fmt_value as _fmt_value
+from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
 from .base import Callback
 from .registry import register_callback
 
@@ -94,6 +97,9 @@ class LocalLoggerCallback(Callback):
         mode = "ab" if state.start_step > 0 else "wb"
         self._metrics_file = open(run_dir / "metrics.jsonl", mode)  # noqa: SIM115 - closed in teardown
         self._events_file = open(run_dir / "events.jsonl", mode)  # noqa: SIM115
+        header = log_header(run_key=state.ctx.run_key, start_step=state.start_step)
+        self._events_file.write(header + b"\n")
+        self._events_file.flush()
 
     def teardown(self, state: LoopState) -> None:
         self.flush()
@@ -136,7 +142,7 @@ class LocalLoggerCallback(Callback):
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
         if self.run_dir is None:
             return
-        _write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts))
+        write_atomic(self.run_dir / "summary.md", self._summary(state, artifacts), errors="raise")
 
     def flush(self) -> None:
         """Write what the batch buffered: one write per file."""
@@ -159,7 +165,7 @@ class LocalLoggerCallback(Callback):
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
     ) -> None:
         """Append the predictions to ``<run_dir>/predictions/<name>.jsonl`` (one write)."""
-        name = str(_get(eval_result, "name", None) or "benchmark")
+        name = benchmark_name(eval_result)
         key = getattr(ctx, "run_key", "") or ""
         run_dir = Path(getattr(ctx, "output_dir", ".")) / key if key else Path(ctx.output_dir)
         out = run_dir / "predictions"
@@ -212,17 +218,5 @@ class LocalLoggerCallback(Callback):
         return "\n".join(lines) + "\n"
 
 
-def _get(obj: Any, name: str, default: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "benchmark"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or DEFAULT_BENCHMARK_NAME

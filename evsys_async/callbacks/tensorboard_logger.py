@@ -16,7 +16,6 @@ flushed once per delivered batch and closes in ``teardown``. Rank 0 only.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import msgspec
 from ..errors import import_extra
 from ..state import LoopState
 from ._format import eval_metric_name
+from ._values import benchmark_metrics, benchmark_name
 from .base import Callback
 from .registry import register_callback
 
@@ -92,17 +92,11 @@ class TensorBoardLoggerCallback(Callback):
         writer = self._writer
         if writer is None:
             return
-        name = _get(eval_result, "name") or "benchmark"
-        for key, value in dict(_get(eval_result, "metrics") or {}).items():
+        name = benchmark_name(eval_result)
+        for key, value in benchmark_metrics(eval_result).items():
             if isinstance(value, int | float):
                 writer.add_scalar(f"eval/{name}/{key}", float(value), global_step=step or 0)
 
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
-
-
-def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)

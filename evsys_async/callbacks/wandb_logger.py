@@ -37,6 +37,7 @@ from .._log import get_logger
 from ..errors import describe, import_extra
 from ..state import LoopState
 from ._format import due, eval_metric_name
+from ._values import benchmark_metrics, benchmark_name, table_cell
 from .base import Callback
 from .registry import register_callback
 
@@ -168,28 +169,18 @@ class WandbLoggerCallback(Callback):
         run = self.run
         if run is None:
             return
-        name = _get(eval_result, "name") or "benchmark"
+        name = benchmark_name(eval_result)
         payload: dict[str, Any] = {
             f"eval/{name}/{k}": float(v)
-            for k, v in dict(_get(eval_result, "metrics") or {}).items()
+            for k, v in benchmark_metrics(eval_result).items()
             if isinstance(v, int | float)
         }
         rows = [r for r in list(predictions or ())[: self.max_pred_rows] if isinstance(r, Mapping)]
         if rows:
             columns = sorted({k for r in rows for k in r})
             table = self._wandb.Table(
-                columns=columns, data=[[_plain(r.get(c)) for c in columns] for r in rows]
+                columns=columns, data=[[table_cell(r.get(c)) for c in columns] for r in rows]
             )
             payload[f"eval/{name}/predictions"] = table
         if payload:
             run.log(payload, **({"step": step} if step is not None else {}))
-
-
-def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _plain(value: Any) -> Any:
-    return value if isinstance(value, str | int | float | bool) or value is None else str(value)

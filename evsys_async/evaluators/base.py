@@ -37,9 +37,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 import msgspec
 
+from .._kinds import KindRegistry
 from .._log import get_logger
-from ..callbacks.registry import KindRegistry, PlacedConfigError
-from ..errors import describe
+from ..errors import PlacedConfigError, describe
 from ..state import LoopState
 
 __all__ = [

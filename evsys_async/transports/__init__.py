@@ -10,7 +10,7 @@ Redis Streams (extra ``redis``): docs/distributed.md.
 from __future__ import annotations
 
 from .base import EnvelopeSink, attach
-from .jsonl import JsonlSink, read_jsonl
+from .jsonl import EventLogReader, JsonlSink, LogHeader, SkippedLine, log_header, read_jsonl
 from .redis import (
     RedisCoordinator,
     RedisSinkStats,
@@ -23,7 +23,9 @@ from .redis import (
 
 __all__ = [
     "EnvelopeSink",
+    "EventLogReader",
     "JsonlSink",
+    "LogHeader",
     "RedisCoordinator",
     "RedisSinkStats",
     "RedisSourceStats",
@@ -31,6 +33,8 @@ __all__ = [
     "RedisStreamSource",
     "RedisUnavailableError",
     "ResumePoint",
+    "SkippedLine",
     "attach",
+    "log_header",
     "read_jsonl",
 ]

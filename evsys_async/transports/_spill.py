@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from .._files import write_atomic
+
 __all__ = ["SpillFile"]
 
 _HEADER = struct.Struct(">II")
@@ -118,11 +120,9 @@ class SpillFile:
         f = self._file
         f.seek(self._read_at)
         rest = f.read()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_bytes(_pack(front) + rest)
         f.close()
-        os.replace(tmp, self.path)
         self._file = None
+        write_atomic(self.path, _pack(front) + rest, errors="raise")
         self._read_at = 0
         self._unread += len(front)
         self.appended += len(front)

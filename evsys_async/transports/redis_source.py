@@ -33,6 +33,7 @@ source works on asyncio and on trio.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import time
 from collections import deque
@@ -124,6 +125,11 @@ class _Prefetch:
             raise error
         self._start()
         return value
+
+
+#: an event of a type not defined here (a user's, not importable in this process) comes
+#: through as an UnknownEvent, not as a dead letter
+_decode_envelope = functools.partial(decode_envelope, keep_unknown=True)
 
 
 def _text(value: bytes | str) -> str:
@@ -255,7 +261,7 @@ class RedisStreamSource:
         if data is None:
             return None
         try:
-            return decode_envelope(data)
+            return _decode_envelope(data)
         except Exception:
             return None
 
@@ -263,6 +269,17 @@ class RedisStreamSource:
         return self.rank is None or envelope.event.rank == self.rank
 
     def _find_resume_point(self) -> ResumePoint | None:
+        found = self._first_unacked()
+        if found is None:
+            return None  # the group exists but consumed nothing: a fresh start
+        (first_unacked,) = found
+        k = self._first_step(first_unacked) if first_unacked is not None else None
+        k, replay_from = self._step_k_starts(first_unacked, k)
+        return ResumePoint(start_step=k, replay_from=replay_from, first_unacked=first_unacked)
+
+    def _first_unacked(self) -> tuple[str | None] | None:
+        """``(id,)`` of the group's first unacknowledged entry (``(None,)``: all were),
+        or ``None`` when the group has consumed nothing yet."""
         client, stream = self._client, self.stream
         info = next(
             (g for g in client.xinfo_groups(stream) if _text(g["name"]) == self.group), None
@@ -271,69 +288,59 @@ class RedisStreamSource:
             return None
         last_delivered = _text(info["last-delivered-id"])
         pending = client.xpending(stream, self.group)
-        first_unacked: str | None = None
         if pending and pending.get("pending"):
-            first_unacked = _text(pending["min"])
-        else:
-            after = client.xrange(stream, f"({last_delivered}", "+", count=1)
-            first_unacked = _text(after[0][0]) if after else None
-        if last_delivered in ("0-0", "0") and not (pending and pending.get("pending")):
-            return None  # the group exists but consumed nothing: a fresh start
-        # k: the step of the first unacknowledged entry that has one
-        k: int | None = None
-        if first_unacked is not None:
-            cursor, scanned = first_unacked, 0
-            while k is None and scanned < _BACKSCAN_LIMIT:
-                page = client.xrange(stream, cursor, "+", count=_PAGE)
-                if not page:
-                    break
-                for _, fields in page:
-                    env = self._decode(fields)
-                    if env is not None and self._mine(env) and _step_of(env.event) is not None:
-                        k = _step_of(env.event)
-                        break
-                scanned += len(page)
-                cursor = f"({_text(page[-1][0])}"
-        # back from there: the acknowledged entries of step k and later are re-published
-        # (a group that began at "$" never saw the entries before it: nothing to go back to)
+            return (_text(pending["min"]),)
+        if last_delivered in ("0-0", "0"):
+            return None
+        after = client.xrange(stream, f"({last_delivered}", "+", count=1)
+        return (_text(after[0][0]) if after else None,)
+
+    def _first_step(self, first_unacked: str) -> int | None:
+        """k: the step of the first entry from ``first_unacked`` on that has one."""
+        cursor, scanned = first_unacked, 0
+        while scanned < _BACKSCAN_LIMIT:
+            page = self._client.xrange(self.stream, cursor, "+", count=_PAGE)
+            if not page:
+                return None
+            for _, fields in page:
+                env = self._decode(fields)
+                if env is not None and self._mine(env) and _step_of(env.event) is not None:
+                    return _step_of(env.event)
+            scanned += len(page)
+            cursor = f"({_text(page[-1][0])}"
+        return None
+
+    def _step_k_starts(self, first_unacked: str | None, k: int | None) -> tuple[int, str]:
+        """Back from the first unacknowledged entry: where the entries of step k and later
+        begin (they are handed again), and k itself when no unacknowledged entry had a
+        step (the step after the last handled one). A group that began at ``$`` never saw
+        the entries before it: nothing to go back to."""
+        from_start = self.start in ("0", "0-0", "-")
         end = f"({first_unacked}" if first_unacked is not None else "+"
         replay_from = first_unacked or "+"
-        scanned = 0 if self.start in ("0", "0-0", "-") else _BACKSCAN_LIMIT
+        scanned = 0 if from_start else _BACKSCAN_LIMIT
         while scanned < _BACKSCAN_LIMIT:
-            page = client.xrevrange(stream, end, "-", count=_PAGE)
+            page = self._client.xrevrange(self.stream, end, "-", count=_PAGE)
             if not page:
                 replay_from = "0"  # reached the stream's start
                 break
-            stop = False
             for entry_id, fields in page:
                 env = self._decode(fields)
                 step = _step_of(env.event) if env is not None and self._mine(env) else None
-                if step is not None:
-                    if k is None:
-                        k = step + 1  # everything up to that step was handled
-                        stop = True
-                        break
-                    if step < k:
-                        stop = True
-                        break
+                if step is not None and (k is None or step < k):
+                    return (step + 1 if k is None else k), replay_from
                 replay_from = _text(entry_id)
-            if stop:
-                break
             scanned += len(page)
             end = f"({_text(page[-1][0])}"
         if k is None:
-            k = 0
-            if self.start in ("0", "0-0", "-"):
-                replay_from = "0"
-        if replay_from == "+":
-            replay_from = first_unacked or "+"
-        return ResumePoint(start_step=k, replay_from=replay_from, first_unacked=first_unacked)
+            return 0, ("0" if from_start else first_unacked or "+")
+        return k, replay_from
 
     # -- reading (the source's thread) ----------------------------------------------------
 
     def _entries(self, raw: list[Any], *, ack: bool) -> list[_Entry]:
         out: list[_Entry] = []
-        append, decode = out.append, decode_envelope
+        append, decode = out.append, _decode_envelope
         for entry_id, fields in raw:
             if fields is None:  # trimmed away while pending: nothing to handle
                 append(_Entry(entry_id, None, None, None, ack))
@@ -443,7 +450,7 @@ class RedisStreamSource:
         if not ids:
             return []
         out: list[_Entry] = []
-        append, decode = out.append, decode_envelope
+        append, decode = out.append, _decode_envelope
         for entry_id, body in zip(ids.split(b" "), bodies.split(b"\n"), strict=True):
             if body:
                 try:
@@ -543,50 +550,8 @@ class RedisStreamSource:
                 prefetch = _Prefetch(tg, reader, self._next_batch)
                 while True:
                     batch: list[_Entry] = await prefetch.take()
-                    acks: list[bytes | str] = []
-                    dead: list[_Entry] = []
-                    handled = fresh = skipped = duplicates = replayed = 0
-                    stop = False
-                    own_bus, rank, publish = bus.bus_id, self.rank, bus.publish
-                    seen, order, window = self._seen, self._order, self._window
-                    for entry in batch:
-                        handled += 1
-                        if entry.ack:
-                            acks.append(entry.id)
-                        env = entry.envelope
-                        if env is None:
-                            if entry.fields is not None:
-                                self._dead_letter(entry, dead)
-                            continue
-                        if env.bus_id == own_bus or (rank is not None and env.event.rank != rank):
-                            skipped += 1
-                            continue
-                        key = (env.bus_id, env.seq)  # the window of recently seen envelopes
-                        if key in seen:
-                            duplicates += 1
-                            continue
-                        seen.add(key)
-                        order.append(key)
-                        if len(order) > window:
-                            seen.discard(order.popleft())
-                        if on_envelope is not None:
-                            on_envelope(env)
-                        publish(env.event)
-                        fresh += 1
-                        if not entry.ack:
-                            replayed += 1
-                        if until is not None and until(env.event):
-                            stop = True
-                            break
+                    acks, dead, fresh, stop = self._publish(batch, bus, until, on_envelope)
                     published += fresh
-                    counts = self._counts
-                    counts["published"] += fresh
-                    counts["skipped"] += skipped
-                    counts["duplicates"] += duplicates
-                    if self.group is not None:
-                        counts["replayed"] += replayed
-                    if handled and self.group is None:
-                        self._last_id = _text(batch[handled - 1].id)
                     if fresh:
                         await self._drain(bus)
                     if acks or dead:
@@ -598,6 +563,59 @@ class RedisStreamSource:
             reader.close()
             acker.close()
         return published
+
+    def _publish(
+        self,
+        batch: list[_Entry],
+        bus: Any,
+        until: Callable[[Event], bool] | None,
+        on_envelope: Callable[[Envelope], None] | None,
+    ) -> tuple[list[bytes | str], list[_Entry], int, bool]:
+        """Publish a batch's new events; returns the ids to acknowledge, the dead letters,
+        how many were published and whether ``until`` said stop (the rest stay unread)."""
+        acks: list[bytes | str] = []
+        dead: list[_Entry] = []
+        handled = fresh = skipped = duplicates = replayed = 0
+        stop = False
+        own_bus, rank, publish = bus.bus_id, self.rank, bus.publish
+        seen, order, window = self._seen, self._order, self._window
+        for entry in batch:
+            handled += 1
+            if entry.ack:
+                acks.append(entry.id)
+            env = entry.envelope
+            if env is None:
+                if entry.fields is not None:
+                    self._dead_letter(entry, dead)
+                continue
+            if env.bus_id == own_bus or (rank is not None and env.event.rank != rank):
+                skipped += 1
+                continue
+            key = (env.bus_id, env.seq)  # the window of recently seen envelopes
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            order.append(key)
+            if len(order) > window:
+                seen.discard(order.popleft())
+            if on_envelope is not None:
+                on_envelope(env)
+            publish(env.event)
+            fresh += 1
+            replayed += not entry.ack
+            if until is not None and until(env.event):
+                stop = True
+                break
+        counts = self._counts
+        counts["published"] += fresh
+        counts["skipped"] += skipped
+        counts["duplicates"] += duplicates
+        if self.group is not None:
+            counts["replayed"] += replayed
+        if handled and self.group is None:
+            self._last_id = _text(batch[handled - 1].id)
+        return acks, dead, fresh, stop
 
     async def _ack(self, acker: DaemonWorker, ids: list[bytes | str], dead: list[_Entry]) -> None:
         try:

@@ -13,6 +13,9 @@ import evsys_async as ev
 from evsys_async.callbacks.base import CallbackAdapter
 from evsys_async.events import Event, StepEnded, TrainEnded, TrainStarted
 
+#: the fail_after around every test's waits: generous, never reached when all is well
+WAIT = 30.0
+
 
 def make_state(
     tmp_path: Path, *, run_key: str = "r1", num_steps: int = 10, **kw: Any
@@ -130,13 +133,32 @@ def read_wandb_records(path: Path) -> Iterator[Any]:
         yield record
 
 
+def _finished_wandb_log(path: Path, timeout: float = 10.0) -> list[Any]:
+    """The records of a run's log once wandb's own process has written its ``exit``
+    record: ``run.finish()`` can return a moment before that process is done with
+    the file. It is another process, so there is no event to wait on: look again."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(read_wandb_records(path))
+        except Exception:  # a record half written: look again
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"wandb never finished writing {path}"
+        time.sleep(0.02)
+
+
 def wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     """The history rows of the one offline wandb run under ``run_dir``."""
     import json
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = _finished_wandb_log(path)
     rows = []
-    for record in read_wandb_records(path):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {

@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import anyio
 import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.csv_metrics import CsvMetricsCallback
 from evsys_async.events import EvalEnded, Event, StepEnded, TrainEnded, TrainStarted
 
-from .helpers import drive, make_state, run_events
+from .helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +44,8 @@ def mid_run_events() -> list[Event]:
 async def test_keys_appearing_mid_run_widen_the_header(tmp_path: Path) -> None:
     cb = CsvMetricsCallback("metrics.csv")
     state = make_state(tmp_path, num_steps=5)
-    await drive(cb, state, mid_run_events())
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, mid_run_events())
     header, rows = read(state.run_dir / "metrics.csv")
     assert header == ["step", "loss", "lr", "val/acc", "grad_norm"]
     assert [r["step"] for r in rows] == ["0", "1", "2", "2", "3", "4"]
@@ -75,22 +77,24 @@ async def test_file_is_valid_after_every_event(tmp_path: Path) -> None:
             ] == seen
             assert set(event.metrics) <= set(header)
 
-    await drive(cb, state, mid_run_events(), wait_each=True, after_each=check)
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, mid_run_events(), wait_each=True, after_each=check)
     assert seen == [0, 1, 2, 3, 4]
 
 
 async def test_resume_appends_under_the_same_header(tmp_path: Path) -> None:
     state = make_state(tmp_path, num_steps=6)
-    await drive(
-        CsvMetricsCallback("m.csv"), state, run_events(3, lambda i: {"loss": float(i)})[:-1]
-    )
-    resumed = make_state(tmp_path, num_steps=6, step=3, start_step=3)
-    events = [
-        TrainStarted(num_steps=6, start_step=3),
-        StepEnded(step=3, num_steps=6, metrics={"loss": 3.0, "acc": 0.5}),
-        StepEnded(step=4, num_steps=6, metrics={"loss": 4.0}),
-    ]
-    await drive(CsvMetricsCallback("m.csv"), resumed, events)
+    with anyio.fail_after(WAIT):
+        await drive(
+            CsvMetricsCallback("m.csv"), state, run_events(3, lambda i: {"loss": float(i)})[:-1]
+        )
+        resumed = make_state(tmp_path, num_steps=6, step=3, start_step=3)
+        events = [
+            TrainStarted(num_steps=6, start_step=3),
+            StepEnded(step=3, num_steps=6, metrics={"loss": 3.0, "acc": 0.5}),
+            StepEnded(step=4, num_steps=6, metrics={"loss": 4.0}),
+        ]
+        await drive(CsvMetricsCallback("m.csv"), resumed, events)
     header, rows = read(state.run_dir / "m.csv")
     assert header == ["step", "loss", "acc"]
     assert [(r["step"], r["loss"], r["acc"]) for r in rows] == [
@@ -104,7 +108,8 @@ async def test_resume_appends_under_the_same_header(tmp_path: Path) -> None:
 
 async def test_many_steps_one_row_each(tmp_path: Path) -> None:
     state = make_state(tmp_path, num_steps=500)
-    await drive(CsvMetricsCallback("m.csv"), state, run_events(500, lambda i: {"loss": i / 7}))
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("m.csv"), state, run_events(500, lambda i: {"loss": i / 7}))
     _, rows = read(state.run_dir / "m.csv")
     assert [int(r["step"]) for r in rows] == list(range(500))
     assert all(float(r["loss"]) == i / 7 for i, r in enumerate(rows))
@@ -112,7 +117,8 @@ async def test_many_steps_one_row_each(tmp_path: Path) -> None:
 
 async def test_only_rank_zero_writes(tmp_path: Path) -> None:
     state = make_state(tmp_path, num_steps=3, rank=1)
-    await drive(CsvMetricsCallback("m.csv"), state, run_events(3))
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("m.csv"), state, run_events(3))
     assert not (state.run_dir / "m.csv").exists()
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import anyio
 import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.debug_logger import DebugLoggerCallback
 from evsys_async.events import CallbackFailed, CheckpointSaved, StopRequested
 
-from .helpers import drive, make_state, run_events
+from .helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,8 @@ async def test_every_hook_at_debug_in_order(
     events.insert(
         -1, CallbackFailed(subscriber="X", hook="on_step_end", event_type="StepEnded", error="boom")
     )
-    await drive(DebugLoggerCallback(), make_state(tmp_path, num_steps=3), events)
+    with anyio.fail_after(WAIT):
+        await drive(DebugLoggerCallback(), make_state(tmp_path, num_steps=3), events)
     records = [
         r
         for r in caplog.records
@@ -56,10 +58,11 @@ async def test_values_cut_to_max_len_and_predictions_to_max_rows(
     cb = DebugLoggerCallback(max_len=30, max_pred_rows=2, to_stdout=True)
     ctx = ev.LogContext(output_dir="x", run_key="k")
     preds = [{"task_id": i, "text": "y" * 5} for i in range(10)]
-    await ev.dispatch([cb], "on_experiment_start", ctx)
-    await ev.dispatch(
-        [cb], "on_benchmark_eval", ctx, {"name": "b", "metrics": {"acc": 1.0}}, preds, step=3
-    )
+    with anyio.fail_after(WAIT):
+        await ev.dispatch([cb], "on_experiment_start", ctx)
+        await ev.dispatch(
+            [cb], "on_benchmark_eval", ctx, {"name": "b", "metrics": {"acc": 1.0}}, preds, step=3
+        )
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("[debug_logger] on_experiment_start ctx=")
     line = out[1]

@@ -6,6 +6,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 import evsys_async as ev
 from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
 
+from .helpers import WAIT
 
-def seed_stop_index(
+
+def original_stop_index(
     values: Sequence[float], patience: int, mode: str, min_delta: float
 ) -> int | None:
     """The original EarlyStoppingCallback.on_eval, verbatim in effect: the index of the
@@ -65,12 +68,12 @@ def feed(
     mode=st.sampled_from(["max", "min"]),
     min_delta=st.sampled_from([0.0, 0.01, 0.5]),
 )
-def test_stops_at_the_same_eval_as_the_seed(
+def test_stops_at_the_same_eval_as_the_original(
     values: list[float], patience: int, mode: str, min_delta: float
 ) -> None:
     cb = EarlyStoppingCallback("acc", patience=patience, mode=mode, min_delta=min_delta)  # type: ignore[arg-type]
     _, stopped = feed(cb, values)
-    assert stopped == seed_stop_index(values, patience, mode, min_delta)
+    assert stopped == original_stop_index(values, patience, mode, min_delta)
 
 
 def test_reason_and_plateau() -> None:
@@ -101,7 +104,7 @@ def test_non_finite_stops_at_once(bad: float) -> None:
     _, stopped = feed(
         EarlyStoppingCallback("loss", mode="min", patience=2, check_finite=False), [1.0, bad, bad]
     )
-    assert stopped == seed_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the original rule
+    assert stopped == original_stop_index([1.0, bad, bad], 2, "min", 0.0)  # off: the original rule
 
 
 def test_strict_fails_when_the_metric_never_appears_by_the_second_eval() -> None:
@@ -193,14 +196,15 @@ async def test_in_the_loop_stops_before_the_next_step(tmp_path: Path) -> None:
         return {"loss": 1.0}
 
     values = [min(k, 9) / 18 for k in range(4, 100, 5)]
-    k = seed_stop_index(values, 2, "max", 0.0)
+    k = original_stop_index(values, 2, "max", 0.0)
     assert k is not None
     stop_step = 4 + 5 * k  # evals after steps 4, 9, 14, ...: the original stops after step 19
     cb = EarlyStoppingCallback("acc", patience=2)
     loop = ev.TrainingLoop(
         step, num_steps=100, output_dir=tmp_path, evaluators=[Plateau()], callbacks=[cb]
     )
-    artifacts = await loop.run()
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
     assert artifacts.status == "stopped"
     assert steps[-1] == stop_step == 19
     assert artifacts.steps_completed == stop_step + 1
@@ -216,7 +220,8 @@ async def test_in_the_loop_strict_fails_the_run(tmp_path: Path) -> None:
     loop = ev.TrainingLoop(
         step, num_steps=100, output_dir=tmp_path, evaluators=[Plateau()], callbacks=[cb]
     )
-    artifacts = await loop.run()
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
     assert artifacts.status == "failed"
     assert artifacts.steps_completed == 10  # the second eval is after step 9
     assert "never appeared" in (artifacts.stop_reason or "")
@@ -287,15 +292,16 @@ async def test_strict_without_eval_name_waits_for_every_evaluator(tmp_path: Path
     loop = ev.TrainingLoop(
         step, num_steps=30, output_dir=tmp_path, evaluators=[Partial(), Slow()], callbacks=[cb]
     )
-    artifacts = await loop.run()
-    assert artifacts.status == "completed", artifacts.stop_reason
-    assert cb.metric_seen
-    # and when no evaluator carries it, strict fails once each has reported twice without it
-    cb = EarlyStoppingCallback("accuracy", strict=True)
-    loop = ev.TrainingLoop(
-        step, num_steps=30, output_dir=tmp_path, evaluators=[Partial(), Slow()], callbacks=[cb]
-    )
-    artifacts = await loop.run()
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+        assert artifacts.status == "completed", artifacts.stop_reason
+        assert cb.metric_seen
+        # and when no evaluator carries it, strict fails once each has reported twice without it
+        cb = EarlyStoppingCallback("accuracy", strict=True)
+        loop = ev.TrainingLoop(
+            step, num_steps=30, output_dir=tmp_path, evaluators=[Partial(), Slow()], callbacks=[cb]
+        )
+        artifacts = await loop.run()
     assert artifacts.status == "failed"
     assert artifacts.steps_completed == 20  # slow's second eval is after step 19
     assert "never appeared" in (artifacts.stop_reason or "")
@@ -330,44 +336,45 @@ async def test_resume_gives_each_early_stopping_its_own_state_even_reordered(
         checkpoint=ckpt,
         save_every=20,
     )
-    await first.run(num_steps=20)  # evals after steps 4, 9, 14, 19: wait 3 for both
-    assert (acc.wait, loss.wait) == (3, 3)
-    acc2 = EarlyStoppingCallback("acc", patience=10)
-    loss2 = EarlyStoppingCallback("loss", mode="min", patience=20)
-    resumed = ev.TrainingLoop(
-        step,
-        num_steps=40,
-        output_dir=tmp_path,
-        run_key="r",
-        evaluators=[Evals()],
-        callbacks=[loss2, acc2],  # the other order
-    )
-    await resumed.run(start_step=20, num_steps=25)  # one more eval: after step 24
-    assert (acc2.wait, loss2.wait) == (4, 4)
-    assert acc2.best == 0.5 and loss2.best == 2.0  # each got its own state back
-    assert not [
-        r for r in warnings_log.records if "no callback of this run claims" in r.getMessage()
-    ]
-    # a saved state nobody claims is a warning; two callbacks with one key are refused
-    orphan = ev.TrainingLoop(
-        step,
-        num_steps=40,
-        output_dir=tmp_path,
-        run_key="r",
-        evaluators=[Evals()],
-        callbacks=[EarlyStoppingCallback("acc", patience=10)],
-    )
-    await orphan.run(start_step=20, num_steps=21)
-    [record] = [
-        r for r in warnings_log.records if "no callback of this run claims" in r.getMessage()
-    ]
-    assert "EarlyStoppingCallback(metric='loss'" in record.getMessage()
-    twins = ev.TrainingLoop(
-        step,
-        num_steps=40,
-        output_dir=tmp_path,
-        run_key="twins",
-        callbacks=[EarlyStoppingCallback("acc"), EarlyStoppingCallback("acc")],
-    )
-    with pytest.raises(ValueError, match="give each a distinct `state_key`"):
-        await twins.run()
+    with anyio.fail_after(WAIT):
+        await first.run(num_steps=20)  # evals after steps 4, 9, 14, 19: wait 3 for both
+        assert (acc.wait, loss.wait) == (3, 3)
+        acc2 = EarlyStoppingCallback("acc", patience=10)
+        loss2 = EarlyStoppingCallback("loss", mode="min", patience=20)
+        resumed = ev.TrainingLoop(
+            step,
+            num_steps=40,
+            output_dir=tmp_path,
+            run_key="r",
+            evaluators=[Evals()],
+            callbacks=[loss2, acc2],  # the other order
+        )
+        await resumed.run(start_step=20, num_steps=25)  # one more eval: after step 24
+        assert (acc2.wait, loss2.wait) == (4, 4)
+        assert acc2.best == 0.5 and loss2.best == 2.0  # each got its own state back
+        assert not [
+            r for r in warnings_log.records if "no callback of this run claims" in r.getMessage()
+        ]
+        # a saved state nobody claims is a warning; two callbacks with one key are refused
+        orphan = ev.TrainingLoop(
+            step,
+            num_steps=40,
+            output_dir=tmp_path,
+            run_key="r",
+            evaluators=[Evals()],
+            callbacks=[EarlyStoppingCallback("acc", patience=10)],
+        )
+        await orphan.run(start_step=20, num_steps=21)
+        [record] = [
+            r for r in warnings_log.records if "no callback of this run claims" in r.getMessage()
+        ]
+        assert "EarlyStoppingCallback(metric='loss'" in record.getMessage()
+        twins = ev.TrainingLoop(
+            step,
+            num_steps=40,
+            output_dir=tmp_path,
+            run_key="twins",
+            callbacks=[EarlyStoppingCallback("acc"), EarlyStoppingCallback("acc")],
+        )
+        with pytest.raises(ValueError, match="give each a distinct `state_key`"):
+            await twins.run()

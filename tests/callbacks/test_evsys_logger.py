@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
 import evsys_async as ev
@@ -14,48 +14,7 @@ from evsys_async.callbacks.evsys_logger import EvsysLoggerCallback
 from evsys_async.events import CheckpointSaved
 from evsys_async.store import LocalStore
 
-from .helpers import drive, make_state, run_events
-
-
-def test_store_layout_and_atomic_records(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-    eid = store.create_experiment("exp one", config={"a": 1})
-    assert eid.startswith("exp_one-")
-    store.start_run(eid, "arm/a", num_steps=3)
-    assert store.append(eid, "arm/a", "metrics", [{"step": 0}, {"step": 1}]) == 2
-    store.append(eid, "arm/a", "checkpoints", [{"name": "final", "path": Path("/x")}])
-    store.update_run(eid, "arm/a", status="completed")
-    store.update_experiment(eid, status="completed")
-    run_dir = tmp_path / "store" / "experiments" / eid / "runs" / "arm_a"
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
-    assert store.read_rows(eid, "arm/a", "metrics") == [{"step": 0}, {"step": 1}]
-    assert store.read_rows(eid, "arm/a", "checkpoints") == [{"name": "final", "path": "/x"}]
-    assert json.loads((tmp_path / "store" / "experiments" / eid / "experiment.json").read_text())[
-        "config"
-    ] == {"a": 1}
-    assert not list((tmp_path / "store").rglob("*.tmp"))
-    with pytest.raises(FileNotFoundError, match="create it first"):
-        store.update_run(eid, "nope", status="x")
-    with pytest.raises(ValueError, match="kind must be one of"):
-        store.append(eid, "arm/a", "logs", [{}])  # type: ignore[arg-type]
-
-
-def test_store_updates_from_many_threads_lose_nothing(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    eid = store.create_experiment("e", experiment_id="e1")
-    store.start_run(eid, "r")
-
-    def work(i: int) -> None:
-        for j in range(20):
-            store.update_run(eid, "r", **{f"k{i}_{j}": j})
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    record = store.read_run(eid, "r")
-    assert record is not None and sum(k.startswith("k") for k in record) == 80
+from .helpers import WAIT, drive, make_state, run_events
 
 
 @pytest.mark.anyio
@@ -66,7 +25,8 @@ async def test_standalone_run_writes_its_records(tmp_path: Path) -> None:
     events.insert(
         -1, CheckpointSaved(step=3, name="final", path="p", row={"name": "final", "step": 3})
     )
-    await drive(cb, state, events)
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, events)
     eid = state.ctx.ids["experiment_id"]
     assert state.ctx.ids["run_id"] == f"{eid}/r1"
     assert isinstance(state.ctx.store, LocalStore)
@@ -103,7 +63,8 @@ async def test_experiment_records_every_arm(tmp_path: Path) -> None:
         evaluators=[Acc()],
         success_metric="val/acc",
     )
-    result = await exp.run()
+    with anyio.fail_after(WAIT):
+        result = await exp.run()
     assert result.best_arm == "b"
     store = LocalStore(tmp_path / "exp" / "store")
     eid = exp.ctx.ids["experiment_id"]
@@ -125,15 +86,16 @@ async def test_experiment_records_every_arm(tmp_path: Path) -> None:
 async def test_benchmark_predictions_through_dispatch(tmp_path: Path) -> None:
     cb = EvsysLoggerCallback(store_dir=tmp_path / "s")
     ctx = ev.LogContext(output_dir=tmp_path, run_key="r")
-    await ev.dispatch([cb], "on_experiment_start", ctx)
-    await ev.dispatch(
-        [cb],
-        "on_benchmark_eval",
-        ctx,
-        {"name": "m", "metrics": {"acc": 1.0}},
-        [{"id": 1}, "x"],
-        step=2,
-    )
+    with anyio.fail_after(WAIT):
+        await ev.dispatch([cb], "on_experiment_start", ctx)
+        await ev.dispatch(
+            [cb],
+            "on_benchmark_eval",
+            ctx,
+            {"name": "m", "metrics": {"acc": 1.0}},
+            [{"id": 1}, "x"],
+            step=2,
+        )
     store = LocalStore(tmp_path / "s")
     eid = ctx.ids["experiment_id"]
     assert store.read_rows(eid, "r", "predictions") == [
@@ -150,8 +112,9 @@ async def test_disables_itself_once_when_the_experiment_owns_the_store(
     cb = EvsysLoggerCallback()
     state = make_state(tmp_path, num_steps=3)
     state.ctx.store = LocalStore(tmp_path / "owned", owned_by_experiment=True)
-    await ev.dispatch([cb], "on_experiment_start", state.ctx)
-    await drive(cb, state, run_events(3))
+    with anyio.fail_after(WAIT):
+        await ev.dispatch([cb], "on_experiment_start", state.ctx)
+        await drive(cb, state, run_events(3))
     warnings = [r for r in warnings_log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "the experiment owns the store" in warnings[0].getMessage()
     assert not (tmp_path / "owned").exists() and not (tmp_path / "store").exists()

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.local_logger import LocalLoggerCallback
-from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded, decode_envelope
+from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded
+from evsys_async.transports import read_jsonl
 
-from .helpers import drive, make_state, run_events
+from .helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +36,8 @@ async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixtur
     events[-1] = TrainEnded(
         status="stopped", steps_completed=12, num_steps=12, stop_reason="plateau"
     )
-    await drive(cb, state, events)
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, events)
     run_dir = tmp_path / "r1"
 
     rows = lines(run_dir / "metrics.jsonl")
@@ -47,9 +50,14 @@ async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixtur
         ("val", 9, {"acc": 0.5}),
     ]
 
-    envelopes = [
-        decode_envelope(line) for line in (run_dir / "events.jsonl").read_bytes().splitlines()
-    ]
+    header = lines(run_dir / "events.jsonl")[0]
+    assert header["format"] == "evsys-async/events" and header["version"] == 1
+    assert (header["run_key"], header["start_step"], header["evsys_async"]) == (
+        "r1",
+        0,
+        ev.__version__,
+    )
+    envelopes = list(read_jsonl(run_dir / "events.jsonl"))
     assert [type(e.event) for e in envelopes] == [type(e) for e in events]
     assert [e.event for e in envelopes] == events  # lossless and in order
     seqs = [e.seq for e in envelopes]
@@ -79,10 +87,16 @@ async def test_predictions_through_dispatch(tmp_path: Path) -> None:
     cb = LocalLoggerCallback(print_every=0)
     ctx = ev.LogContext(output_dir=tmp_path, run_key="arm-a")
     preds = [{"task_id": i, "reward": i / 2} for i in range(3)]
-    await ev.dispatch(
-        [cb], "on_benchmark_eval", ctx, {"name": "math/v1", "metrics": {"acc": 1.0}}, preds, step=7
-    )
-    await ev.dispatch([cb], "on_benchmark_eval", ctx, {"name": "math/v1"}, ["raw"], step=None)
+    with anyio.fail_after(WAIT):
+        await ev.dispatch(
+            [cb],
+            "on_benchmark_eval",
+            ctx,
+            {"name": "math/v1", "metrics": {"acc": 1.0}},
+            preds,
+            step=7,
+        )
+        await ev.dispatch([cb], "on_benchmark_eval", ctx, {"name": "math/v1"}, ["raw"], step=None)
     rows = lines(tmp_path / "arm-a" / "predictions" / "math_v1.jsonl")
     assert rows == [
         {"task_id": 0, "reward": 0.0, "benchmark": "math/v1", "step": 7},
@@ -93,27 +107,33 @@ async def test_predictions_through_dispatch(tmp_path: Path) -> None:
 
 
 async def test_resume_appends(tmp_path: Path) -> None:
-    await drive(
-        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=4), run_events(2)[:-1]
-    )
-    await drive(
-        LocalLoggerCallback(print_every=0),
-        make_state(tmp_path, num_steps=4, step=2, start_step=2),
-        run_events(1),
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            LocalLoggerCallback(print_every=0),
+            make_state(tmp_path, num_steps=4),
+            run_events(2)[:-1],
+        )
+        await drive(
+            LocalLoggerCallback(print_every=0),
+            make_state(tmp_path, num_steps=4, step=2, start_step=2),
+            run_events(1),
+        )
     rows = lines(tmp_path / "r1" / "metrics.jsonl")
     assert len(rows) == 3
-    buses = {
-        decode_envelope(x).bus_id
-        for x in (tmp_path / "r1" / "events.jsonl").read_bytes().splitlines()
-    }
+    buses = {e.bus_id for e in read_jsonl(tmp_path / "r1" / "events.jsonl")}
     assert len(buses) == 2  # a new bus id keeps (bus_id, seq) unique
+    # a second header marks where the resume began
+    headers = [r for r in lines(tmp_path / "r1" / "events.jsonl") if "format" in r]
+    assert [h["start_step"] for h in headers] == [0, 2]
 
 
 async def test_only_rank_zero_writes(tmp_path: Path) -> None:
-    await drive(
-        LocalLoggerCallback(print_every=0), make_state(tmp_path, num_steps=3, rank=2), run_events(3)
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            LocalLoggerCallback(print_every=0),
+            make_state(tmp_path, num_steps=3, rank=2),
+            run_events(3),
+        )
     assert not (tmp_path / "r1").exists()
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import anyio
 import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks._format import fmt_value as _fmt_value
 from evsys_async.callbacks.print_progress import PrintProgressCallback
 
-from .helpers import drive, make_state, run_events
+from .helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 
@@ -48,7 +49,8 @@ async def test_plain_stream_lines_every_n_last_always_evals_on_their_own(tmp_pat
     assert not cb.tty
     assert isinstance(cb.policy, ev.Lossless)
     events = run_events(10, lambda i: {"loss": 1.0 / (i + 1), "lr": 1e-4}, evals={4: {"acc": 0.5}})
-    await drive(cb, make_state(tmp_path, num_steps=10), events)
+    with anyio.fail_after(WAIT):
+        await drive(cb, make_state(tmp_path, num_steps=10), events)
     assert out.getvalue().splitlines() == [
         "[1/10] loss=1.0000 lr=1.00e-04",  # the first step, always
         "[4/10] loss=0.2500 lr=1.00e-04",  # after every 4th step, counted from 1
@@ -61,11 +63,12 @@ async def test_plain_stream_lines_every_n_last_always_evals_on_their_own(tmp_pat
 async def test_keys_pick_and_order_the_cells(tmp_path: Path) -> None:
     out = io.StringIO()
     cb = PrintProgressCallback(keys=["lr", "missing", "loss"], stream=out)
-    await drive(
-        cb,
-        make_state(tmp_path, num_steps=2),
-        run_events(2, lambda i: {"loss": 2.0, "lr": 0.1, "x": 1.0}),
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            cb,
+            make_state(tmp_path, num_steps=2),
+            run_events(2, lambda i: {"loss": 2.0, "lr": 0.1, "x": 1.0}),
+        )
     assert out.getvalue().splitlines() == [
         "[1/2] lr=0.1000 loss=2.0000",
         "[2/2] lr=0.1000 loss=2.0000",
@@ -80,7 +83,8 @@ async def test_stopped_run_says_so(tmp_path: Path) -> None:
             status="stopped", steps_completed=3, num_steps=3, stop_reason="plateau"
         ),
     ]
-    await drive(PrintProgressCallback(stream=out), make_state(tmp_path, num_steps=3), events)
+    with anyio.fail_after(WAIT):
+        await drive(PrintProgressCallback(stream=out), make_state(tmp_path, num_steps=3), events)
     assert out.getvalue().splitlines()[-1] == "stopped after 3 steps: plateau"
 
 
@@ -90,7 +94,8 @@ async def test_tty_draws_one_bar_subscribed_latest(tmp_path: Path) -> None:
     assert cb.tty
     assert isinstance(cb.policy, ev.Latest)
     events = run_events(50, lambda i: {"loss": float(i)}, evals={24: {"acc": 0.25}})
-    sub = await drive(cb, make_state(tmp_path, num_steps=50), events)
+    with anyio.fail_after(WAIT):
+        sub = await drive(cb, make_state(tmp_path, num_steps=50), events)
     text = out.getvalue()
     assert "50/50" in text
     assert "loss=49.0000" in text  # the newest step is always shown
@@ -102,9 +107,12 @@ async def test_tty_draws_one_bar_subscribed_latest(tmp_path: Path) -> None:
 
 async def test_only_rank_zero_prints(tmp_path: Path) -> None:
     out = io.StringIO()
-    await drive(
-        PrintProgressCallback(stream=out), make_state(tmp_path, num_steps=3, rank=1), run_events(3)
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            PrintProgressCallback(stream=out),
+            make_state(tmp_path, num_steps=3, rank=1),
+            run_events(3),
+        )
     assert out.getvalue() == ""
 
 

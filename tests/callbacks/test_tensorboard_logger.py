@@ -11,7 +11,7 @@ import pytest
 import evsys_async as ev
 from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
 
-from .helpers import drive, make_state, read_tfevents, run_events
+from .helpers import WAIT, drive, make_state, read_tfevents, run_events
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +24,8 @@ async def test_scalars_per_step_and_eval_in_one_dir_per_run(tmp_path: Path) -> N
         lambda i: {"loss": 1.0 / (i + 1), "lr": 0.5},
         evals={9: {"acc": 0.25}, 19: {"acc": 0.75}},
     )
-    await drive(cb, state, events)
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, events)
     log_dir = tmp_path / "r1" / "tensorboard"
     assert cb.run_log_dir == log_dir
     scalars = read_tfevents(log_dir)
@@ -37,9 +38,10 @@ async def test_scalars_per_step_and_eval_in_one_dir_per_run(tmp_path: Path) -> N
 
 
 async def test_log_dir_gets_a_subdir_per_run_key(tmp_path: Path) -> None:
-    for key in ("a", "b"):
-        cb = TensorBoardLoggerCallback(log_dir=tmp_path / "tb", flush_secs=5)
-        await drive(cb, make_state(tmp_path, run_key=key, num_steps=2), run_events(2))
+    with anyio.fail_after(WAIT):
+        for key in ("a", "b"):
+            cb = TensorBoardLoggerCallback(log_dir=tmp_path / "tb", flush_secs=5)
+            await drive(cb, make_state(tmp_path, run_key=key, num_steps=2), run_events(2))
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["a", "b"]
     assert len(read_tfevents(tmp_path / "tb" / "a")) == 2
 
@@ -71,9 +73,10 @@ async def test_benchmark_metrics_through_dispatch(tmp_path: Path) -> None:
 
 
 async def test_only_rank_zero_writes(tmp_path: Path) -> None:
-    await drive(
-        TensorBoardLoggerCallback(), make_state(tmp_path, num_steps=2, rank=1), run_events(2)
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            TensorBoardLoggerCallback(), make_state(tmp_path, num_steps=2, rank=1), run_events(2)
+        )
     assert not (tmp_path / "r1").exists()
 
 

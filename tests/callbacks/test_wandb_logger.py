@@ -9,12 +9,13 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import anyio
 import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
 
-from .helpers import drive, make_state, run_events, wandb_history
+from .helpers import WAIT, drive, make_state, run_events, wandb_history
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +25,8 @@ async def test_offline_history_read_back(tmp_path: Path, wandb_env: Path) -> Non
     state = make_state(tmp_path, num_steps=6)
     state.ctx.run_config = {"lr": 0.1}
     events = run_events(6, lambda i: {"loss": 1.0 / (i + 1)}, evals={3: {"acc": 0.25}})
-    await drive(cb, state, events)
+    with anyio.fail_after(WAIT):
+        await drive(cb, state, events)
     assert "wandb_url" in state.ctx.extras  # None offline: there is no server URL
     rows = wandb_history(tmp_path / "r1")
     by_step = {r["_step"]: r for r in rows}
@@ -48,7 +50,10 @@ async def test_failing_init_is_one_warning_and_the_run_goes_on(
 
     monkeypatch.setattr(wandb, "init", broken)
     cb = WandbLoggerCallback(mode="offline")
-    sub = await drive(cb, make_state(tmp_path, num_steps=5), run_events(5, evals={2: {"acc": 1.0}}))
+    with anyio.fail_after(WAIT):
+        sub = await drive(
+            cb, make_state(tmp_path, num_steps=5), run_events(5, evals={2: {"acc": 1.0}})
+        )
     warnings = [r for r in warnings_log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "wandb init failed; wandb_logger is off for this run" in warnings[0].getMessage()
@@ -74,10 +79,11 @@ async def test_hung_finish_is_abandoned_after_the_deadline(
     cb = WandbLoggerCallback(mode="offline", finish_timeout=0.2)
     cb._wandb = type("FakeWandb", (), {"init": staticmethod(lambda **kw: Run())})
     state = make_state(tmp_path, num_steps=3)
-    try:
-        await drive(cb, state, run_events(3))
-    finally:
-        release.set()
+    with anyio.fail_after(WAIT):
+        try:
+            await drive(cb, state, run_events(3))
+        finally:
+            release.set()
     assert state.ctx.extras["wandb_url"] == "https://wandb.example/r"
     assert [s for s, _ in Run.logged] == [0, 1, 2]
     assert any(
@@ -87,11 +93,12 @@ async def test_hung_finish_is_abandoned_after_the_deadline(
 
 
 async def test_only_rank_zero_logs(tmp_path: Path, wandb_env: Path) -> None:
-    await drive(
-        WandbLoggerCallback(mode="offline"),
-        make_state(tmp_path, num_steps=2, rank=1),
-        run_events(2),
-    )
+    with anyio.fail_after(WAIT):
+        await drive(
+            WandbLoggerCallback(mode="offline"),
+            make_state(tmp_path, num_steps=2, rank=1),
+            run_events(2),
+        )
     assert not (tmp_path / "r1").exists()
 
 

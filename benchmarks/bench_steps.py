@@ -1,0 +1,237 @@
+"""Step-path cost: the def path at the cost of the async one, on an instant step.
+
+Run: ``python benchmarks/bench_steps.py`` (about two minutes; ``--quick`` for a
+smoke run, ``--backend trio``).
+
+Rows, each against a baseline measured in the same run (rounds interleave
+every scenario in a rotated order; figures are medians over the rounds, the
+overhead the median of per-round differences with that round's baseline):
+
+* ``def step`` — ``TrainingLoop`` with an instant ``def`` step, against a plain
+  ``async`` for-loop that calls the same step and yields once per step.
+  Target: <= 15 us/step over it.
+* ``async step`` — the same with an instant ``async def`` step.
+* ``16 def noop`` / ``16 async noop`` — 16 callbacks whose ``on_step_end`` only
+  counts, on the instant async step, against the bare loop with that step.
+  Target for ``def``: <= 15 us/step over bare.
+* ``loggers, 1 ms step`` — ``csv_metrics``, ``local_logger`` and
+  ``tensorboard_logger`` together on a step that ``await``\\ s 1 ms, against the
+  bare loop with that step. Target: <= 2 % of bare steps/s.
+* ``drain`` — ``drain_seconds`` of 1,000 instant steps with 16 no-op ``def``
+  callbacks, over ``--drains`` runs: median and worst (target: worst <= 5x
+  the median).
+
+Every callback counts its calls and the script checks the counts before it
+prints. It asserts no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import check_count, fmt, machine, med, print_table, spread
+
+import evsys_async as ev
+
+N_NOOP = 16
+
+
+class AsyncNoop(ev.Callback):
+    def __init__(self) -> None:
+        self.n = 0
+
+    async def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
+        self.n += 1
+
+
+class SyncNoop(ev.Callback):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
+        self.n += 1
+
+
+def instant_def(state: Any, step_idx: int) -> dict[str, float]:
+    return {"loss": 1.0 / (step_idx + 1)}
+
+
+async def instant_async(state: Any, step_idx: int) -> dict[str, float]:
+    return {"loss": 1.0 / (step_idx + 1)}
+
+
+async def one_ms(state: Any, step_idx: int) -> dict[str, float]:
+    await anyio.sleep(0.001)
+    return {"loss": 1.0 / (step_idx + 1)}
+
+
+def loggers() -> list[Any]:
+    from evsys_async.callbacks import (
+        CsvMetricsCallback,
+        LocalLoggerCallback,
+        TensorBoardLoggerCallback,
+    )
+
+    return [
+        CsvMetricsCallback("metrics.csv"),
+        LocalLoggerCallback(print_every=0),
+        TensorBoardLoggerCallback(),
+    ]
+
+
+async def plain(step: Callable[..., Any], n: int) -> float:
+    """us/step of a plain async for-loop calling ``step`` and yielding once a step."""
+    state = ev.LoopState(num_steps=n)
+    gc.collect()
+    t0 = time.perf_counter()
+    for i in range(n):
+        out = step(state, i)
+        if not isinstance(out, dict):
+            out = await out
+        await anyio.lowlevel.checkpoint()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+async def evsys(
+    step: Callable[..., Any], callbacks: list[Any], n: int, tmp: Path
+) -> ev.LoopArtifacts:
+    loop = ev.TrainingLoop(
+        step, num_steps=n, output_dir=tmp, run_key="b", overwrite=True, callbacks=callbacks
+    )
+    gc.collect()
+    art = await loop.run()
+    if art.status != "completed" or art.steps_completed != n:
+        raise AssertionError(f"run ended {art.status} after {art.steps_completed}/{n} steps")
+    for cb in callbacks:
+        if hasattr(cb, "n"):
+            check_count(type(cb).__name__, cb.n, n)
+        else:  # a built-in logger: handled every event it was sent, lost none
+            h = art.callback_report[cb.name]
+            check_count(f"{cb.name} lost", h.failed + h.dropped + h.pending, 0)
+            check_count(f"{cb.name} steps", min(h.delivered, n), n)
+    return art
+
+
+def us_per_step(art: ev.LoopArtifacts) -> float:
+    return art.train_seconds / art.steps_completed * 1e6
+
+
+def plan(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Callable[[], Any]]]:
+    n, n_slow = args.steps, args.slow_steps
+    return [
+        ("plain def", lambda: plain(instant_def, n)),
+        ("def step", lambda: evsys(instant_def, [], n, tmp)),
+        ("plain async", lambda: plain(instant_async, n)),
+        ("async step", lambda: evsys(instant_async, [], n, tmp)),
+        ("16 def noop", lambda: evsys(instant_async, [SyncNoop() for _ in range(N_NOOP)], n, tmp)),
+        (
+            "16 async noop",
+            lambda: evsys(instant_async, [AsyncNoop() for _ in range(N_NOOP)], n, tmp),
+        ),
+        ("1 ms bare", lambda: evsys(one_ms, [], n_slow, tmp)),
+        ("1 ms loggers", lambda: evsys(one_ms, loggers(), n_slow, tmp)),
+    ]
+
+
+async def rounds(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for rnd in range(args.repeats):
+        todo = plan(args, tmp)
+        shift = rnd % len(todo)
+        for key, thunk in todo[shift:] + todo[:shift]:
+            res = await thunk()
+            out.setdefault(key, []).append(res if isinstance(res, float) else us_per_step(res))
+    return out
+
+
+async def drains(args: argparse.Namespace, tmp: Path) -> list[float]:
+    out = []
+    for _ in range(args.drains):
+        art = await evsys(instant_async, [SyncNoop() for _ in range(N_NOOP)], 1000, tmp)
+        out.append(art.drain_seconds * 1e3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds (median of these)")
+    ap.add_argument("--steps", type=int, default=3000, help="instant steps per run")
+    ap.add_argument("--slow-steps", type=int, default=300, help="1 ms steps per run")
+    ap.add_argument("--drains", type=int, default=60, help="runs for the drain figure")
+    ap.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, few steps")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.slow_steps, args.drains = 1, 200, 20, 3
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="evsys-bench-steps-") as tmp:
+        res = anyio.run(rounds, args, Path(tmp), backend=args.backend)
+        drain_ms = anyio.run(drains, args, Path(tmp), backend=args.backend)
+    wall = time.perf_counter() - started
+
+    print(f"bench_steps: {machine()}")
+    print(
+        f"command: python benchmarks/bench_steps.py {' '.join(sys.argv[1:])}".rstrip()
+        + f"   (backend {args.backend}, {args.repeats} interleaved rounds, {args.steps} instant"
+        f" / {args.slow_steps} 1 ms steps per run; {wall:.0f} s)"
+    )
+    rows = []
+    pairs = [
+        ("def step", "plain def", "<= 15 us/step"),
+        ("async step", "plain async", ""),
+        ("16 def noop", "async step", "<= 15 us/step"),
+        ("16 async noop", "async step", ""),
+        ("1 ms loggers", "1 ms bare", "<= 2 % of bare"),
+    ]
+    for key, base, target in pairs:
+        over = [a - b for a, b in zip(res[key], res[base], strict=True)]
+        ratio = [b / a for a, b in zip(res[key], res[base], strict=True)]
+        rows.append(
+            [
+                key,
+                base,
+                fmt(med(res[key])),
+                spread(res[key]),
+                fmt(med(res[base])),
+                fmt(med(over)),
+                f"{med(ratio):.3f}",
+                target,
+            ]
+        )
+    print_table(
+        [
+            "scenario",
+            "baseline",
+            "us/step",
+            "spread",
+            "baseline us/step",
+            "over us/step",
+            "x base steps/s",
+            "target",
+        ],
+        rows,
+    )
+    drain_ms.sort()
+    median = statistics.median(drain_ms)
+    print(
+        f"drain of 1000 instant steps with {N_NOOP} def noop callbacks, {len(drain_ms)} runs: "
+        f"median {median:.2f} ms, worst {drain_ms[-1]:.2f} ms ({drain_ms[-1] / median:.1f}x the "
+        "median; target <= 5x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

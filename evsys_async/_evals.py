@@ -1,0 +1,144 @@
+"""Evals: the evaluators that are due at a step boundary, inline or in the background.
+
+Inline (the default, as in the original system): the due evaluators run
+concurrently and the loop awaits them all before the next step. Background:
+training goes on while they run, at most ``max_evals_in_flight`` at a time;
+each reads a view of the state (``snapshot(state)`` for the model, never the
+moving one) and its ``EvalEnded`` carries the step it evaluated. Either way
+each runs under ``eval_timeout``; a failure or a timeout is a WARNING and an
+``EvalFailed`` event, and training goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._async import Deadline
+from ._log import get_logger
+from ._metrics import floats
+from .errors import describe
+from .evaluators import Evaluator
+from .events import EvalEnded, EvalFailed
+from .state import LoopState
+
+if TYPE_CHECKING:
+    from ._run import Run
+
+__all__ = ["Evals"]
+
+_log = get_logger()
+
+Result = Mapping[str, float] | BaseException
+
+
+class Evals:
+    """One run's evaluators (see the module docstring)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        loop = run.loop
+        self.evaluators = loop.evaluators
+        self.background = loop.eval_mode == "background"
+        self.timeout = loop.eval_timeout
+        self.max_in_flight = loop.max_evals_in_flight
+        self.snapshot = loop.snapshot
+        #: where background evals run (the run's; cancelled at the deadline)
+        self.task_group: Any = None
+        self.in_flight = 0
+        self._slot = anyio.Event()  # set when a background eval finishes
+
+    def due(self, step_idx: int, *, force: bool = False) -> list[Evaluator]:
+        """The evaluators that fire after ``step_idx``: ``(step_idx + 1) % run_every == 0``."""
+        return [
+            ev
+            for ev in self.evaluators
+            if force
+            or ((every := int(getattr(ev, "run_every", 0) or 0)) and (step_idx + 1) % every == 0)
+        ]
+
+    async def after_step(self, step_idx: int, *, force: bool = False) -> None:
+        """Run what is due after ``step_idx`` (all of them with ``force``)."""
+        due = self.due(step_idx, force=force)
+        if not due:
+            return
+        if self.background:
+            for ev in due:
+                while self.in_flight >= self.max_in_flight:
+                    self._slot = slot = anyio.Event()
+                    await slot.wait()
+                self.in_flight += 1
+                self.task_group.start_soon(self._in_background, ev, self._view(), step_idx)
+            return
+        results: list[Result] = [{}] * len(due)
+
+        async def one(i: int, ev: Evaluator) -> None:
+            results[i] = await self._evaluate(ev, self.run.state, step_idx)
+
+        async with anyio.create_task_group() as tg:
+            for i, ev in enumerate(due):
+                tg.start_soon(one, i, ev)
+        for ev, result in zip(due, results, strict=True):
+            seq = self._publish(ev, step_idx, result)
+            await self.run.barrier.wait(seq, EvalEnded)
+
+    async def finish(self, deadline: Deadline) -> None:
+        """Wait for the background evals in flight, until ``deadline``; then cancel them."""
+        if not self.in_flight:
+            return
+        with anyio.move_on_after(deadline.left()):
+            while self.in_flight:
+                self._slot = slot = anyio.Event()  # a fresh one: set ones don't wait
+                await slot.wait()
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Cancel the background evals still running (the shutdown deadline passed)."""
+        if self.in_flight and self.task_group is not None:
+            _log.warning(
+                "background evals still running at the deadline; cancelled",
+                count=self.in_flight,
+            )
+            self.task_group.cancel_scope.cancel()
+
+    def _view(self) -> LoopState:
+        state = self.run.state
+        view = copy.copy(state)
+        if self.snapshot is not None:
+            view.model = self.snapshot(state)
+        return view
+
+    async def _in_background(self, ev: Evaluator, view: LoopState, step_idx: int) -> None:
+        try:
+            self._publish(ev, step_idx, await self._evaluate(ev, view, step_idx))
+        finally:
+            self.in_flight -= 1
+            self._slot.set()
+
+    async def _evaluate(self, ev: Evaluator, state: LoopState, step_idx: int) -> Result:
+        try:
+            with anyio.fail_after(self.timeout):
+                out: Any = ev.evaluate(state, step_idx)
+                if isinstance(out, Awaitable):
+                    out = await out
+            return floats(out, f"evaluator {ev.name!r}")
+        except Exception as exc:
+            return exc
+
+    def _publish(self, ev: Evaluator, step_idx: int, result: Result) -> int | None:
+        run = self.run
+        if isinstance(result, BaseException):
+            error = describe(result, timeout=self.timeout)
+            _log.warning(
+                "evaluator failed; training goes on",
+                evaluator=ev.name,
+                step=step_idx,
+                error=error,
+                # a timeout is one line: its traceback is the runtime's cancellation
+                exc_info=None if isinstance(result, TimeoutError) else result,
+            )
+            return run.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
+        return run.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=dict(result))

@@ -1,0 +1,716 @@
+"""Replay: real runs recorded by local_logger, replayed into the built-in writers, read back."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import evsys_async as ev
+from evsys_async.errors import EventDecodeError
+from evsys_async.events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted, encode
+from evsys_async.transports import EventLogReader, read_jsonl
+
+pytestmark = pytest.mark.anyio
+
+NUM_STEPS = 30
+
+
+class Acc:
+    """An evaluator: ``acc`` every 5 steps."""
+
+    name = "val"
+    run_every = 5
+
+    async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        return {"acc": step_idx / NUM_STEPS}
+
+
+async def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+    metrics = {"loss": 1.0 / (step_idx + 1), "lr": 0.1}
+    if step_idx >= 10:  # a key that appears mid-run: the CSV is rewritten once, live
+        metrics["grad_norm"] = step_idx * 0.5
+    if step_idx == 3:
+        metrics["loss"] = math.nan
+    if step_idx == 4:
+        metrics["loss"] = math.inf
+    return metrics
+
+
+def writers(tensorboard: bool = True) -> list[ev.Callback]:
+    specs: list[dict[str, Any]] = [
+        {"kind": "csv_metrics", "params": {"out_path": "metrics.csv"}},
+        {"kind": "local_logger", "params": {"print_every": 0}},
+    ]
+    if tensorboard:
+        specs.append({"kind": "tensorboard_logger", "params": {}})
+    return ev.build_callbacks(specs)
+
+
+async def live_run(root: Path, key: str = "live", **kw: Any) -> Path:
+    loop = ev.TrainingLoop(
+        step,
+        num_steps=NUM_STEPS,
+        output_dir=root,
+        run_key=key,
+        evaluators=[Acc()],
+        callbacks=kw.pop("callbacks", None) or writers(),
+        **kw,
+    )
+    with anyio.fail_after(60):
+        await loop.run()
+    return root / key
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float | str]]]:
+    """Every scalar by tag, read back with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: [(s.step, "nan" if math.isnan(s.value) else s.value) for s in acc.Scalars(tag)]
+        for tag in acc.Tags()["scalars"]
+    }
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def log_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+def write_log(path: Path, events: list[ev.Event], *, header: bool = True) -> Path:
+    """An event log as a writer of this version writes one (or as before the header)."""
+    lines = [ev.transports.log_header(run_key="made")] if header else []
+    lines += [encode(Envelope("bus", i, e)) for i, e in enumerate(events)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def run_events(n: int = 6, *, gap: float = 0.0, t0: float = 1000.0) -> list[ev.Event]:
+    out: list[ev.Event] = [TrainStarted(num_steps=n, ts=t0, run_key="made")]
+    for i in range(n):
+        out.append(
+            StepEnded(step=i, num_steps=n, metrics={"loss": float(i)}, ts=t0 + gap * (i + 1))
+        )
+    out.append(TrainEnded(status="completed", steps_completed=n, num_steps=n, ts=t0 + gap * n))
+    return out
+
+
+class Recorder(ev.Callback):
+    """Counts what it is given, and what the rebuilt state says at each hook."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int, Any]] = []
+        self.other: list[ev.Event] = []
+        self.started: list[tuple[int, Path, str, int]] = []
+        self.ended: ev.LoopArtifacts | None = None
+        self.threads: set[int] = set()
+
+    def setup(self, state: ev.LoopState) -> None:
+        self.started.append((state.num_steps, state.run_dir, state.ctx.run_key, state.start_step))
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        self.steps.append((step_idx, state.num_steps, state.step, batch))
+
+    def on_event(self, state: ev.LoopState, event: ev.Event) -> None:
+        self.other.append(event)
+
+    def on_train_end(self, state: ev.LoopState, artifacts: ev.LoopArtifacts) -> None:
+        self.ended = artifacts
+
+
+# -- same output, value for value -----------------------------------------------------------
+
+
+async def test_replayed_files_equal_the_live_ones(tmp_path: Path) -> None:
+    live = await live_run(tmp_path / "runs")
+    source_before = snapshot(live)
+    with anyio.fail_after(60):
+        report = await ev.replay(live, writers(), output_dir=tmp_path / "again")
+    assert report.run_dir == tmp_path / "again" / "live"
+    out = report.run_dir
+    assert (out / "metrics.csv").read_text() == (live / "metrics.csv").read_text()
+    assert (out / "metrics.jsonl").read_bytes() == (live / "metrics.jsonl").read_bytes()
+    live_scalars, replayed = scalars(live / "tensorboard"), scalars(out / "tensorboard")
+    assert set(live_scalars) == {"loss", "lr", "grad_norm", "val/acc"}
+    assert replayed == live_scalars
+    assert live_scalars["loss"][3] == (3, "nan")
+    # every event went through, once, in order; the source is untouched
+    events = [encode(e.event) for e in read_jsonl(live / "events.jsonl")]  # NaN != NaN
+    assert [encode(e.event) for e in read_jsonl(out / "events.jsonl")] == events
+    assert report.events_read == report.events_published == len(events)
+    assert report.ok and report.skipped == [] and report.segments == 1
+    assert {h.delivered for h in report.callback_report.values()} >= {len(events)}
+    assert snapshot(live) == source_before
+
+
+async def test_default_output_is_a_new_run_dir_beside_nothing_of_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live = await live_run(tmp_path / "runs", callbacks=writers(tensorboard=False))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(live)
+    with anyio.fail_after(30):
+        first = await ev.replay(live / "events.jsonl", writers(tensorboard=False))
+        second = await ev.replay("runs/live", writers(tensorboard=False))
+    # as a run claims one: runs/<recorded key> is taken, so the next free name
+    assert first.run_dir == Path("runs/live-1") and second.run_dir == Path("runs/live-2")
+    assert first.run_key == "live"
+    assert snapshot(live) == before
+    text = (tmp_path / "runs" / "live-2" / "metrics.csv").read_text()
+    assert text == (live / "metrics.csv").read_text()
+
+
+async def test_a_resumed_run_replays_to_the_same_files(tmp_path: Path) -> None:
+    """The header that recurs at a resume restarts the callbacks with its start step."""
+
+    def checkpoint(state: ev.LoopState, name: str) -> None:
+        return None
+
+    def loop() -> ev.TrainingLoop:
+        return ev.TrainingLoop(
+            step,
+            num_steps=NUM_STEPS,
+            output_dir=root,
+            run_key="live",
+            evaluators=[Acc()],
+            callbacks=writers(),
+            checkpoint=checkpoint,
+            save_every=10,
+        )
+
+    root = tmp_path / "runs"
+    with anyio.fail_after(60):
+        await loop().run(num_steps=25)  # as if killed after step 25: resumed from 20
+        await loop().run(start_step=20)
+    live = root / "live"
+    headers = [json.loads(x) for x in log_lines(live / "events.jsonl") if b'"format"' in x]
+    assert [h["start_step"] for h in headers] == [0, 20]
+    rec = Recorder()
+    with anyio.fail_after(60):
+        report = await ev.replay(live, [*writers(), rec], output_dir=tmp_path / "again")
+    assert report.segments == 2
+    out = tmp_path / "again" / "live"
+    assert (out / "metrics.csv").read_text() == (live / "metrics.csv").read_text()
+    assert (out / "metrics.jsonl").read_bytes() == (live / "metrics.jsonl").read_bytes()
+    assert scalars(out / "tensorboard") == scalars(live / "tensorboard")
+    # set up twice, the second time as the resumed run was
+    assert [(n, s) for n, _, _, s in rec.started] == [(25, 0), (NUM_STEPS, 20)]
+
+
+async def test_logs_without_a_header_still_replay(tmp_path: Path) -> None:
+    """Files written before the header existed: the same envelopes, no first line."""
+    live = await live_run(tmp_path / "runs", callbacks=writers(tensorboard=False))
+    old = tmp_path / "old.jsonl"
+    old.write_bytes(b"\n".join(log_lines(live / "events.jsonl")[1:]) + b"\n")
+    assert not old.read_bytes().startswith(b'{"format"')
+    with anyio.fail_after(30):
+        report = await ev.replay(old, writers(tensorboard=False), output_dir=tmp_path / "again")
+    assert report.header is None and report.run_key == "live"
+    out = tmp_path / "again" / "live"
+    assert (out / "metrics.csv").read_text() == (live / "metrics.csv").read_text()
+    assert (out / "metrics.jsonl").read_bytes() == (live / "metrics.jsonl").read_bytes()
+
+
+# -- the rebuilt state, the thread, the bus ---------------------------------------------------
+
+
+async def test_hooks_get_a_state_rebuilt_from_the_record(tmp_path: Path) -> None:
+    live = await live_run(tmp_path / "runs", callbacks=writers(tensorboard=False))
+    rec = Recorder()
+    with anyio.fail_after(30):
+        report = await ev.replay(live, [rec], output_dir=tmp_path / "again")
+    assert rec.started == [(NUM_STEPS, tmp_path / "again" / "live", "live", 0)]
+    assert [s for s, _, _, _ in rec.steps] == list(range(NUM_STEPS))
+    assert all(n == NUM_STEPS and cur >= s and batch is None for s, n, cur, batch in rec.steps)
+    assert rec.ended is not None
+    assert (rec.ended.status, rec.ended.steps_completed) == ("completed", NUM_STEPS)
+    assert rec.ended.run_dir == report.run_dir
+    assert not any(isinstance(e, StepEnded) for e in rec.other)  # on_step_end took them
+
+
+async def test_reads_off_the_loop_thread_and_publishes_through_the_bus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(50))
+    reads: set[int] = set()
+    published = [0]
+    real_read, real_publish = EventLogReader.read, ev.EventBus.publish
+
+    def read(self: EventLogReader) -> Any:
+        reads.add(threading.get_ident())
+        return real_read(self)
+
+    def publish(self: ev.EventBus, event: ev.Event) -> int | None:
+        published[0] += 1
+        return real_publish(self, event)
+
+    monkeypatch.setattr(EventLogReader, "read", read)
+    monkeypatch.setattr(ev.EventBus, "publish", publish)
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [Recorder()], output_dir=tmp_path / "out")
+    assert reads and threading.get_ident() not in reads
+    assert published[0] == report.events_published == 52
+
+
+async def test_publishing_waits_for_the_slowest_callback(tmp_path: Path) -> None:
+    """Memory stays bounded: a callback held back receives the log in bounded batches,
+    not all of it at once (without the window the reader would reach the end first)."""
+    n = 50_000
+    path = write_log(tmp_path / "events.jsonl", run_events(n))
+    at_end = threading.Event()
+    real_read = EventLogReader.read
+
+    class Held(ev.Callback):
+        def __init__(self) -> None:
+            self.batch = self.largest = self.count = 0
+
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            if self.count == 0:  # held until the reader reached the end, or a second passed
+                at_end.wait(1.0)
+            self.count += 1
+            self.batch += 1
+
+        def flush(self) -> None:
+            self.largest = max(self.largest, self.batch)
+            self.batch = 0
+
+    def read(self: EventLogReader) -> Any:
+        batch = real_read(self)
+        if batch is None:
+            at_end.set()
+        return batch
+
+    held = Held()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EventLogReader, "read", read)
+        with anyio.fail_after(60):
+            await ev.replay(path, [held], output_dir=tmp_path / "out")
+    assert held.count == n
+    assert held.largest < n // 2
+
+
+async def test_read_events_yields_the_envelopes(tmp_path: Path) -> None:
+    live = await live_run(tmp_path / "runs", callbacks=writers(tensorboard=False))
+    with anyio.fail_after(30):
+        got = [env async for env in ev.read_events(live)]
+    assert [encode(env) for env in got] == log_lines(live / "events.jsonl")[1:]  # the header
+    assert isinstance(got[0], Envelope) and isinstance(got[0].event, TrainStarted)
+    assert [e.seq for e in got] == list(range(len(got)))
+    # closing early is clean (the reading thread lets go of the file)
+    with anyio.fail_after(30):
+        async with contextlib.aclosing(ev.read_events(live)) as envelopes:
+            async for env in envelopes:
+                assert env.seq == 0
+                break
+
+
+# -- only and speed ---------------------------------------------------------------------------
+
+
+async def test_only_keeps_the_named_event_types(tmp_path: Path) -> None:
+    live = await live_run(tmp_path / "runs", callbacks=writers(tensorboard=False))
+    rec = Recorder()
+    cbs = [*ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "m.csv"}}]), rec]
+    with anyio.fail_after(30):
+        report = await ev.replay(live, cbs, only="EvalEnded,TrainEnded", output_dir=tmp_path / "o")
+    assert rec.steps == [] and rec.ended is not None
+    evals = [e for e in read_jsonl(live / "events.jsonl") if isinstance(e.event, EvalEnded)]
+    assert report.events_published == len(evals) + 1
+    assert report.events_filtered == report.events_read - report.events_published > 0
+    text = (tmp_path / "o" / "live" / "m.csv").read_text().splitlines()
+    assert text[0] == "step,val/acc" and len(text) == 1 + len(evals)
+
+
+async def test_only_names_that_matched_nothing_are_reported(tmp_path: Path) -> None:
+    """A name unknown here may be a user's type (kept), or a typo (reported, with the
+    closest name)."""
+    path = write_log(tmp_path / "events.jsonl", run_events(3))
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [], only="StepEnd,TrainEnded,Mine", output_dir=tmp_path)
+    assert report.events_published == 1
+    assert report.only_unmatched == {"StepEnd": "StepEnded", "Mine": None}
+
+
+async def test_speed_paces_by_the_recorded_timestamps(tmp_path: Path) -> None:
+    """Recorded gaps divided by speed bound the replay's duration from below."""
+    gap, n, speed = 0.04, 10, 4.0
+    path = write_log(tmp_path / "events.jsonl", run_events(n, gap=gap))
+    rec = Recorder()
+    start = time.monotonic()
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [rec], speed=speed, output_dir=tmp_path / "out")
+    elapsed = time.monotonic() - start
+    assert report.events_published == n + 2 and len(rec.steps) == n
+    assert elapsed >= gap * n / speed
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+async def test_a_truncated_last_line_is_reported_and_skipped(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(4))
+    data = path.read_bytes()
+    path.write_bytes(data + encode(Envelope("bus", 99, StepEnded(step=4, num_steps=9)))[:40])
+    rec = Recorder()
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [rec], output_dir=tmp_path / "out")
+    last = len(data.splitlines()) + 1
+    assert [(s.line, "truncated" in s.reason) for s in report.skipped] == [(last, True)]
+    assert len(rec.steps) == 4 and report.events_read == 6
+
+
+async def test_a_malformed_line_stops_with_file_line_and_what(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(6))
+    lines = log_lines(path)
+    lines[4] = lines[4].replace(b'"step":2', b'"step":"two"')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cbs = ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "m.csv"}}])
+    with (
+        anyio.fail_after(30),
+        pytest.raises(EventDecodeError, match=r"events\.jsonl:5: .*Expected `int`, got `str`"),
+    ):
+        await ev.replay(path, cbs, output_dir=tmp_path / "out")
+    # what came before was handled, and the file is complete and closed
+    rows = (tmp_path / "out" / "made" / "m.csv").read_text().splitlines()
+    assert rows == ["step,loss", "0,0.0", "1,1.0"]
+
+
+async def test_skip_bad_counts_and_reports_with_line_numbers(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(6))
+    lines = log_lines(path)
+    lines[4] = b"not json"
+    lines[6] = lines[6].replace(b'"seq":', b'"sequence":')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rec = Recorder()
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [rec], skip_bad=True, output_dir=tmp_path / "out")
+    assert [s.line for s in report.skipped] == [5, 7]
+    assert "malformed" in report.skipped[0].reason and "seq" in report.skipped[1].reason
+    assert [s for s, _, _, _ in rec.steps] == [0, 1, 3, 5]
+
+
+async def test_unknown_event_types_reach_on_event_as_records(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(3))
+    lines = log_lines(path)
+    spike = b'{"bus_id":"bus","seq":7,"event":{"type":"LossSpike","ts":5.0,"run_key":"made","step":1,"loss":9.5,"where":{"layer":[1,2]}}}'
+    lines.insert(3, spike)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rec = Recorder()
+    logger = ev.build_callbacks([{"kind": "local_logger", "params": {"print_every": 0}}])
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [rec, *logger], output_dir=tmp_path / "out")
+    (unknown,) = [e for e in rec.other if isinstance(e, ev.events.UnknownEvent)]
+    assert unknown.event_type == "LossSpike" and unknown.ts == 5.0
+    assert unknown.fields == {"step": 1, "loss": 9.5, "where": {"layer": [1, 2]}}
+    assert report.unknown_types == {"LossSpike": 1}
+    # written back as the event it stands for
+    again = tmp_path / "out" / "made" / "events.jsonl"
+    # (with the base fields it lacked at their defaults: a missing rank is rank 0)
+    expected = {"rank": 0, **json.loads(spike)["event"]}
+    assert expected in [json.loads(x)["event"] for x in log_lines(again)[1:]]
+    # only= matches the recorded type name
+    rec2 = Recorder()
+    with anyio.fail_after(30):
+        await ev.replay(path, [rec2], only=["LossSpike"], output_dir=tmp_path / "out")
+    assert [type(e).__name__ for e in rec2.other] == ["UnknownEvent"]
+
+
+async def test_a_newer_format_version_says_so_and_stops(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(3))
+    lines = log_lines(path)
+    lines[0] = lines[0].replace(b'"version":1', b'"version":2')
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rec = Recorder()
+    with (
+        anyio.fail_after(30),
+        pytest.raises(EventDecodeError, match=r"events\.jsonl:1: .*version is 2.* newer .*upgrade"),
+    ):
+        await ev.replay(path, [rec], skip_bad=True, output_dir=tmp_path / "out")
+    assert rec.steps == [] and not (tmp_path / "out").exists()
+
+
+async def test_a_missing_source_names_what_is_missing(tmp_path: Path) -> None:
+    with (
+        anyio.fail_after(10),
+        pytest.raises(FileNotFoundError, match=r"has no events\.jsonl: .*local_logger"),
+    ):
+        await ev.replay(tmp_path, [])
+    with (
+        anyio.fail_after(10),
+        pytest.raises(FileNotFoundError, match="no such event log or run directory"),
+    ):
+        await ev.replay(tmp_path / "nope", [])
+
+
+def test_read_jsonl_skips_headers_and_reads_old_logs(tmp_path: Path) -> None:
+    events = run_events(3)
+    new = write_log(tmp_path / "new.jsonl", events)
+    old = write_log(tmp_path / "old.jsonl", events, header=False)
+    assert [e.event for e in read_jsonl(new)] == [e.event for e in read_jsonl(old)] == events
+
+
+def test_reader_reads_long_logs_in_blocks_with_line_numbers(tmp_path: Path) -> None:
+    """Blocks decode in one call each; a bad line deep in a later block is still named."""
+    events = run_events(3000)
+    path = write_log(tmp_path / "events.jsonl", events)
+    lines = log_lines(path)
+    lines[2500] = b'{"bus_id":"bus","seq":1,"event":{"type":"StepEnded"}}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    reader = EventLogReader(path, block_size=4096)
+    with pytest.raises(EventDecodeError, match=r":2501: .*missing required field `step`"):
+        list(reader)
+    reader.close()
+    reader = EventLogReader(path, block_size=4096, skip_bad=True)
+    got = [env.event for batch in reader for env in batch.envelopes]
+    assert got == events[:2499] + events[2500:]
+    assert [s.line for s in reader.skipped] == [2501]
+
+
+def test_jsonl_sink_writes_a_header_each_time_it_opens(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    for _ in range(2):
+        sink = ev.transports.JsonlSink(path)
+        sink(Envelope("b", 0, StepEnded(step=0, num_steps=1, run_key="k")))
+        sink.close()
+    heads = [json.loads(x) for x in log_lines(path) if b'"format"' in x]
+    assert [(h["run_key"], h["version"]) for h in heads] == [("k", 1), ("k", 1)]
+    assert len(list(read_jsonl(path))) == 2
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLUMNS")}
+    return subprocess.run(
+        [sys.executable, "-m", "evsys_async", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Path:
+    """A run recorded through the CLI: runs/demo/ with its events.jsonl."""
+    done = cli("run", "--num-steps", "40", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "runs" / "demo"
+
+
+CALLBACKS = {
+    "cbs.yaml": "- kind: csv_metrics\n  params: {out_path: metrics.csv}\n",
+    "cbs.json": '[{"kind": "csv_metrics", "params": {"out_path": "metrics.csv"}}]',
+    "cbs.toml": '[[callbacks]]\nkind = "csv_metrics"\nparams = {out_path = "metrics.csv"}\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_cli_replays_a_run_dir_into_a_new_one(recorded: Path, name: str) -> None:
+    root = recorded.parent.parent
+    (root / name).write_text(CALLBACKS[name])
+    done = cli("replay", "runs/demo", "--callbacks", name, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "replayed " in done.stdout and "runs/demo-1/ (metrics.csv)" in done.stdout
+    assert "csv_metrics  ok" in done.stdout
+    replayed = (root / "runs" / "demo-1" / "metrics.csv").read_text()
+    assert replayed == (recorded / "metrics.csv").read_text()
+
+
+def test_cli_only_speed_and_output_dir(recorded: Path) -> None:
+    root = recorded.parent.parent
+    (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
+    done = cli(
+        "replay", str(recorded / "events.jsonl"), "--callbacks", "cbs.yaml",
+        "--only", "EvalEnded", "--speed", "1000", "--output-dir", "elsewhere", cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "left out" in done.stdout
+    rows = (root / "elsewhere" / "demo" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,val/") and len(rows) == 1 + 2  # evals at steps 20, 40
+    bad = cli("replay", "runs/demo", "--callbacks", "cbs.yaml", "--speed", "0", cwd=root)
+    assert bad.returncode == 2 and "is not a speed; give a number > 0" in bad.stderr
+
+
+def test_cli_bad_callbacks_file_is_placed(recorded: Path) -> None:
+    root = recorded.parent.parent
+    (root / "cbs.yaml").write_text(
+        "- kind: csv_metrics\n  params: {out_path: m.csv}\n"
+        "- kind: local_logger\n  params:\n    print_evry: 0\n"
+    )
+    done = cli("replay", "runs/demo", "--callbacks", "cbs.yaml", cwd=root)
+    assert done.returncode == 2
+    assert (
+        "cbs.yaml:5: callbacks[1].params.print_evry (local_logger): unknown field 'print_evry'"
+        " — did you mean 'print_every'?"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (root / "runs" / "demo-1").exists()
+
+
+def test_cli_bad_input_exit_codes(recorded: Path) -> None:
+    root = recorded.parent.parent
+    (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
+    log = recorded / "events.jsonl"
+    lines = log.read_bytes().splitlines()
+
+    def replay(*extra: str) -> subprocess.CompletedProcess[str]:
+        return cli("replay", "bad.jsonl", "--callbacks", "cbs.yaml", *extra, cwd=root)
+
+    # a malformed line: stops, naming file and line; --skip-bad reads on and lists it
+    bad = [*lines[:3], b'{"bus_id": 1}', *lines[3:]]
+    (root / "bad.jsonl").write_bytes(b"\n".join(bad) + b"\n")
+    done = replay()
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "bad event log: bad.jsonl:4: malformed envelope" in done.stderr
+    done = replay("--skip-bad")
+    assert done.returncode == 0, done.stderr
+    assert "skipped line 4: malformed envelope" in done.stdout
+    # a truncated last line: reported and skipped, not an error
+    (root / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n" + lines[5][:30])
+    done = replay()
+    assert done.returncode == 0, done.stderr
+    assert f"skipped line {len(lines) + 1}: truncated" in done.stdout
+    # a newer format version
+    newer = [lines[0].replace(b'"version":1', b'"version":7'), *lines[1:]]
+    (root / "bad.jsonl").write_bytes(b"\n".join(newer) + b"\n")
+    done = replay("--skip-bad")
+    assert done.returncode == 2 and "format version is 7" in done.stderr
+    # an unknown event type: delivered, said, not an error
+    spike = b'{"bus_id":"b","seq":0,"event":{"type":"LossSpike","ts":1.0,"run_key":"demo"}}'
+    (root / "bad.jsonl").write_bytes(b"\n".join([*lines[:3], spike, *lines[3:]]) + b"\n")
+    done = replay()
+    assert done.returncode == 0, done.stderr
+    assert "unknown event type 'LossSpike' (1)" in done.stdout
+    # a missing source, an unknown --only type
+    done = cli("replay", "runs/nope", "--callbacks", "cbs.yaml", cwd=root)
+    assert done.returncode == 2 and "no such event log or run directory: runs/nope" in done.stderr
+    done = replay("--only", "EvalEnd")
+    assert done.returncode == 0, done.stderr
+    assert "--only EvalEnd: no event of this type in the log — did you mean 'EvalEnded'?" in (
+        done.stdout
+    )
+
+
+def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
+    root = recorded.parent.parent
+    (root / "failing.py").write_text(
+        "import evsys_async as ev\n"
+        "@ev.register_callback('failing')\n"
+        "class Failing(ev.Callback):\n"
+        "    def on_step_end(self, state, step_idx, batch, metrics):\n"
+        "        raise RuntimeError('boom')\n"
+    )
+    (root / "cbs.yaml").write_text("- kind: failing\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLUMNS")}
+    code = "import failing, sys; from evsys_async.cli import main; main(sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "replay", "runs/demo", "--callbacks", "cbs.yaml"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "failing  40 failed" in done.stdout
+
+
+def test_the_docs_examples_run(tmp_path: Path) -> None:
+    """docs/replay.md: the shell session prints what the page shows; the Python runs."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "replay.md").read_text()
+    shell = re.search(r"```bash\n(.*?)```", text, re.S)
+    shown = re.search(r"```text\n(.*?)```", text, re.S)
+    python = re.search(r"```python\n(.*?)```", text, re.S)
+    assert shell and shown and python
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "COLUMNS")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(
+        ["bash", "-ec", shell.group(1)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    timing = re.compile(r" in \d+\.\d+ s$")
+    printed = done.stdout.split("\n\nreplayed ", 1)[1]
+    assert [timing.sub("", x) for x in ("replayed " + printed).splitlines()] == [
+        timing.sub("", x) for x in shown.group(1).splitlines()
+    ]
+    (tmp_path / "example.py").write_text(python.group(1))
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["replayed/demo 212 True", "200 steps"]
+
+
+def test_version_1_reads_events_with_and_without_rank(tmp_path: Path) -> None:
+    """Version 1 has ``rank`` on events; logs written before events carried it say so in
+    the header, and both read (a missing rank is rank 0; unknown fields are ignored)."""
+    path = write_log(tmp_path / "events.jsonl", run_events(2))
+    lines = log_lines(path)
+    header = json.loads(lines[0])
+    assert header["rank_on_events"] is ("rank" in ev.Event.__struct_fields__)
+    header["a_later_field"] = {"x": 1}  # a later version-1 writer may add header fields
+    lines[0] = json.dumps(header).encode()
+    lines[3] = (
+        lines[3]
+        .replace(b'"rank":0,', b"")
+        .replace(b'"type":"StepEnded",', b'"type":"StepEnded","rank":1,')
+    )
+    lines[2] = lines[2].replace(b'"rank":0,', b"")  # as a writer before ranks wrote it
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    reader = EventLogReader(path)
+    batches = list(reader)
+    assert batches[0].header is not None and batches[0].header.version == 1
+    got = [env.event for batch in batches for env in batch.envelopes]
+    assert [type(e).__name__ for e in got] == [
+        "TrainStarted",
+        "StepEnded",
+        "StepEnded",
+        "TrainEnded",
+    ]
+    assert getattr(got[2], "rank", 1) == 1 and getattr(got[1], "rank", 0) == 0
+
+
+async def test_bad_callbacks_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    path = write_log(tmp_path / "events.jsonl", run_events(2))
+
+    class WrongHook(ev.Callback):
+        def on_step_end(self, state: ev.LoopState) -> None:  # type: ignore[override]
+            pass
+
+    csv = ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "m.csv"}}])[0]
+    for callbacks, error, words in (
+        ([WrongHook()], TypeError, "cannot take the hook's arguments"),
+        ([csv, csv], ValueError, r"callbacks\[1\] is the same CsvMetricsCallback instance"),
+        ([object()], TypeError, r"callbacks\[0\] is <object .*>, not a Callback"),
+    ):
+        with anyio.fail_after(10), pytest.raises(error, match=words):
+            await ev.replay(path, callbacks, output_dir=tmp_path / "out")  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
