@@ -7,8 +7,11 @@ does not know how ranks talk; it talks to a :class:`Coordinator`:
 
 * ``start()`` once, before the first step: join the others (blocks until
   every rank is there, or raises :class:`CoordinatorError`);
-* ``at_boundary(step, request)`` after every step, on the thread that runs the
-  steps (``at_boundary_async`` from the event loop's thread): ``None`` means go
+* ``pending``, a flag read at every step boundary: a stop is being agreed (or a
+  rank failed), so this boundary has coordinator work;
+* ``at_boundary(step, request)`` after a step whose boundary has work — a local
+  stop request, or ``pending`` — on the thread that runs the steps
+  (``at_boundary_async`` from the event loop's thread): ``None`` means go
   on — returned at once, without I/O, unless a stop is being agreed; a
   :class:`StopDecision` means run up to ``decision.step`` (inclusive) and end
   with its status, reason and ``stop_rank``. ``request`` is this rank's own
@@ -85,6 +88,12 @@ class Coordinator(Protocol):
 
     rank: int
     world_size: int
+
+    @property
+    def pending(self) -> bool:
+        """True once a stop proposal or a failed rank is known: the next boundary has
+        work (``at_boundary`` will answer, maybe after a wait). A flag read: no I/O."""
+        ...
 
     def start(self) -> None:
         """Join the other ranks; blocks until all are there. Raises CoordinatorError."""

@@ -366,7 +366,9 @@ def test_two_ranks_asking_at_once_agree_on_one_decision(redis_url: str, run_key:
 
         return lambda: ranks_loop(coordinators[rank], 1000, step)
 
+    assert not coordinators[0].pending  # nothing proposed: boundaries have no work
     results = run_threads([asking(0), asking(1)])
+    assert all(c.pending for c in coordinators)
     decisions = {r["decision"] for r in results}
     assert len(decisions) == 1
     (decision,) = decisions

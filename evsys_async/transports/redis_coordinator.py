@@ -274,6 +274,11 @@ class RedisCoordinator:
         reason = reason.removeprefix("conflict:")
         return StopDecision(step=step, rank=rank, reason=reason, failed=True)
 
+    @property
+    def pending(self) -> bool:
+        """A stop proposal or a failed rank is known (a flag read, no lock, no I/O)."""
+        return self._attention
+
     # -- what the others see (for tests and logs) -------------------------------------
 
     @property
