@@ -66,12 +66,17 @@ Metrics: TypeAlias = dict[str, float]
 _SUBCLASSES: list[type[Event]] = []
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Base of every event. Subclass it for custom events.
 
     ``ts`` is the wall-clock time of creation; ``run_key`` is stamped by the
     loop that publishes it (``""`` outside a run), so one bus can carry many
     runs and subscribers can filter on it.
+
+    Events are data: the cycle collector does not track them (``gc=False``),
+    which keeps a loop that builds one per step from paying for collections.
+    An event must therefore never be part of a reference cycle (do not put an
+    event, or an object that refers to it, inside itself).
     """
 
     ts: float = msgspec.field(default_factory=time.time)
