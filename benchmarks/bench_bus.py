@@ -12,8 +12,9 @@ scenarios run in a rotated order), with the min/max spread beside it.
   (minus their per-hook bookkeeping, which only makes them slower).
 * ``publish`` — the publisher's cost per ``bus.publish(event)`` of a prebuilt
   event, in a burst that never yields; ``build+publish`` also builds the
-  ``StepEnded`` (the loop has to); ``x sync16`` is build+publish over the
-  baseline.
+  ``StepEnded`` as the loop does (its metrics a fresh read-only mapping, so no
+  callback can change what another sees); ``x sync16`` is build+publish over
+  the baseline.
 * ``burst e2e`` — publish N events, then ``await bus.drain()``: the whole
   time (publish, pump, wakes, every handler call) per event per subscriber.
 * ``lockstep`` — ``await bus.publish_and_wait(event)`` one event at a time
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import check_count, fmt, machine, med, print_table, spread
 
 from evsys_async import EventBus
+from evsys_async._frozen import FrozenDict
 from evsys_async.events import StepEnded
 
 SUB_COUNTS = (1, 4, 16, 64)
@@ -173,7 +175,8 @@ async def burst(kind: str, n_subs: int, n_events: int) -> dict[str, float]:
         for c in range(CHUNKS):
             ts = time.perf_counter()
             for i in range(c * chunk, (c + 1) * chunk):
-                publish(StepEnded(step=i, num_steps=n_events, metrics=metrics))
+                # the loop hands events a fresh read-only mapping each step
+                publish(StepEnded(step=i, num_steps=n_events, metrics=FrozenDict(metrics)))
             slices.append(time.perf_counter() - ts)
         await bus.drain(timeout=60)
         check_count(f"build {kind} x{n_subs}", sum(h.n for h in handlers), 2 * n_events * n_subs)

@@ -141,4 +141,4 @@ class Evals:
                 exc_info=None if isinstance(result, TimeoutError) else result,
             )
             return run.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
-        return run.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=dict(result))
+        return run.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=result)

@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ._frozen import FrozenDict
 from .state import StepOutput
 
 __all__ = ["floats", "metrics_of"]
 
 
 def floats(values: Any, what: str) -> dict[str, float]:
-    """``values`` as ``{str: float}`` (a tensor syncs here, once); a clear error otherwise."""
+    """``values`` as a read-only ``{str: float}`` (a tensor syncs here, once), ready to
+    go into an event without another copy; a clear error otherwise."""
     if not isinstance(values, Mapping):
         raise TypeError(f"{what} must return a mapping of metric name to number, got {values!r}")
     out: dict[str, float] = {}
@@ -24,7 +26,7 @@ def floats(values: Any, what: str) -> dict[str, float]:
                 f"{what} returned metric {key!r} = {value!r}, which is not a number; "
                 "return floats (or 0-d tensors)"
             ) from None
-    return out
+    return FrozenDict(out)
 
 
 def metrics_of(out: Any, step_idx: int) -> tuple[dict[str, float], Any]:

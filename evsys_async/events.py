@@ -26,12 +26,13 @@ Level-like events (``StepEnded``, ``SubscriberLagged``, a user class with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+import typing
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
-from ._frozen import freeze, freeze_flat
+from ._frozen import FrozenDict, freeze
 from ._json import non_finite_as_strings
 from .errors import EventDecodeError, did_you_mean
 
@@ -66,7 +67,7 @@ Metrics: TypeAlias = dict[str, float]
 _SUBCLASSES: list[type[Event]] = []
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, gc=False):
     """Base of every event. Subclass it for custom events.
 
     ``ts`` is the wall-clock time of creation; ``run_key`` is stamped by the
@@ -74,6 +75,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     runs and subscribers can filter on it; ``rank`` is the publishing
     process's rank when training spans several processes (0 otherwise), so
     one consumer can follow every rank of a run.
+
+    Events are data: the cycle collector does not track them (``gc=False``),
+    which keeps a loop that builds one per step from paying for collections.
+    An event must therefore never be part of a reference cycle (do not put an
+    event, or an object that refers to it, inside itself).
     """
 
     ts: float = msgspec.field(default_factory=time.time)
@@ -87,24 +93,69 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _SUBCLASSES.append(cls)
+        _specialize(cls)
 
     def __post_init__(self) -> None:
         # Runs on construction and on decode. One event object reaches every
         # subscriber: dicts and lists in it become read-only (a ``dict`` subclass),
-        # so no callback can change what its siblings see. A subclass that defines
-        # __post_init__ calls super().__post_init__().
-        cls = type(self)
-        fields = _CONTAINER_FIELDS.get(cls)
+        # so no callback can change what its siblings see. Each subclass gets a
+        # version written for its own fields (_specialize); this general one
+        # serves a subclass that defines __post_init__ and calls super().
+        fields = _CONTAINER_FIELDS.get(self.__class__)
         if fields is None:
-            fields = _CONTAINER_FIELDS[cls] = _container_fields(cls)
-        for name, freezer in fields:
+            fields = _CONTAINER_FIELDS[self.__class__] = _container_fields(self.__class__)
+        for name, flat in fields:
             value = getattr(self, name)
-            frozen = freezer(value)
-            if frozen is not value:
-                msgspec.structs.force_setattr(self, name, frozen)
+            cls = value.__class__
+            if cls is dict:  # the common case, kept to a type check and one copy
+                _force_setattr(self, name, FrozenDict(value) if flat else freeze(value))
+            elif cls is list:
+                _force_setattr(self, name, freeze(value))
 
 
-_CONTAINER_FIELDS: dict[type, tuple[tuple[str, Callable[[Any], Any]], ...]] = {}
+_force_setattr = msgspec.structs.force_setattr
+
+
+def _specialize(cls: type) -> None:
+    """Give ``cls`` a ``__post_init__`` written for its fields, as dataclasses write
+    ``__init__``: a type check per field that may hold a dict or a list, and
+    nothing at all for the others. Built once, at class creation; the loop builds
+    a ``StepEnded`` every step. A class with its own ``__post_init__`` keeps it,
+    and one whose annotations cannot be resolved yet keeps the general one."""
+    if "__post_init__" in cls.__dict__:
+        return
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference not defined yet
+        return
+    fields: list[tuple[str, bool]] = []
+    for name, hint in hints.items():
+        if typing.get_origin(hint) is ClassVar:
+            continue
+        try:
+            info = msgspec.inspect.type_info(hint)
+        except Exception:  # not a type msgspec knows: it may hold anything
+            fields.append((name, False))
+            continue
+        if not _scalar(info):
+            fields.append((name, _flat(info)))
+    lines = ["def __post_init__(self):"]
+    for name, flat in fields:
+        copy = "FrozenDict(v)" if flat else "freeze(v)"
+        lines += [
+            f"    v = self.{name}",
+            f"    if v.__class__ is dict: _fs(self, {name!r}, {copy})",
+            f"    elif v.__class__ is list: _fs(self, {name!r}, freeze(v))",
+        ]
+    if not fields:
+        lines.append("    pass")
+    namespace: dict[str, Any] = {"FrozenDict": FrozenDict, "freeze": freeze, "_fs": _force_setattr}
+    exec("\n".join(lines), namespace)  # the names are the class's own field names
+    cls.__post_init__ = namespace["__post_init__"]  # type: ignore[attr-defined]
+    _CONTAINER_FIELDS[cls] = tuple(fields)
+#: per class, its fields that may hold a dict or a list, and whether that is a flat
+#: mapping of scalars (``metrics``: no walk through the values)
+_CONTAINER_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {}
 _SCALARS = (
     msgspec.inspect.IntType,
     msgspec.inspect.FloatType,
@@ -115,22 +166,23 @@ _SCALARS = (
 )
 
 
-def _container_fields(cls: type) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
-    """The fields of ``cls`` that may hold a dict or a list, each with how to freeze it
-    (a mapping of scalars, such as ``metrics``, needs no walk through its values)."""
+def _scalar(t: msgspec.inspect.Type) -> bool:
+    if isinstance(t, msgspec.inspect.UnionType):
+        return all(_scalar(u) for u in t.types)
+    return isinstance(t, _SCALARS)
+
+
+def _flat(t: msgspec.inspect.Type) -> bool:
+    """A mapping of scalars by type (``metrics``): frozen without a walk through it."""
+    return isinstance(t, msgspec.inspect.DictType) and _scalar(t.value_type)
+
+
+def _container_fields(cls: type) -> tuple[tuple[str, bool], ...]:
+    """The fields of ``cls`` that may hold a dict or a list, each with whether it is
+    flat (see :func:`_flat`)."""
     info = msgspec.inspect.type_info(cls)
     assert isinstance(info, msgspec.inspect.StructType)
-
-    def scalar(t: msgspec.inspect.Type) -> bool:
-        if isinstance(t, msgspec.inspect.UnionType):
-            return all(scalar(u) for u in t.types)
-        return isinstance(t, _SCALARS)
-
-    def freezer(t: msgspec.inspect.Type) -> Callable[[Any], Any]:
-        flat = isinstance(t, msgspec.inspect.DictType) and scalar(t.value_type)
-        return freeze_flat if flat else freeze
-
-    return tuple((f.name, freezer(f.type)) for f in info.fields if not scalar(f.type))
+    return tuple((f.name, _flat(f.type)) for f in info.fields if not _scalar(f.type))
 
 
 # -- loop scope -------------------------------------------------------------------

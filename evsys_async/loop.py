@@ -375,13 +375,30 @@ def _check_options(
         raise ValueError(
             f"TrainingLoop: max_evals_in_flight must be >= 1, got {max_evals_in_flight}"
         )
+    for i, cb in enumerate(callbacks):
+        _check_instance(f"callbacks[{i}]", cb, "build_callbacks")
     _check_distinct(callbacks)
     for i, ev in enumerate(evaluators):
+        _check_instance(f"evaluators[{i}]", ev, "build_evaluators")
         if not (hasattr(ev, "name") and hasattr(ev, "evaluate")):
             raise TypeError(
                 f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
                 "`async def evaluate(state, step_idx)`"
             )
+
+
+def _check_instance(place: str, obj: object, builder: str) -> None:
+    """A class or a kind name where an instance belongs: say which and how to fix it."""
+    if isinstance(obj, type):
+        raise TypeError(
+            f"TrainingLoop: {place} is the class {obj.__name__}, not an instance; "
+            f"pass {obj.__name__}(...)"
+        )
+    if isinstance(obj, str | Mapping):
+        raise TypeError(
+            f"TrainingLoop: {place} is {obj!r}, a config spec; build it first: "
+            f"ev.{builder}([{{'kind': ..., 'params': {{...}}}}])"
+        )
 
 
 def _check_steps(num_steps: int, start_step: int) -> None:

@@ -422,3 +422,25 @@ def test_mappings_inside_events_are_read_only_dicts() -> None:
     with pytest.raises(TypeError):
         decoded.metrics["loss"] = 0.0  # type: ignore[attr-defined]
     assert decoded == e
+
+
+def test_user_events_freeze_their_own_containers_however_they_are_defined() -> None:
+    class Plain(ev.Event, kw_only=True):
+        rows: list[dict[str, Any]]
+
+    class OwnPostInit(ev.Event, kw_only=True):
+        table: dict[str, Any]
+        seen: ClassVar[list[str]] = []
+
+        def __post_init__(self) -> None:
+            self.seen.append("mine")
+            super().__post_init__()  # the general freeze for what this class holds
+
+    plain = Plain(rows=[{"a": 1}])
+    with pytest.raises(TypeError):
+        plain.rows[0]["a"] = 2
+    own = OwnPostInit(table={"k": [1]})
+    assert OwnPostInit.seen == ["mine"]
+    with pytest.raises(TypeError):
+        own.table["k"].append(2)
+    assert ev.events.decode(ev.events.encode(own)) == own

@@ -6,6 +6,7 @@ Isolation and "nothing lost" are proven by counting, on asyncio and trio.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -944,3 +945,19 @@ async def test_an_eval_timeout_is_one_line_without_a_traceback(
     assert "error=timeout after 0.05s" in record.getMessage()
     assert record.exc_info is None and "Traceback" not in warnings_log.text
     assert "CancelledError" not in warnings_log.text and "Cancelled" not in warnings_log.text
+
+
+@pytest.mark.parametrize(
+    ("where", "given", "words"),
+    [
+        ("callbacks", ev.Callback, "callbacks[0] is the class Callback, not an instance"),
+        ("callbacks", "csv_metrics", "ev.build_callbacks"),
+        ("callbacks", {"kind": "csv_metrics"}, "a config spec"),
+        ("evaluators", Acc, "evaluators[0] is the class Acc, not an instance"),
+    ],
+)
+def test_a_class_or_a_spec_where_an_instance_belongs_is_refused(
+    where: str, given: Any, words: str, tmp_path: Path
+) -> None:
+    with pytest.raises(TypeError, match=re.escape(words)):
+        ev.TrainingLoop(loss_step, num_steps=2, output_dir=tmp_path, **{where: [given]})
