@@ -153,6 +153,8 @@ def _specialize(cls: type) -> None:
     exec("\n".join(lines), namespace)  # the names are the class's own field names
     cls.__post_init__ = namespace["__post_init__"]  # type: ignore[attr-defined]
     _CONTAINER_FIELDS[cls] = tuple(fields)
+
+
 #: per class, its fields that may hold a dict or a list, and whether that is a flat
 #: mapping of scalars (``metrics``: no walk through the values)
 _CONTAINER_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {}
