@@ -83,18 +83,23 @@ class Run:
         self.train_scope = anyio.CancelScope()
         #: the shutdown's one deadline, set when it starts (in-flight evals included)
         self.deadline: Deadline | None = None
+        #: the rank whose stop request (or failure) ended this run, if one did
+        self.stop_rank: int | None = None
+        #: this rank's stop request was handed to the coordinator
+        self.stop_proposed = False
 
     # -- publishing --------------------------------------------------------------
 
     def publish(self, event: Event) -> int | None:
         """``state.publish``: a user's event, stamped with the run key (a copy: frozen)."""
-        if self.run_key and not event.run_key:
-            event = msgspec.structs.replace(event, run_key=self.run_key)
+        rank = self.state.rank
+        if (self.run_key and not event.run_key) or event.rank != rank:
+            event = msgspec.structs.replace(event, run_key=event.run_key or self.run_key, rank=rank)
         return self.bus.publish(event)
 
     def emit(self, cls: type[Event], **fields: Any) -> int | None:
         """Publish one of the loop's own events, built with the run key (no copy)."""
-        return self.bus.publish(cls(run_key=self.run_key, **fields))
+        return self.bus.publish(cls(run_key=self.run_key, rank=self.state.rank, **fields))
 
     def on_interrupt(self, exc: BaseException) -> None:
         """An ``async def`` hook raised ``KeyboardInterrupt``/``SystemExit``: the run

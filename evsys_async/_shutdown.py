@@ -10,7 +10,9 @@ It runs shielded (also from a native asyncio cancel), under one deadline of
 3. the last checkpoint: ``final`` on a completed or stopped run,
    ``interrupted`` on a failed or cancelled one (``checkpoint_on_error=False``
    skips it);
-4. ``TrainEnded``, carrying the artifacts as they stand (no report yet);
+4. with ranks, the coordinator's ``finish`` (the others learn how this rank
+   ended); then ``TrainEnded``, carrying the artifacts as they stand (no report
+   yet);
 5. a drain until quiet, events published meanwhile included (a sibling's
    last ``CallbackFailed``) — keeping the deadline's tail for step 6, so a
    stuck callback cannot keep its healthy siblings' files open;
@@ -61,6 +63,11 @@ async def shutdown(run: Run, status: Status) -> None:
                 await run.checkpoints.save(max(state.step, 0), name)
             except Exception as exc:
                 _log.warning("final checkpoint failed", name=name, error=repr(exc))
+    if loop.coordinator is not None:  # the other ranks learn how this one ended
+        with anyio.move_on_after(deadline.left()):
+            await run.step_worker_for_calls().call(
+                loop.coordinator.finish, status, artifacts.steps_completed, artifacts.error
+            )
     run.close_step_worker()
     artifacts.status = status
     artifacts.stop_reason = state.stop_reason
@@ -73,6 +80,7 @@ async def shutdown(run: Run, status: Status) -> None:
         stop_reason=state.stop_reason,
         train_seconds=artifacts.train_seconds,
         error=artifacts.error,
+        stop_rank=run.stop_rank,
     )
     reserve = min(1.0, 0.2 * loop.drain_timeout)  # the tail kept for the teardowns
     # on a caller's bus, wait for this run's callbacks only, not other runs'

@@ -28,6 +28,7 @@ from ._metrics import metrics_of
 from ._worker import DaemonWorker
 from .bus import Subscription
 from .callbacks.base import CallbackAdapter
+from .coordinator import StopRequest
 from .events import Event, StepEnded, StopRequested, TrainStarted
 from .state import Status
 
@@ -118,11 +119,15 @@ async def train(run: Run) -> Status:
     last (boundaries included). Raises :class:`StepFailed` for a step that raised.
     """
     state = run.state
+    coordinator = run.loop.coordinator
+    if coordinator is not None:  # join the other ranks (blocks, in a thread, until all are there)
+        await run.step_worker_for_calls().call(coordinator.start)
     seq = run.emit(
         TrainStarted,
         num_steps=state.num_steps,
         start_step=run.start_step,
         output_dir=str(state.run_dir),
+        world_size=state.world_size,
     )
     await run.barrier.wait(seq, TrainStarted)
     if run.barrier.callback_error is not None:  # callback_errors="raise": before step 0
@@ -192,11 +197,14 @@ class Plan:
         self._save_every = loop.save_every if loop.checkpoint is not None else 0
         # a steering callback sees every step (or a stop): then every boundary has work
         self._always = run.barrier.applies(StepEnded) or run.barrier.applies(StopRequested)
+        self._coordinator = run.loop.coordinator
 
     def needed(self, step_idx: int) -> bool:
         """The boundary after ``step_idx`` has work: a steering callback, a request, or
         an eval or checkpoint due."""
         if self._always or self._state.has_requests:
+            return True
+        if self._coordinator is not None and self._coordinator.pending:
             return True
         i = step_idx + 1
         if self._save_every and i % self._save_every == 0:
@@ -246,8 +254,13 @@ class Gate:
         self._waker.soon(self._ring)
 
     def _step_ended(self, step_idx: int, metrics: dict[str, float]) -> StepEnded:
+        run = self._run
         return StepEnded(
-            run_key=self._run.run_key, step=step_idx, num_steps=self.num_steps, metrics=metrics
+            run_key=run.run_key,
+            rank=run.state.rank,
+            step=step_idx,
+            num_steps=self.num_steps,
+            metrics=metrics,
         )
 
     # -- the run's task's side ---------------------------------------------------
@@ -285,7 +298,7 @@ def _drive(run: Run, gate: Gate) -> Status:
 def _steps_in_thread(run: Run, gate: Gate) -> Status:
     state, step = run.state, run.loop.step
     batch_takers = _batch_takers(run)
-    publish, num_steps, run_key = run.bus.publish, state.num_steps, run.run_key
+    publish, num_steps, run_key, rank = run.bus.publish, state.num_steps, run.run_key, state.rank
     for step_idx in range(run.start_step, num_steps):
         state.step = step_idx
         try:
@@ -300,7 +313,11 @@ def _steps_in_thread(run: Run, gate: Gate) -> Status:
             if ended is not None:
                 return ended
         else:
-            publish(StepEnded(run_key=run_key, step=step_idx, num_steps=num_steps, metrics=metrics))
+            publish(
+                StepEnded(
+                    run_key=run_key, rank=rank, step=step_idx, num_steps=num_steps, metrics=metrics
+                )
+            )
     return "completed"
 
 
@@ -313,13 +330,38 @@ async def boundary(run: Run, step_idx: int, seq: int | None) -> Status | None:
     await run.checkpoints.after_step(step_idx, names)
     if run.barrier.callback_error is not None:
         return "failed"
-    if state.stop_requested:
-        seq = run.emit(
-            StopRequested, step=step_idx, reason=state.stop_reason, source=state.stop_source
-        )
-        await run.barrier.wait(seq, StopRequested)
-        return "failed" if state.stop_failed else "stopped"
-    return None
+    if run.loop.coordinator is not None:
+        if not await _agreed(run, step_idx):
+            return None
+    elif not state.stop_requested:
+        return None
+    seq = run.emit(StopRequested, step=step_idx, reason=state.stop_reason, source=state.stop_source)
+    await run.barrier.wait(seq, StopRequested)
+    return "failed" if state.stop_failed else "stopped"
+
+
+async def _agreed(run: Run, step_idx: int) -> bool:
+    """With ranks: hand this rank's stop request to the coordinator once, and say
+    whether the ranks have agreed to stop after this step (the run's stop fields
+    then hold the agreed reason; ``run.stop_rank`` the rank that asked)."""
+    state, coordinator = run.state, run.loop.coordinator
+    assert coordinator is not None
+    request = None
+    if state.stop_requested and not run.stop_proposed:
+        run.stop_proposed = True
+        request = StopRequest(reason=state.stop_reason, failed=state.stop_failed)
+    if request is None and not coordinator.pending:
+        return False
+    decision = await coordinator.at_boundary_async(step_idx, request)
+    if decision is None or step_idx < decision.step:
+        return False
+    state.stop_requested = True
+    state.stop_reason = decision.reason
+    state.stop_failed = decision.failed
+    if decision.rank != state.rank:
+        state.stop_source = f"rank {decision.rank}"
+    run.stop_rank = decision.rank
+    return True
 
 
 def _batch_takers(run: Run) -> list[CallbackAdapter]:

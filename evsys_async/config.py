@@ -60,14 +60,16 @@ from .evaluators import build_evaluators
 from .experiment import Arm, Experiment
 from .loop import TrainingLoop
 from .state import LogContext
-from .transports import RedisStreamSink
+from .transports import RedisCoordinator, RedisStreamSink
 
 __all__ = [
+    "CoordinatorSpec",
     "DEMO_STEP",
     "EvaluatorSpec",
     "ExperimentConfig",
     "RunConfig",
     "TransportSpec",
+    "build_coordinator",
     "build_experiment",
     "build_loop",
     "build_transports",
@@ -105,6 +107,13 @@ class TransportSpec(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class CoordinatorSpec(TransportSpec):
+    """``{kind, params}``: what keeps the ranks of a run in step (kind ``redis``:
+    :class:`~evsys_async.transports.RedisCoordinator`'s parameters, plus ``url_env``).
+    ``run_key`` defaults to the run's ``name``; rank and world size to the
+    launcher's environment."""
+
+
 class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One run. Files go to ``<output_dir>/<name>/`` (``<name>-1``, ... when that
     holds an earlier run's files, unless ``overwrite``).
@@ -115,6 +124,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``"package.module:function"`` called as ``checkpoint(state, name)``.
     ``transports`` send every event of the run elsewhere as well (a Redis
     stream: docs/distributed.md); their URLs are recorded redacted.
+    ``coordinator`` keeps several ranks of the run in step (docs/distributed.md).
     The other fields are :class:`TrainingLoop`'s arguments of the same name.
     """
 
@@ -127,6 +137,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     evaluators: list[EvaluatorSpec] = msgspec.field(default_factory=list)
     callbacks: list[CallbackSpec] = msgspec.field(default_factory=list)
     transports: list[TransportSpec] = msgspec.field(default_factory=list)
+    coordinator: CoordinatorSpec | None = None
     eval_mode: Literal["inline", "background"] = "inline"
     eval_timeout: Seconds = 300.0
     max_evals_in_flight: PositiveInt = 2
@@ -229,14 +240,21 @@ TRANSPORT_KINDS: dict[str, type] = {"redis": RedisStreamSink}
 
 
 def _transport_params(spec: Any, i: int, place: Path_) -> tuple[type, dict[str, Any]]:
-    at = (*place, i)
+    return _redis_params(spec, (*place, i), TRANSPORT_KINDS, "transport")
+
+
+def _redis_params(
+    spec: Any, at: Path_, kinds: dict[str, type], noun: str
+) -> tuple[type, dict[str, Any]]:
+    """A ``{kind, params}`` spec checked against ``kinds``, with ``url_env`` kept as a
+    placeholder until built (see :func:`_resolve_url`)."""
     kind = spec.kind
-    cls = TRANSPORT_KINDS.get(kind)
+    cls = kinds.get(kind)
     if cls is None:
-        known = sorted(TRANSPORT_KINDS)
+        known = sorted(kinds)
         raise PlacedConfigError(
             (*at, "kind"),
-            f"unknown transport kind {kind!r}"
+            f"unknown {noun} kind {kind!r}"
             + did_you_mean(kind, known, f"; known kinds: {', '.join(known)}"),
         )
     params = dict(spec.params)
@@ -271,26 +289,49 @@ def build_transports(
         return []
     out: list[SinkCallback] = []
     for i, (cls, fields) in enumerate(checked):
-        url = fields.get("url", "")
-        if isinstance(url, str) and url.startswith("${") and url.endswith("}"):
-            name = url[2:-1]
-            value = os.environ.get(name)
-            if not value:
-                raise PlacedConfigError(
-                    (*prefix, i, "params", "url_env"),
-                    f"the environment variable {name} is not set; set it to the Redis URL "
-                    "(redis://:password@host:6379/0)",
-                    kind=specs[i].kind,
-                )
-            fields["url"] = value
+        _resolve_url(fields, (*prefix, i), specs[i].kind)
         out.append(SinkCallback(cls(**fields)))
     return out
+
+
+def _resolve_url(fields: dict[str, Any], at: Path_, kind: str) -> None:
+    """Replace a ``url_env`` placeholder by the variable's value, or say it is unset."""
+    url = fields.get("url", "")
+    if isinstance(url, str) and url.startswith("${") and url.endswith("}"):
+        name = url[2:-1]
+        value = os.environ.get(name)
+        if not value:
+            raise PlacedConfigError(
+                (*at, "params", "url_env"),
+                f"the environment variable {name} is not set; set it to the Redis URL "
+                "(redis://:password@host:6379/0)",
+                kind=kind,
+            )
+        fields["url"] = value
+
+
+#: coordinator kind -> the class (its ``__init__`` lists the params)
+COORDINATOR_KINDS: dict[str, type] = {"redis": RedisCoordinator}
+
+
+def build_coordinator(spec: CoordinatorSpec | None, *, run_key: str, build: bool = True) -> Any:
+    """The ``coordinator:`` section as a coordinator (``None`` without one; checked
+    only with ``build=False``). Raises :class:`PlacedConfigError` naming
+    ``coordinator.params.<field>``."""
+    if spec is None:
+        return None
+    cls, fields = _redis_params(spec, ("coordinator",), COORDINATOR_KINDS, "coordinator")
+    if not build:
+        return None
+    _resolve_url(fields, ("coordinator",), spec.kind)
+    fields.setdefault("run_key", run_key)
+    return cls(**fields)
 
 
 def _redacted(config: dict[str, Any]) -> dict[str, Any]:
     """A config as recorded (``ctx.config``): transport URLs without their credentials."""
     for holder in (config, config.get("run") or {}):
-        for spec in holder.get("transports") or ():
+        for spec in [*(holder.get("transports") or ()), holder.get("coordinator") or {}]:
             params = spec.get("params") or {}
             if isinstance(params.get("url"), str):
                 params["url"] = redact_url(params["url"])
@@ -342,6 +383,7 @@ def _check_run(config: RunConfig, prefix: Path_) -> None:
     _prefixed(prefix, lambda: build_evaluators(config.evaluators, place="evaluators"))
     _prefixed(prefix, lambda: build_callbacks(config.callbacks, place="callbacks"))
     _prefixed(prefix, lambda: build_transports(config.transports, build=False))
+    _prefixed(prefix, lambda: build_coordinator(config.coordinator, run_key="", build=False))
 
 
 def check_config(config: AnyConfig) -> None:
@@ -404,6 +446,7 @@ def build_loop(config: RunConfig) -> TrainingLoop:
         run_key=config.name,
         evaluators=build_evaluators(config.evaluators),
         callbacks=[*build_callbacks(config.callbacks), *build_transports(config.transports)],
+        coordinator=build_coordinator(config.coordinator, run_key=config.name),
         ctx=_context(config),
         overwrite=config.overwrite,
         **_loop_options(config),

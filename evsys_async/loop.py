@@ -32,6 +32,7 @@ from ._rundir import claim_run_dir
 from ._worker import DaemonWorker
 from .bus import EventBus
 from .callbacks.base import Callback, CallbackAdapter
+from .coordinator import Coordinator, launch_env
 from .evaluators import Evaluator
 from .state import LogContext, LoopArtifacts, LoopState
 
@@ -90,8 +91,9 @@ class TrainingLoop:
         callback_errors: Literal["log", "raise"] = "log",
         checkpoint_on_error: bool = True,
         ctx: LogContext | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         _check_options(
             step=step,
@@ -136,8 +138,9 @@ class TrainingLoop:
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
         self.ctx = ctx
-        self.rank = rank
-        self.world_size = world_size
+        self.rank, self.world_size = _ranks(rank, world_size, coordinator)
+        #: keeps the ranks in step (a stop on one ends every rank after the same step)
+        self.coordinator = coordinator
         #: the artifacts of the latest run (also when ``run()`` raised)
         self.artifacts: LoopArtifacts | None = None
         self.state: LoopState | None = None
@@ -385,6 +388,33 @@ def _check_options(
                 f"TrainingLoop: evaluators[{i}] ({ev!r}) needs `name`, `run_every` and "
                 "`async def evaluate(state, step_idx)`"
             )
+
+
+def _ranks(
+    rank: int | None, world_size: int | None, coordinator: Coordinator | None
+) -> tuple[int, int]:
+    """This process's rank and the world size: as given, else the coordinator's, else
+    from the launcher's environment (``RANK``/``WORLD_SIZE``, ``SLURM_*``)."""
+    env_rank, env_size = launch_env()
+    if coordinator is not None:
+        env_rank, env_size = coordinator.rank, coordinator.world_size
+        for name, given, its in (
+            ("rank", rank, env_rank),
+            ("world_size", world_size, env_size),
+        ):
+            if given is not None and given != its:
+                raise ValueError(
+                    f"TrainingLoop: {name}={given} contradicts the coordinator's {name}={its}; "
+                    "give it once (the coordinator's is enough)"
+                )
+    rank = env_rank if rank is None else rank
+    world_size = env_size if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"TrainingLoop: rank must be in [0, world_size), got rank={rank}, "
+            f"world_size={world_size}"
+        )
+    return rank, world_size
 
 
 def _check_instance(place: str, obj: object, builder: str) -> None:

@@ -372,3 +372,25 @@ async def test_build_experiment_runs_every_arm(tmp_path: Path) -> None:
     assert result.best_arm in {"slow", "fast"}
     assert (tmp_path / "runs" / "lr-sweep" / "fast-r1" / "manifest.json").exists()
     assert math.isfinite(result.arms["fast"].mean["val/loss"])
+
+
+def test_a_coordinator_section_is_checked_with_placed_errors_and_built(tmp_path: Path) -> None:
+    from evsys_async.transports import RedisCoordinator
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "name: ranks\nnum_steps: 3\n"
+        "coordinator: {kind: redis, params: {url: 'redis://:hunter2@127.0.0.1:6379/0',"
+        " timeout: 3}}\n"
+    )
+    config = ev.load_config(path)
+    loop = ev.build_loop(config)
+    assert isinstance(loop.coordinator, RedisCoordinator)
+    assert loop.coordinator.run_key == "ranks"  # the run's name by default
+    assert "hunter2" not in json.dumps(loop.ctx.config)  # recorded redacted
+    path.write_text("name: r\nnum_steps: 3\ncoordinator: {kind: redis, params: {timout: 3}}\n")
+    with pytest.raises(ev.ConfigError, match=r"run.yaml:3: coordinator.params.timout .*'timeout'"):
+        ev.load_config(path)
+    path.write_text("name: r\nnum_steps: 3\ncoordinator: {kind: mpi}\n")
+    with pytest.raises(ev.ConfigError, match="unknown coordinator kind 'mpi'"):
+        ev.load_config(path)
