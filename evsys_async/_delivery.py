@@ -269,12 +269,16 @@ class Delivery(ABC):
     ) -> None:
         """Count a failure of an event's call (or of a hook: ``event`` is ``None``),
         then have the engine log and announce it."""
+        self.tally(event, exc)
+        self.engine.failed(self, event, exc, slot, quiet=quiet)
+
+    def tally(self, event: Event | None, exc: BaseException) -> None:
+        """Count a failure: an event's in ``failed``, a hook's in ``hook_failures``."""
         self.last_error = exc
         if event is None:
             self.hook_failures += 1
         else:
             self.failed += 1
-        self.engine.failed(self, event, exc, slot, quiet=quiet)
 
 
 def only_failures(batch: list[Entry]) -> bool:

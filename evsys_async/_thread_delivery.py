@@ -159,13 +159,8 @@ class ThreadDelivery(Delivery):
                 return now
             self._stuck_call = self._call_no
             event, slot = self._call_event, self._call_slot
-            self.last_error = error = TimeoutError(
-                f"def handler still running after {timeout}s; abandoned"
-            )
-            if event is None:
-                self.hook_failures += 1
-            else:
-                self.failed += 1
+            error = TimeoutError(f"def handler still running after {timeout}s; abandoned")
+            self.tally(event, error)
         self.engine.failed(self, event, error, slot)
         return math.inf
 
@@ -244,7 +239,7 @@ class ThreadDelivery(Delivery):
             try:
                 handler(Envelope(bus_id, seq, event) if envelopes else event)
             except BaseException as exc:  # in its own thread, anything is its failure
-                self._thread_failure(event, exc, "")
+                self.count_failure(event, exc, "")
             else:
                 self.delivered += 1
 
@@ -269,7 +264,7 @@ class ThreadDelivery(Delivery):
             if error is None:
                 self.delivered += 1
             else:
-                self._thread_failure(event, error, "")
+                self.count_failure(event, error, "")
         self._call_event = None
 
     def _call_ended(self, call: int, timed: bool) -> bool:
@@ -296,18 +291,14 @@ class ThreadDelivery(Delivery):
         except BaseException as exc:  # in its own thread, anything is its failure
             error = exc
         if not self._call_ended(call, self.timeout is not None) and error is not None:
-            self._thread_failure(None, error, slot, quiet=quiet)
+            self.count_failure(None, error, slot, quiet=quiet)
 
-    def _thread_failure(
-        self, event: Event | None, exc: BaseException, slot: str, *, quiet: bool = False
+    def count_failure(
+        self, event: Event | None, exc: BaseException, slot: str = "", *, quiet: bool = False
     ) -> None:
         if self.timeout is None:
-            self.count_failure(event, exc, slot, quiet=quiet)
+            self.tally(event, exc)
         else:
             with self._lock:  # the loop counts an abandoned call under it too
-                self.last_error = exc
-                if event is None:
-                    self.hook_failures += 1
-                else:
-                    self.failed += 1
-            self.engine.failed(self, event, exc, slot, quiet=quiet)
+                self.tally(event, exc)
+        self.engine.failed(self, event, exc, slot, quiet=quiet)

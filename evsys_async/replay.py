@@ -439,23 +439,14 @@ class _Replay:
 
     def _publish(self, bus: EventBus, state: LoopState, envelopes: Sequence[Any]) -> int | None:
         """Publish every kept event (the hot path: a few dict lookups per event)."""
-        publish, wanted, kept = bus.publish, self.wanted, self._kept
+        publish, accepts = bus.publish, self._accepts
         last: int | None = None
         published = 0
         for envelope in envelopes:
             event = envelope.event
-            cls = type(event)
-            if cls is StepEnded:
-                state.step = event.step
-            elif cls in _NOTED:
-                self._note(state, event)
-            if wanted is not None:
-                keep = kept.get(cls)
-                if not (self._keeps(event) if keep is None else keep):
-                    self.filtered += 1
-                    continue
-            last = publish(event)
-            published += 1
+            if accepts(state, event):
+                last = publish(event)
+                published += 1
         self.published += published
         return last
 
@@ -464,20 +455,11 @@ class _Replay:
     ) -> int | None:
         """As :meth:`_publish`, each event at its recorded time divided by ``speed``."""
         assert self.speed is not None
-        wanted, kept = self.wanted, self._kept
         last: int | None = None
         for envelope in envelopes:
             event = envelope.event
-            cls = type(event)
-            if cls is StepEnded:
-                state.step = event.step
-            elif cls in _NOTED:
-                self._note(state, event)
-            if wanted is not None:
-                keep = kept.get(cls)
-                if not (self._keeps(event) if keep is None else keep):
-                    self.filtered += 1
-                    continue
+            if not self._accepts(state, event):
+                continue
             if self._origin is None:
                 self._origin = (event.ts, time.monotonic())
             else:
@@ -488,6 +470,21 @@ class _Replay:
             last = bus.publish(event)
             self.published += 1
         return last
+
+    def _accepts(self, state: LoopState, event: Event) -> bool:
+        """Follow the record in ``state``; is the event kept by ``only``?"""
+        cls = type(event)
+        if cls is StepEnded:
+            state.step = event.step  # type: ignore[attr-defined]
+        elif cls in _NOTED:
+            self._note(state, event)
+        if self.wanted is None:
+            return True
+        keep = self._kept.get(cls)
+        if keep if keep is not None else self._keeps(event):
+            return True
+        self.filtered += 1
+        return False
 
     def _keeps(self, event: Event) -> bool:
         """Does ``only`` keep this event? By its type's tag or any base's; an unknown
