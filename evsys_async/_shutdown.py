@@ -113,8 +113,10 @@ def _report(run: Run, closed: list[bool]) -> dict[str, CallbackHealth]:
             stuck=sub.stuck or not ok,
             control_timeouts=adapter.control_timeouts,
             coalesced=st.coalesced,
-            # a callback that switched itself off says why (docs/callbacks.md)
-            disabled=getattr(adapter.callback, "disabled_reason", None),
+            # a callback that switched itself off says why (docs/callbacks.md), and so
+            # does one whose process died (docs/isolation.md)
+            disabled=getattr(adapter.callback, "disabled_reason", None) or st.disabled,
+            startup_seconds=st.startup_seconds,
         )
     short = {n: h.pending for n, h in health.items() if h.pending or h.stuck}
     if short:
