@@ -47,6 +47,7 @@ import msgspec
 
 from ._async import LoopWaker
 from ._worker import DaemonWorker
+from ._traceback import user_traceback
 from .errors import describe
 from .events import Envelope, decode
 
@@ -95,8 +96,7 @@ def failure_of(exc: BaseException) -> Failure:
         data: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         data = None
-    text = "".join(traceback.format_exception(exc))
-    return data, describe(exc), text
+    return data, describe(exc), user_traceback(exc)  # the callback's frames, not ours
 
 
 class _Link:
@@ -161,7 +161,8 @@ class _Child:
         try:  # on the loop: a callback built here may take the loop's token
             handler, on_start, on_batch_end, on_close = pickle.loads(self.program)
         except BaseException as exc:  # whatever it is, the parent reports it
-            self.link.send(BROKEN + pickle.dumps((describe(exc), failure_of(exc)[2])))
+            text = "".join(traceback.format_exception(exc))  # all of it: what failed to load
+            self.link.send(BROKEN + pickle.dumps((describe(exc), text)))
             return
         self.handler = handler
         self.hooks = {"on_start": on_start, "on_batch_end": on_batch_end, "on_close": on_close}

@@ -142,6 +142,7 @@ class ProcessDelivery(ThreadDelivery):
                 "the callback from its registered kind and params"
             ) from None
         self.on_request = on_request
+        start_method()  # a wrong $EVSYS_START_METHOD fails here, at subscribe
         self._settings = {
             "backend": backend,
             "is_async": child_async,
@@ -157,6 +158,9 @@ class ProcessDelivery(ThreadDelivery):
         self._conn: Any = None
         self._counter: Any = None
         self._dead = False
+        # the batch in hand: the counter before it, its failures so far
+        self._in_batch = False
+        self._batch_base = 0
         self._batch_failures = 0
         self._t0 = 0.0
 
@@ -168,33 +172,43 @@ class ProcessDelivery(ThreadDelivery):
         return self._dead
 
     def abandon(self) -> None:
-        """At close past the deadline: kill a child that has not ended; what it has not
-        handled is counted as dropped."""
+        """At close past the deadline: kill a child that has not ended. What it handled
+        of the batch in hand counts as delivered (its counter says how much), the
+        rest as dropped."""
         with self._lock:
             if self._finished or self._abandoned:
                 return
-            self._abandoned = True
-            if not self._dead:
-                self._dead = True
+            self._abandoned = True  # from here on the feeder counts nothing
+            alive = not self._dead
+            self._dead = True
+            if alive:
                 self.disabled = "killed: still running at the close deadline"
-                _log.warning(
-                    "callback process killed: still running at the close deadline",
-                    callback=self.name,
-                )
+        if alive:
+            _log.warning(
+                "callback process killed: still running at the close deadline",
+                callback=self.name,
+            )
+            self._kill(wait=True)  # then its counter moves no more
+        with self._lock:
+            if self._in_batch:
+                handled = self._counter.value - self._batch_base
+                self.delivered += max(0, handled - self._batch_failures)
             rest = self.buffer.take()
             self.taken += len(rest)
             self.dropped_stuck += max(0, self.taken - self.decided())
-        self._kill()
 
     def cancel(self) -> None:
         """The bus is closing past its drain: a child still running is killed."""
         if not self._finished:
             self.abandon()
 
-    def _kill(self) -> None:
+    def _kill(self, *, wait: bool = False) -> None:
         proc = self._process
-        if proc is not None and proc.is_alive():
-            proc.kill()
+        with contextlib.suppress(ValueError):  # closed meanwhile: it has ended
+            if proc is not None and proc.is_alive():
+                proc.kill()
+                if wait:
+                    proc.join(_EXIT_GRACE)
 
     # -- the feeder thread -------------------------------------------------------
 
@@ -210,9 +224,9 @@ class ProcessDelivery(ThreadDelivery):
 
     def _launch(self) -> None:
         """Start the child and wait until its program is loaded."""
+        ctx = _context()
+        parent_end, child_end = ctx.Pipe()
         try:
-            ctx = _context()
-            parent_end, child_end = ctx.Pipe()
             self._counter = ctx.RawValue("q", 0)
             proc = ctx.Process(
                 target=_child.main,
@@ -221,6 +235,8 @@ class ProcessDelivery(ThreadDelivery):
             )
             proc.start()
         except Exception as exc:
+            parent_end.close()
+            child_end.close()
             raise _Dead(exc, f"process failed to start: {describe(exc)}") from None
         # the parent's copy of the child's end must go, or the child's death is no EOF
         child_end.close()
@@ -267,8 +283,9 @@ class ProcessDelivery(ThreadDelivery):
         buf = bytearray(_child.BATCH)
         buf += bytes((self._flushes, only_failures(batch)))
         self._encoder.encode_into(batch, buf, len(buf))
-        base = self._counter.value
+        self._batch_base = base = self._counter.value
         self._batch_failures = 0
+        self._in_batch = True
         try:
             self._send(bytes(buf))
             self._await(progress=True, batch=batch)
@@ -281,12 +298,14 @@ class ProcessDelivery(ThreadDelivery):
                 rest = len(batch) - handled
                 if rest > 0:
                     self.dropped_stuck += rest - 1
+                self._in_batch = False
             event = batch[handled][1] if rest > 0 else None
             self._died(event, dead, "" if rest > 0 else "on_batch_end")
         else:
             with self._lock:
                 if not self._abandoned:
                     self.delivered += len(batch) - self._batch_failures
+                    self._in_batch = False
         self.seconds += time.perf_counter() - started
 
     def _drop(self, batch: list[Entry]) -> None:
@@ -320,6 +339,8 @@ class ProcessDelivery(ThreadDelivery):
             proc.join()
         _LIVE.discard(proc)
         self._conn.close()
+        proc.close()
+        self._process = None
 
     # -- talking to the child (feeder thread) -----------------------------------
 
