@@ -46,8 +46,8 @@ import anyio.lowlevel
 import msgspec
 
 from ._async import LoopWaker
-from ._worker import DaemonWorker
 from ._traceback import user_traceback
+from ._worker import DaemonWorker
 from .errors import describe
 from .events import Envelope, decode
 

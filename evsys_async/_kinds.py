@@ -166,12 +166,21 @@ def explain_validation(
     expected = re.match(r"Expected `(.+?)`, got `(.+?)`", text)
     if expected:
         detail = f"expected {expected.group(1)}, got {_seen(seen)}"
-    elif isinstance(info, msgspec.inspect.LiteralType):
-        choices = ", ".join(repr(v) for v in info.values)
+    elif _literal(info) is not None:
+        choices = ", ".join(repr(v) for v in _literal(info).values)
         detail = f"expected one of {choices}, got {_seen(seen)}"
     else:
         detail = text[:1].lower() + text[1:] + f", got {_seen(seen)}"
     return PlacedConfigError((*base, *inner), detail, kind=kind)
+
+
+def _literal(info: Any) -> Any:
+    """The ``Literal`` in ``info`` (also inside ``Literal[...] | None``), or None."""
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return info
+    if isinstance(info, msgspec.inspect.UnionType):
+        return next((t for t in info.types if isinstance(t, msgspec.inspect.LiteralType)), None)
+    return None
 
 
 def _check_init(cls: type, params: dict[str, Any], base: Path, kind: str | None) -> dict[str, Any]:

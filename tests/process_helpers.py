@@ -88,9 +88,9 @@ class AsyncRecorder(Recorder):
     """The same as an ``async def`` handler (runs on the child's event loop)."""
 
     async def __call__(self, event: Any) -> None:  # type: ignore[override]
-        import anyio
+        import anyio.lowlevel
 
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         super().__call__(event)
 
 
@@ -203,7 +203,7 @@ class Requests(ev.Callback):
     controls_loop = True
 
     def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
-        if step_idx == 2:
+        if step_idx == 1:
             state.request_checkpoint("asked")
             state.request_eval()
             state.publish(Ping(n=step_idx))
@@ -331,3 +331,28 @@ HOSTILE = {
         "flush",
     )
 }
+
+
+async def config_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+    """The step a test config names (``process_helpers:config_step``)."""
+    return {"loss": 1.0 / (step_idx + 1)}
+
+
+class Blocks(ev.Callback):
+    """Notes its pid in setup and teardown; ``on_step_end`` computes for a while."""
+
+    isolation = "process"
+
+    def __init__(self, path: str, spin: float = 0.0) -> None:
+        self.path, self.spin = path, spin
+
+    def setup(self, state: ev.LoopState) -> None:
+        note(self.path, hook="setup")
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        end = time.monotonic() + self.spin
+        while time.monotonic() < end:
+            pass
+
+    def teardown(self, state: ev.LoopState) -> None:
+        note(self.path, hook="teardown")
