@@ -284,6 +284,9 @@ class Hostile(ev.Callback):
         self.fault, self.fire_at = fault, fire_at
         self.calls = 0
         self.state: ev.LoopState | None = None
+        # as the in-process matrix: the loop waits for it, so where a stop lands is exact
+        self.controls_loop = fault == "request_stop"
+        self.hook_timeout = 0.05 if fault == "hang" else None
 
     def fire(self, state: ev.LoopState | None) -> None:
         self.state = state or self.state
