@@ -375,7 +375,11 @@ class ProcessDelivery(ThreadDelivery):
                     raise _Dead(error, f"killed after hook_timeout ({timeout}s)")
                 # look at the counter a few times per timeout: the kill is at most late by this
                 wait_for = min(left, timeout / 8) if progress else left
-            ready = multiprocessing.connection.wait([conn, proc.sentinel], wait_for)
+            if wait_for is None:
+                # nothing to time: block in the read (the child's death is its end of file)
+                ready: list[Any] = [conn]
+            else:
+                ready = multiprocessing.connection.wait([conn, proc.sentinel], wait_for)
             if conn in ready:
                 try:
                     message = conn.recv_bytes()
