@@ -430,3 +430,58 @@ def test_ctrl_c_ends_the_children_through_the_shutdown(backend: str, tmp_path: P
     assert [g["hook"] for g in got] == ["setup", "teardown"]  # ended by the shutdown
     assert got[1]["pid"] == child
     _wait_for(lambda: _gone(child), "the callback's process to end")
+
+
+def test_the_example_runs(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "process_callback.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    lines = out.stdout.splitlines()
+    assert "completed 300" in lines
+    assert any(line.startswith("histogram: handled ") for line in lines)  # from its process
+
+
+class DefHooks(ev.Callback):
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        pass
+
+
+class AsyncHooks(ev.Callback):
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    async def on_step_end(
+        self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any
+    ) -> None:
+        self.threads.add(threading.current_thread().name)
+        sub = ev.subscription.current_subscription()
+        self.threads.add(f"isolation={sub.isolation if sub is not None else None}")
+
+
+@pytest.mark.parametrize(
+    ("isolation", "error", "words"),
+    [("proces", ValueError, "'process'"), ("task", TypeError, "async def")],
+)
+def test_an_isolation_a_callback_cannot_have_is_refused(
+    isolation: str, error: type[Exception], words: str, tmp_path: Path
+) -> None:
+    cb = DefHooks()
+    cb.isolation = isolation
+    with pytest.raises(error, match=r"DefHooks\.isolation") as raised:
+        ev.TrainingLoop(step, num_steps=1, output_dir=tmp_path, callbacks=[cb]).run_sync()
+    assert words in str(raised.value)
+
+
+async def test_isolation_thread_runs_async_hooks_from_a_thread(tmp_path: Path) -> None:
+    cb = AsyncHooks()
+    cb.isolation = "thread"  # its hooks still run on the loop, one at a time, from its thread
+    with anyio.fail_after(WAIT):
+        artifacts = await loop_with(tmp_path, cb).run()
+    assert artifacts.callback_report["AsyncHooks"].delivered == 10
+    # awaited on the loop's thread, for a subscriber that is a thread
+    assert cb.threads == {threading.current_thread().name, "isolation=thread"}
