@@ -10,7 +10,9 @@ Sections (each interleaved: every round runs every scenario once; medians of
   ``on_step_end`` computes for 20 ms in pure Python, in a thread and in a
   process, ``Lossless`` and ``Latest``; and one that sleeps 20 ms in a thread.
   ``train_seconds`` is the measure (the drain of a lagging Lossless callback is
-  after it and printed beside).
+  after it and printed beside), and the rate over the second half of the steps
+  (after a process's start-up, which competes for the CPU at the start of a
+  short run).
 * ``cost`` — CPU of this process (the loop's thread and the subscriber's feeder
   thread) per event published to a no-op subscriber in a process, in bursts of
   16 with a 1 ms pause after each (a step: each burst goes as one batch and is
@@ -62,12 +64,12 @@ def spin(seconds: float) -> None:
 
 async def async_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
     await anyio.sleep(STEP)
-    return {"loss": 1.0 / (step_idx + 1), "acc": step_idx / 1000}
+    return {"loss": 1.0 / (step_idx + 1), "t": time.perf_counter()}
 
 
 def def_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
     spin(STEP)
-    return {"loss": 1.0 / (step_idx + 1), "acc": step_idx / 1000}
+    return {"loss": 1.0 / (step_idx + 1), "t": time.perf_counter()}
 
 
 class Compute(ev.Callback):
@@ -111,6 +113,23 @@ def noop_count() -> int:
 # -- steps --------------------------------------------------------------------------
 
 
+class Clock(ev.Callback):
+    """Keeps each ``StepEnded``'s timestamp (an async hook: cheap, on the loop)."""
+
+    def __init__(self) -> None:
+        self.ts: list[float] = []
+
+    async def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
+        self.ts.append(metrics["t"])
+
+
+def steady_rate(clock: Clock) -> float:
+    """Steps/s over the second half of the run: after any process's start-up."""
+    ts = clock.ts
+    half = len(ts) // 2
+    return (len(ts) - 1 - half) / (ts[-1] - ts[half])
+
+
 STEP_SCENARIOS: list[tuple[str, Callable[[], list[ev.Callback]]]] = [
     ("bare", list),
     ("20 ms sleep, thread", lambda: [Sleeps()]),
@@ -139,27 +158,33 @@ async def one_run(
 async def bench_steps(args: argparse.Namespace, tmp: Path) -> None:
     for kind, step in (("async", async_step), ("def", def_step)):
         rates: dict[str, list[float]] = {name: [] for name, _ in STEP_SCENARIOS}
+        steady: dict[str, list[float]] = {name: [] for name, _ in STEP_SCENARIOS}
         drains: dict[str, list[float]] = {name: [] for name, _ in STEP_SCENARIOS}
         for _ in range(args.repeats):
             for name, make in STEP_SCENARIOS:
-                rate, drain, _a = await one_run(step, make(), args.steps, tmp)
+                clock = Clock()
+                rate, drain, _a = await one_run(step, [*make(), clock], args.steps, tmp)
                 rates[name].append(rate)
+                steady[name].append(steady_rate(clock))
                 drains[name].append(drain)
-        bare = med(rates["bare"])
+        bare, bare_steady = med(rates["bare"]), med(steady["bare"])
         rows = [
             [
                 name,
                 fmt(med(rates[name])),
                 fmt(med(rates[name]) / bare),
                 spread(rates[name]),
+                fmt(med(steady[name]) / bare_steady),
+                spread(steady[name]),
                 fmt(med(drains[name])),
             ]
             for name, _ in STEP_SCENARIOS
         ]
         print_table(
-            ["scenario", "steps/s", "x bare", "spread", "drain s"],
+            ["scenario", "steps/s", "x bare", "spread", "x bare, 2nd half", "spread", "drain s"],
             rows,
-            f"2 ms {kind} step, {args.steps} steps, one callback",
+            f"2 ms {kind} step, {args.steps} steps, one callback ('2nd half': after a "
+            "process's start-up)",
         )
 
 
@@ -274,7 +299,7 @@ async def bench_startup(args: argparse.Namespace) -> None:
         fs.append(await startup("forkserver"))
     rows = [
         ["spawn", fmt(med(spawn) * 1e3), spread(spawn)],
-        ["forkserver, first (starts the server)", fmt(first_fs * 1e3), "-"],
+        ["forkserver, first of this run (starts the server, if not yet)", fmt(first_fs * 1e3), "-"],
         ["forkserver, later", fmt(med(fs) * 1e3), spread(fs)],
     ]
     print_table(["start method", "ms to ready", "spread"], rows, "start-up of a child")
@@ -294,28 +319,6 @@ def builtin_specs(tmp: Path) -> list[tuple[str, dict[str, Any]]]:
         ("wandb_logger", {"mode": "offline", "project": "bench"}),
         ("evsys_logger", {}),
     ]
-
-
-class Clock(ev.Callback):
-    """Keeps each ``StepEnded``'s timestamp (an async hook: cheap, on the loop)."""
-
-    def __init__(self) -> None:
-        self.ts: list[float] = []
-
-    async def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
-        self.ts.append(metrics["t"])
-
-
-def timed_def_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
-    spin(STEP)
-    return {"loss": 1.0 / (step_idx + 1), "t": time.perf_counter()}
-
-
-def steady_rate(clock: Clock) -> float:
-    """Steps/s over the second half of the run: after any process's start-up."""
-    ts = clock.ts
-    half = len(ts) // 2
-    return (len(ts) - 1 - half) / (ts[-1] - ts[half])
 
 
 async def bench_builtins(args: argparse.Namespace, tmp: Path) -> None:
@@ -339,7 +342,7 @@ async def bench_builtins(args: argparse.Namespace, tmp: Path) -> None:
         for name in names:
             clock = Clock()
             try:
-                rate, _d, _a = await one_run(timed_def_step, [*make(name), clock], args.steps, tmp)
+                rate, _d, _a = await one_run(def_step, [*make(name), clock], args.steps, tmp)
                 steady[name].append(steady_rate(clock))
             except ev.errors.ConfigError as exc:  # not buildable here (a missing extra)
                 print(f"skipped {name}: {exc}", file=sys.stderr)

@@ -149,7 +149,7 @@ class ProcessDelivery(ThreadDelivery):
             "envelopes": self.envelopes,
             "bus_id": self.engine.bus_id,
             "root_level": logging.getLogger().getEffectiveLevel(),
-            "levels": {"evsys_async": logging.getLogger("evsys_async").getEffectiveLevel()},
+            "levels": _levels(),
         }
         self._flushes = self.on_batch_end is not None
         self.on_batch_end = None  # shipped in the program: the child flushes after a batch
@@ -333,6 +333,7 @@ class ProcessDelivery(ThreadDelivery):
         if not self._dead:
             with contextlib.suppress(_Dead):
                 self._send(_child.END)
+                self._read_until_exit()
         proc.join(_EXIT_GRACE)
         if proc.is_alive():
             proc.kill()
@@ -343,6 +344,22 @@ class ProcessDelivery(ThreadDelivery):
         self._process = None
 
     # -- talking to the child (feeder thread) -----------------------------------
+
+    def _read_until_exit(self) -> None:
+        """After ``END``: take what the child still sends (its last output lines; a
+        child blocked on a full pipe could not exit) until it closes the pipe."""
+        conn, proc = self._conn, self._process
+        deadline = time.monotonic() + _EXIT_GRACE
+        while (left := deadline - time.monotonic()) > 0:
+            ready = multiprocessing.connection.wait([conn, proc.sentinel], left)
+            if conn not in ready:
+                return  # it ended (or the grace passed)
+            try:
+                message = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            if message[:1] not in _REPLIES:
+                self._message(message, None)
 
     def _send(self, data: bytes) -> None:
         try:
@@ -497,6 +514,16 @@ def _rebuild(failure: _child.Failure) -> BaseException:
         exc = CallbackProcessError(summary)
     exc.__cause__ = ChildTraceback(text)
     return exc
+
+
+def _levels() -> dict[str, int]:
+    """The levels set on this process's loggers: the child's records are filtered as
+    they would be here (fewer cross)."""
+    levels = {"evsys_async": logging.getLogger("evsys_async").getEffectiveLevel()}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
 
 
 def _relog(name: str, level: int, message: str, exc_text: str | None) -> None:
