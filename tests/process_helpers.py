@@ -21,7 +21,7 @@ import evsys_async as ev
 from evsys_async.events import Event, StepEnded
 
 
-class Ping(Event, kw_only=True):
+class ChildPing(Event, kw_only=True):
     """A user event a child publishes and a parent sees."""
 
     n: int
@@ -206,7 +206,7 @@ class Requests(ev.Callback):
         if step_idx == 1:
             state.request_checkpoint("asked")
             state.request_eval()
-            state.publish(Ping(n=step_idx))
+            state.publish(ChildPing(n=step_idx))
         if step_idx == 6:
             state.request_stop("asked to stop")
 
@@ -224,7 +224,7 @@ class StopsAt(ev.Callback):
             state.request_stop(f"stop at {step_idx}")
 
 
-@ev.register_callback("test_counting")
+@ev.register_callback("test_process_counting")
 class Counting(ev.Callback):
     """A registered kind with state: counts steps; ``state_dict`` says how many."""
 
@@ -297,7 +297,7 @@ class Hostile(ev.Callback):
                 self.state.request_stop("hostile stop")
             elif self.fault == "publish":
                 assert self.state is not None
-                self.state.publish(Ping(n=self.calls))
+                self.state.publish(ChildPing(n=self.calls))
             else:
                 act(self.fault)
 

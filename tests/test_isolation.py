@@ -298,7 +298,8 @@ async def test_fault_matrix(
     interrupts = {"system_exit": SystemExit, "keyboard_interrupt": KeyboardInterrupt}
     expect_raise = interrupts.get(fault_name) if kind == "async" else None
     try:
-        await run_case(hostile, hook, kind, fault_name, tmp_path, expect_raise, Ping)
+        with anyio.fail_after(WAIT):
+            await run_case(hostile, hook, kind, fault_name, tmp_path, expect_raise, Ping)
     finally:
         fault.release.set()
 
@@ -324,12 +325,12 @@ PROCESS_CASES = [
 
 @pytest.mark.parametrize(("anyio_backend", "hook", "fault_name"), PROCESS_CASES)
 async def test_fault_matrix_in_a_process(hook: str, fault_name: str, tmp_path: Path) -> None:
-    from process_helpers import HOSTILE
-    from process_helpers import Ping as ChildPing
+    from process_helpers import HOSTILE, ChildPing
 
     once = hook in ("setup", "teardown", "on_train_start", "on_train_end", "flush")
     hostile = HOSTILE[hook](fault_name, 1 if once else FIRE_AT)
-    await run_case(hostile, hook, "process", fault_name, tmp_path, None, ChildPing)
+    with anyio.fail_after(WAIT):
+        await run_case(hostile, hook, "process", fault_name, tmp_path, None, ChildPing)
 
 
 async def run_case(
@@ -362,14 +363,13 @@ async def run_case(
         control_timeout=5,
     )
     artifacts: ev.LoopArtifacts | None = None
-    with anyio.fail_after(WAIT):
-        if expect_raise is not None:
-            with pytest.raises(expect_raise) as raised:
-                await loop.run()
-            assert type(raised.value) is expect_raise  # unwrapped, no group
-            artifacts = loop.artifacts
-        else:
-            artifacts = await loop.run()
+    if expect_raise is not None:
+        with pytest.raises(expect_raise) as raised:
+            await loop.run()
+        assert type(raised.value) is expect_raise  # unwrapped, no group
+        artifacts = loop.artifacts
+    else:
+        artifacts = await loop.run()
     assert isinstance(artifacts, ev.LoopArtifacts)
 
     # -- the run ended as it should ------------------------------------------------

@@ -20,10 +20,10 @@ import anyio
 import pytest
 from process_helpers import (
     AllAsync,
+    ChildPing,
     Counting,
     Everything,
     Faulty,
-    Ping,
     Requests,
     StopsAt,
     notes,
@@ -43,7 +43,7 @@ ROOT = TESTS.parent
 
 async def step(state: ev.LoopState, step_idx: int) -> ev.StepOutput:
     if step_idx == 4:
-        state.publish(Ping(n=step_idx))  # a user event: on_event in the child
+        state.publish(ChildPing(n=step_idx))  # a user event: on_event in the child
     return ev.StepOutput(metrics={"loss": 1.0 / (step_idx + 1)}, batch=["live"])
 
 
@@ -111,7 +111,7 @@ async def test_every_hook_runs_in_the_child_with_the_runs_state(tmp_path: Path) 
         "final",
     ]
     assert [g["status"] for g in got if g["hook"] == "on_train_end"] == ["completed"]
-    assert "Ping" in [g.get("type") for g in got if g["hook"] == "on_event"]
+    assert "ChildPing" in [g.get("type") for g in got if g["hook"] == "on_event"]
     seqs = [g["seq"] for g in got if g["hook"] == "on_envelope"]
     assert seqs == sorted(seqs) and len(seqs) == len(steps) + len(evals) + 3 + 1 + 1 + 1
     assert got[-1]["step"] == 9  # teardown sees the last step's state
@@ -141,7 +141,7 @@ async def test_requests_and_events_from_the_child_reach_the_run(tmp_path: Path) 
     assert [c["name"] for c in artifacts.checkpoints] == ["asked", "final"]
     assert artifacts.checkpoints[0]["step"] == 1  # at the boundary after step 1
     assert [e.step for e in seen.of(EvalEnded)] == [1, 2, 5]  # the asked eval, then due ones
-    [ping] = [p for p in seen.of(Ping) if p.n != 4]  # the step publishes n=4
+    [ping] = [p for p in seen.of(ChildPing) if p.n != 4]  # the step publishes n=4
     assert ping.n == 1 and ping.run_key == "proc"  # stamped with the run's key
     [stop] = seen.of(ev.events.StopRequested)
     assert stop.source == "Requests"  # the stop names the callback, as in a thread
@@ -164,12 +164,12 @@ async def test_state_dict_and_load_state_dict_cross_on_save_and_resume(tmp_path:
 
     def make() -> ev.Callback:
         [cb] = ev.build_callbacks(
-            [{"kind": "test_counting", "params": {"path": path}, "isolation": "process"}]
+            [{"kind": "test_process_counting", "params": {"path": path}, "isolation": "process"}]
         )
         return cb
 
     first = make()
-    assert first.built_from == ("test_counting", {"path": path})
+    assert first.built_from == ("test_process_counting", {"path": path})
     assert first.isolation == "process"
     with anyio.fail_after(WAIT):
         a = await loop_with(tmp_path, first, save_every=5, checkpoint=checkpoint).run()
@@ -215,7 +215,7 @@ output_dir: {tmp_path / "runs"}
 num_steps: 6
 step: process_helpers:config_step
 callbacks:
-  - kind: test_counting
+  - kind: test_process_counting
     params: {{path: {path}}}
     isolation: process
 """,

@@ -100,9 +100,10 @@ async def test_a_handler_that_cannot_be_pickled_is_refused_at_subscribe() -> Non
 async def test_an_isolation_that_cannot_be_is_refused(
     isolation: str, sync: bool | None, error: type[Exception]
 ) -> None:
-    async with ev.EventBus(close_timeout=5) as bus:
-        with pytest.raises(error, match="isolation"):
-            bus.subscribe(Recorder("unused"), isolation=isolation, sync=sync)  # type: ignore[arg-type]
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            with pytest.raises(error, match="isolation"):
+                bus.subscribe(Recorder("unused"), isolation=isolation, sync=sync)  # type: ignore[arg-type]
 
 
 async def test_call_runs_in_the_child_and_brings_back_result_or_error(tmp_path: Path) -> None:
