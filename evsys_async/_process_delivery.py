@@ -96,8 +96,9 @@ def _context() -> Any:
 @atexit.register
 def _kill_leftovers() -> None:  # registered after multiprocessing's: runs before its joins
     for proc in list(_LIVE):
-        if proc.is_alive():
-            proc.kill()
+        with contextlib.suppress(ValueError, OSError):
+            if not multiprocessing.connection.wait([proc.sentinel], 0):
+                proc.kill()
 
 
 class _Dead(Exception):
@@ -203,12 +204,15 @@ class ProcessDelivery(ThreadDelivery):
             self.abandon()
 
     def _kill(self, *, wait: bool = False) -> None:
+        """SIGKILL the child (any thread); with ``wait``, until it has ended. Only the
+        feeder thread reaps it (``join``): two threads reaping one child race."""
         proc = self._process
-        with contextlib.suppress(ValueError):  # closed meanwhile: it has ended
-            if proc is not None and proc.is_alive():
+        with contextlib.suppress(ValueError, OSError):  # closed meanwhile: it has ended
+            # its sentinel, not exitcode/is_alive(): those reap it (waitpid) from this thread
+            if proc is not None and not multiprocessing.connection.wait([proc.sentinel], 0):
                 proc.kill()
                 if wait:
-                    proc.join(_EXIT_GRACE)
+                    multiprocessing.connection.wait([proc.sentinel], _EXIT_GRACE)
 
     # -- the feeder thread -------------------------------------------------------
 
@@ -340,7 +344,8 @@ class ProcessDelivery(ThreadDelivery):
             proc.join()
         _LIVE.discard(proc)
         self._conn.close()
-        proc.close()
+        with contextlib.suppress(ValueError):  # still running after all: left to atexit
+            proc.close()
         self._process = None
 
     # -- talking to the child (feeder thread) -----------------------------------
