@@ -5,7 +5,7 @@ A checkpoint is saved when ``save_every`` falls due (after step i when
 and at the end (``final``, or ``interrupted`` after a failure or a cancel).
 Before each, every callback with ``state_dict()`` is waited for (up to
 ``control_timeout``) until it has handled every event so far, then asked for
-its state in its own thread or task; the states go to ``callbacks_state.json``
+its state in its own thread, task or process; the states go to ``callbacks_state.json``
 beside ``checkpoints.jsonl``, keyed by ``state_key`` (``_resume.py``), and a
 resume (``run(start_step=k)``) hands them back before step k.
 """
@@ -97,7 +97,7 @@ class Checkpoints:
                 await sub.wait(last)
                 try:  # in the callback's own thread, between its batches
                     key = state_key(adapter.callback)  # stable across reorders
-                    states[key] = await sub.call(adapter.callback.state_dict)  # type: ignore[attr-defined]
+                    states[key] = await sub.call(adapter.state_call("state_dict"))
                 except Exception as exc:
                     _log.warning("state_dict failed", callback=adapter.name, error=repr(exc))
             if scope.cancelled_caught:

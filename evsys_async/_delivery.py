@@ -1,5 +1,6 @@
-"""Delivery: how one subscriber's handler gets its events. One interface, a task and a
-thread implementation (``_task_delivery.py``, ``_thread_delivery.py``).
+"""Delivery: how one subscriber's handler gets its events. One interface, three
+implementations: a task (``_task_delivery.py``), a thread (``_thread_delivery.py``)
+and a child process fed by a thread (``_process_delivery.py``).
 
 A delivery owns its subscriber's buffer (built by its policy), runs the
 handler in batches in its own task or thread, and keeps the counts:
@@ -116,6 +117,8 @@ class Delivery(ABC):
 
     #: the handler runs on the event loop (a task), not in a thread of its own
     is_async = False
+    #: where the handler runs: "task", "thread" or "process"
+    isolation = "thread"
 
     def __init__(
         self,
@@ -173,6 +176,10 @@ class Delivery(ABC):
         self.last_error: BaseException | None = None
         #: the public handle (a ``Subscription``), set by the bus
         self.handle: object | None = None
+        #: seconds from subscribe until it could take its first event (a process's start)
+        self.startup_seconds = 0.0
+        #: why it can handle no more events (its process died), else None
+        self.disabled: str | None = None
 
     # -- what the pump calls (loop thread) ---------------------------------------
 

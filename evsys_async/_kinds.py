@@ -166,12 +166,21 @@ def explain_validation(
     expected = re.match(r"Expected `(.+?)`, got `(.+?)`", text)
     if expected:
         detail = f"expected {expected.group(1)}, got {_seen(seen)}"
-    elif isinstance(info, msgspec.inspect.LiteralType):
-        choices = ", ".join(repr(v) for v in info.values)
+    elif _literal(info) is not None:
+        choices = ", ".join(repr(v) for v in _literal(info).values)
         detail = f"expected one of {choices}, got {_seen(seen)}"
     else:
         detail = text[:1].lower() + text[1:] + f", got {_seen(seen)}"
     return PlacedConfigError((*base, *inner), detail, kind=kind)
+
+
+def _literal(info: Any) -> Any:
+    """The ``Literal`` in ``info`` (also inside ``Literal[...] | None``), or None."""
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return info
+    if isinstance(info, msgspec.inspect.UnionType):
+        return next((t for t in info.types if isinstance(t, msgspec.inspect.LiteralType)), None)
+    return None
 
 
 def _check_init(cls: type, params: dict[str, Any], base: Path, kind: str | None) -> dict[str, Any]:
@@ -201,7 +210,10 @@ class KindRegistry(Generic[K]):
     built-in modules, which register themselves); ``lazy`` maps built-in
     kinds that live in modules further up the import order to
     ``"module:Class"``, imported when first looked up; ``group`` is the
-    entry-point group third-party packages register under.
+    entry-point group third-party packages register under. ``options`` are
+    the keys a spec may have beside ``kind`` and ``params``, each with its
+    allowed values (callbacks: ``isolation``); ``on_built(obj, kind, params,
+    options)`` is called for each object built.
     """
 
     def __init__(
@@ -213,6 +225,8 @@ class KindRegistry(Generic[K]):
         builtins: Callable[[], None] | None = None,
         lazy: Mapping[str, str] | None = None,
         name_attr: str = "name",
+        options: Mapping[str, tuple[Any, ...]] | None = None,
+        on_built: Callable[[Any, str, dict[str, Any], dict[str, Any]], None] | None = None,
     ) -> None:
         self.noun = noun
         self.group = group
@@ -220,6 +234,8 @@ class KindRegistry(Generic[K]):
         self._builtins = builtins
         self._lazy = dict(lazy or {})
         self._name_attr = name_attr
+        self._options = dict(options or {})
+        self._on_built = on_built
         self._classes: dict[str, K] = {}
         self._entry_points: dict[str, metadata.EntryPoint] | None = None
         self._from_entry_points: set[str] = set()
@@ -326,35 +342,42 @@ class KindRegistry(Generic[K]):
             raise PlacedConfigError(
                 base, f"expected a list of {{kind, params}} specs, got {_seen(specs)}"
             )
-        checked: list[tuple[K, dict[str, Any], Path, str]] = []
+        checked: list[tuple[K, dict[str, Any], Path, str, Any, dict[str, Any]]] = []
         for i, spec in enumerate(specs):
             where = (*base, i)
-            kind, params = self._spec_of(spec, where)
+            kind, params, options = self._spec_of(spec, where)
             cls = self.get(kind, place=where)
-            checked.append((cls, validate_params(cls, params, where, kind=kind), where, kind))
+            fields = validate_params(cls, params, where, kind=kind)
+            checked.append((cls, fields, where, kind, params, options))
         built: list[Any] = []
-        for cls, fields, where, kind in checked:
+        for cls, fields, where, kind, params, options in checked:
             try:
-                built.append(cls(**fields))
+                obj = cls(**fields)
             except (TypeError, ValueError) as exc:
                 raise PlacedConfigError((*where, "params"), str(exc), kind=kind) from exc
             except MissingExtraError as exc:
                 raise PlacedMissingExtraError(where, str(exc), kind=kind) from None
+            if self._on_built is not None:
+                self._on_built(obj, kind, dict(params), options)
+            built.append(obj)
         return built
 
-    def _spec_of(self, spec: Any, where: Path) -> tuple[str, Any]:
+    def _spec_of(self, spec: Any, where: Path) -> tuple[str, Any, dict[str, Any]]:
+        """``(kind, params, options)`` of one spec; the options given, checked."""
+        keys = ["kind", "params", *self._options]
         if isinstance(spec, Mapping):
-            unknown = sorted(set(spec) - {"kind", "params"})
+            unknown = sorted(set(spec) - set(keys))
             if unknown:
-                hint = did_you_mean(str(unknown[0]), ["kind", "params"])
+                hint = did_you_mean(str(unknown[0]), keys)
+                listed = ", ".join(repr(k) for k in keys)
                 raise PlacedConfigError(
                     (*where, unknown[0]),
-                    f"unknown key {unknown[0]!r}{hint} A {self.noun} spec has only "
-                    "'kind' and 'params'",
+                    f"unknown key {unknown[0]!r}{hint} A {self.noun} spec has only {listed}",
                 )
             if "kind" not in spec:
                 raise PlacedConfigError(where, f"missing 'kind' (e.g. kind: {self._example()})")
             kind, params = spec["kind"], spec.get("params")
+            given = {k: spec[k] for k in self._options if spec.get(k) is not None}
         else:
             kind = getattr(spec, "kind", None)
             if kind is None:
@@ -362,9 +385,17 @@ class KindRegistry(Generic[K]):
                     where, f"expected {{kind, params}} or a spec object, got {_seen(spec)}"
                 )
             params = getattr(spec, "params", None)
+            given = {k: getattr(spec, k) for k in self._options if getattr(spec, k, None)}
         if not isinstance(kind, str):
             raise PlacedConfigError((*where, "kind"), f"expected a string, got {_seen(kind)}")
-        return kind, {} if params is None else params
+        for key, value in given.items():
+            allowed = self._options[key]
+            if value not in allowed:
+                choices = ", ".join(repr(v) for v in allowed)
+                raise PlacedConfigError(
+                    (*where, key), f"expected one of {choices}, got {_seen(value)}", kind=kind
+                )
+        return kind, {} if params is None else params, given
 
     def _example(self) -> str:
         known = self.known()

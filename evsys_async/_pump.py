@@ -31,7 +31,7 @@ from ._delivery import Delivery
 from ._intake import Intake
 from ._log import get_logger
 from ._routing import Routes
-from .errors import describe
+from .errors import ChildTraceback, describe
 from .events import CallbackFailed, Event, SubscriberLagged
 from .policies import Lossless
 
@@ -168,9 +168,15 @@ class Pump:
             exc_info=exc,
         )
         if not quiet and not isinstance(event, CallbackFailed):
+            cause = exc.__cause__
             self.publish(
                 CallbackFailed(
-                    subscriber=delivery.name, hook=hook, event_type=event_type, error=error
+                    subscriber=delivery.name,
+                    hook=hook,
+                    event_type=event_type,
+                    error=error,
+                    # a child's traceback: its frames are nowhere else in this process
+                    traceback=cause.text if isinstance(cause, ChildTraceback) else "",
                 )
             )
 

@@ -3,8 +3,9 @@
 :meth:`Run.execute` is the whole life of a run, in phases that live in their
 own modules:
 
-1. start: subscribe each callback (one subscriber each), load saved callback
-   states on a resume, open the evaluators;
+1. start: load saved callback states on a resume, subscribe each callback (one
+   subscriber each; a process callback is shipped with its state), open the
+   evaluators;
 2. train (``_steps.py``): ``TrainStarted``, the steps, and after each the one
    step boundary (control barrier, evals ``_evals.py``, checkpoints
    ``_checkpoints.py``, stop);
@@ -131,6 +132,8 @@ class Run:
     async def execute(self) -> LoopArtifacts:
         """Start, train, shut down; return the artifacts or re-raise (module docstring)."""
         self.state.bind(self.publish)
+        # before subscribing: a callback in its own process is shipped with its state
+        self.checkpoints.load_callback_states()
         for adapter in self.adapters:
             self.subs.append(
                 adapter.subscribe(
@@ -138,7 +141,6 @@ class Run:
                 )
             )
         self.barrier.watch(self.adapters, self.subs)
-        self.checkpoints.load_callback_states()
         status, raised = await self._train_phase()
         if raised is None and self.barrier.callback_error is not None:
             raised = self.barrier.callback_error

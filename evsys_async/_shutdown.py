@@ -111,8 +111,11 @@ async def shutdown(run: Run, status: Status) -> None:
 def _report(run: Run, closed: list[bool]) -> dict[str, CallbackHealth]:
     """Per callback, under its name: every event counted once, and how it stands."""
     health: dict[str, CallbackHealth] = {}
+    dead: set[str] = set()  # their process died: reported when it did, not left behind
     for adapter, sub, ok in zip(run.adapters, run.subs, closed, strict=True):
         st = sub.stats()
+        if st.disabled is not None:
+            dead.add(adapter.name)
         health[adapter.name] = CallbackHealth(
             delivered=st.delivered,
             failed=st.failed,
@@ -121,10 +124,12 @@ def _report(run: Run, closed: list[bool]) -> dict[str, CallbackHealth]:
             stuck=sub.stuck or not ok,
             control_timeouts=adapter.control_timeouts,
             coalesced=st.coalesced,
-            # a callback that switched itself off says why (docs/callbacks.md)
-            disabled=getattr(adapter.callback, "disabled_reason", None),
+            # a callback that switched itself off says why (docs/callbacks.md), and so
+            # does one whose process died (docs/isolation.md)
+            disabled=getattr(adapter.callback, "disabled_reason", None) or st.disabled,
+            startup_seconds=st.startup_seconds,
         )
-    short = {n: h.pending for n, h in health.items() if h.pending or h.stuck}
+    short = {n: h.pending for n, h in health.items() if h.pending or (h.stuck and n not in dead)}
     if short:
         _log.warning("drain deadline passed; callbacks left behind", callbacks=short)
     return health

@@ -35,6 +35,7 @@ class TaskDelivery(Delivery):
     """A subscriber whose handler is ``async def``."""
 
     is_async = True
+    isolation = "task"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

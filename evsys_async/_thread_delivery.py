@@ -197,14 +197,16 @@ class ThreadDelivery(Delivery):
         engine = self.engine
         get = self._queue.get
         try:
+            self._begin()
             if self.on_start is not None:
                 self._call_hook(self.on_start, "on_start")
+            self._started()
             while not self._abandoned:
                 item = get()
                 if item is None:
                     break
                 if isinstance(item, _Call):  # Subscription.call: between two batches
-                    item.outcome.settle(item.fn)
+                    self._run_call(item.fn, item.outcome)
                     continue
                 batch, end = item
                 self._handle(batch)
@@ -219,8 +221,24 @@ class ThreadDelivery(Delivery):
             if self.on_close is not None:
                 self._call_hook(self.on_close, "on_close")
         finally:
+            self._end()
             self._finished = True
             engine.wake_from_thread()
+
+    # -- seams a subclass fills (the process delivery: ``_process_delivery.py``) ---
+
+    def _begin(self) -> None:
+        """In the thread, before ``on_start``."""
+
+    def _started(self) -> None:
+        """In the thread, after ``on_start``, before the first batch."""
+
+    def _run_call(self, fn: Callable[[], Any], outcome: Outcome) -> None:
+        """``Subscription.call``: run ``fn`` here and hand its result to ``outcome``."""
+        outcome.settle(fn)
+
+    def _end(self) -> None:
+        """In the thread, last (also when it fails)."""
 
     def _handle(self, batch: list[Entry]) -> None:
         started = time.perf_counter()

@@ -13,7 +13,8 @@ How an event travels (``docs/design.md`` has the whole story):
    oldest pending event is ``batch_delay`` old, and at once while a barrier,
    ``drain`` or close waits. Each wake hands it everything pending, as one
    batch, to its delivery (``_delivery.py``): an ``async def`` handler runs in
-   its own task, a ``def`` handler in its own daemon thread, one call at a time.
+   its own task, a ``def`` handler in its own daemon thread, one call at a time,
+   and with ``isolation="process"`` either runs in a child process of its own.
 
 Guarantees: each subscriber sees its events in publish order; a handler that
 raises, hangs or is slow stalls neither the publisher nor its siblings; a
@@ -29,13 +30,14 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import anyio
 
-from ._async import Deadline, absorb_native_cancel, is_async_callable
+from ._async import Deadline, absorb_native_cancel, is_async_callable, on_asyncio
 from ._delivery import Delivery, Handler, Hook
 from ._log import get_logger
+from ._process_delivery import ProcessDelivery
 from ._pump import Pump
 from ._task_delivery import TaskDelivery
 from ._thread_delivery import ThreadDelivery
@@ -44,7 +46,11 @@ from .events import Event
 from .policies import DropOldest, Latest, Lossless, Policy
 from .subscription import DrainReport, SubscriberStats, Subscription, stats_of
 
-__all__ = ["DrainReport", "EventBus", "SubscriberStats", "Subscription"]
+__all__ = ["DrainReport", "EventBus", "Isolation", "SubscriberStats", "Subscription"]
+
+#: where a subscriber's handler runs: a task, a thread, or a child process of its own
+Isolation = Literal["task", "thread", "process"]
+_ISOLATIONS = ("task", "thread", "process")
 
 _log = get_logger()
 
@@ -227,6 +233,8 @@ class EventBus:
         on_close: Hook | None = None,
         hook_name: Callable[[Event | str], str] | None = None,
         on_interrupt: Callable[[BaseException], None] | None = None,
+        isolation: Isolation | None = None,
+        on_request: Callable[[Any], None] | None = None,
     ) -> Subscription:
         """Add a subscriber; it sees matching events published from now on.
 
@@ -241,6 +249,15 @@ class EventBus:
         ``timeout`` bounds each call: an async call is cancelled, a ``def``
         call abandoned; both count as failed.
 
+        ``isolation`` says where the handler runs: ``"task"`` (on the event loop;
+        the default for ``async def``), ``"thread"`` (its own daemon thread; the
+        default for ``def``) or ``"process"``: a child process of its own, fed
+        msgpack-encoded events in batches, where it runs in a thread (``def``)
+        or on an event loop of this backend (``async def``). The handler and
+        the hooks are then pickled here, once; ``on_request(obj)`` gets, in this
+        process, what the child sends with ``evsys_async._child.send_request``,
+        before the batch in hand counts as done. See ``docs/isolation.md``.
+
         Nothing the handler raises leaves its subscriber: an exception, a stray
         cancellation (one this bus did not cause) and, in a ``def`` handler's
         thread, any ``BaseException`` are counted and logged as its failure, and
@@ -249,8 +266,10 @@ class EventBus:
         ``on_interrupt(exc)`` is called on the loop if given, else the bus cancels
         its ``async with`` block and re-raises the exception after the drain.
 
-        Raises ``TypeError`` for a handler that cannot take one argument or a
-        non-``Event`` type, and :class:`BusClosedError` outside the bus's block.
+        Raises ``TypeError`` for a handler that cannot take one argument, a
+        non-``Event`` type, a ``"process"`` handler or hook that cannot be
+        pickled, or an ``isolation`` that contradicts ``sync``; ``ValueError`` for
+        an unknown ``isolation``; :class:`BusClosedError` outside the bus's block.
         """
         if self._state != "open":
             raise BusClosedError(
@@ -274,24 +293,39 @@ class EventBus:
             raise TypeError(f"policy must be Lossless(), Latest() or DropOldest(n), got {policy!r}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"subscribe(timeout=...) must be > 0 or None, got {timeout}")
-        is_async = is_async_callable(handler) if sync is None else not sync
-        kind = TaskDelivery if is_async else ThreadDelivery
+        is_async = _is_async(handler, sync, isolation)
         pump = self._pump
-        d = kind(
-            pump,
-            handler,
-            name=self._unique_name(name or _default_name(handler)),
-            events=types,
-            policy=policy,
-            timeout=timeout,
-            envelopes=envelopes,
-            run_key=run_key,
-            on_start=on_start,
-            on_batch_end=on_batch_end,
-            on_close=on_close,
-            on_interrupt=on_interrupt,
-            hook_name=hook_name,
-        )
+        unique = self._unique_name(name or _default_name(handler))
+        common: dict[str, Any] = {
+            "name": unique,
+            "events": types,
+            "policy": policy,
+            "timeout": timeout,
+            "envelopes": envelopes,
+            "run_key": run_key,
+            "on_start": on_start,
+            "on_batch_end": on_batch_end,
+            "on_close": on_close,
+            "on_interrupt": on_interrupt,
+            "hook_name": hook_name,
+        }
+        d: Delivery
+        try:
+            if isolation == "process":
+                backend = "asyncio" if on_asyncio() else "trio"
+                d = ProcessDelivery(
+                    pump,
+                    handler,
+                    child_async=is_async,
+                    backend=backend,
+                    on_request=on_request,
+                    **common,
+                )
+            else:
+                d = (TaskDelivery if is_async else ThreadDelivery)(pump, handler, **common)
+        except BaseException:
+            self._names.discard(unique)  # refused: the name is free again
+            raise
         pump.tick()  # what was published before subscribe is not this subscriber's
         d.handled_upto = pump.walked
         pump.routes.add(d)
@@ -423,6 +457,29 @@ def _report(deliveries: list[Delivery], seq: int) -> DrainReport:
     pending = {d.name: d.pending() for d in deliveries if not d.reached(seq)}
     stuck = tuple(d.name for d in deliveries if d.stuck)
     return DrainReport(ok=not pending, pending=pending, stuck=stuck)
+
+
+def _is_async(handler: Handler, sync: bool | None, isolation: str | None) -> bool:
+    """Is the handler run as ``async def`` (on a loop)? ``sync`` and ``isolation``
+    ("task" is async, "thread" is not) override the check, and must agree."""
+    if isolation is not None and isolation not in _ISOLATIONS:
+        raise ValueError(
+            f"subscribe(isolation=...) takes 'task', 'thread', 'process' or None, got {isolation!r}"
+        )
+    wanted = {"task": False, "thread": True}.get(isolation or "")
+    if wanted is not None and sync is not None and sync != wanted:
+        raise TypeError(
+            f"subscribe(isolation={isolation!r}, sync={sync}) contradict each other; "
+            "give one of them"
+        )
+    if sync is None:
+        sync = wanted
+    if isolation == "task" and not is_async_callable(handler):
+        raise TypeError(
+            f"subscribe(isolation='task') runs the handler on the event loop, so it must "
+            f"be async def; {_default_name(handler)} is not (use isolation='thread')"
+        )
+    return is_async_callable(handler) if sync is None else not sync
 
 
 def _check_handler(handler: Handler) -> None:

@@ -10,7 +10,12 @@ working for code that does not know this library::
     ├── EventDecodeError(ValueError)   an encoded event or event log is malformed
     ├── MissingExtraError(ImportError) an optional dependency is not installed
     │   └── PlacedMissingExtraError    ... for a config's spec, which it names
-    └── BusClosedError(RuntimeError)   the bus is not open (subscribe before enter/after exit)
+    ├── BusClosedError(RuntimeError)   the bus is not open (subscribe before enter/after exit)
+    └── CallbackProcessError(RuntimeError)  a callback's own process died, was killed,
+                                       could not start, or raised what cannot cross back
+
+``ChildTraceback`` is not raised: it is the ``__cause__`` of an exception that
+a callback raised in its own process, and carries that process's traceback text.
 
 Messages name the place (file, line, ``callbacks[1].params.patiense``), the
 problem and, where one exists, the fix.
@@ -26,6 +31,8 @@ from typing import TypeAlias
 
 __all__ = [
     "BusClosedError",
+    "CallbackProcessError",
+    "ChildTraceback",
     "ConfigError",
     "ConfigPath",
     "PlacedConfigError",
@@ -67,6 +74,27 @@ class MissingExtraError(EvsysError, ImportError):
 
 class BusClosedError(EvsysError, RuntimeError):
     """The operation needs an open bus (inside ``async with EventBus()``)."""
+
+
+class CallbackProcessError(EvsysError, RuntimeError):
+    """A subscriber's own process (``isolation="process"``) died, was killed, could not
+    start, or raised an exception that could not be rebuilt in this process (the
+    message then starts with the original type)."""
+
+
+class ChildTraceback(Exception):
+    """The traceback text of an exception raised in a callback's own process.
+
+    Set as the ``__cause__`` of the exception rebuilt in the parent, so a log
+    handler that prints ``exc_info`` shows where the child raised.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
 
 
 class PlacedConfigError(ConfigError):

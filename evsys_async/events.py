@@ -286,12 +286,18 @@ class ExperimentEnded(Event, kw_only=True):
 
 
 class CallbackFailed(Event, kw_only=True):
-    """A subscriber's handler raised or timed out (``error`` says which)."""
+    """A subscriber's handler raised or timed out (``error`` says which, in one line).
+
+    ``traceback`` is the traceback text of a failure in a subscriber's own
+    process (``isolation="process"``), whose frames are not in this one; empty
+    otherwise (an in-process failure's traceback is on its WARNING record).
+    """
 
     subscriber: str
     hook: str
     event_type: str
     error: str
+    traceback: str = ""
 
 
 class SubscriberLagged(Event, kw_only=True):

@@ -64,7 +64,10 @@ class CallbackHealth(msgspec.Struct, frozen=True):
     ``coalesced`` is the part of ``dropped`` that a ``Latest`` policy replaced
     by design (a progress bar keeps the newest step), not a loss. ``disabled``
     is the reason a callback switched itself off for the run (a logger whose
-    service refused it sets ``disabled_reason``), else ``None``.
+    service refused it sets ``disabled_reason``), or why its own process can
+    handle no more (``"process died: SIGKILL"``; it is then ``stuck`` too), else
+    ``None``. ``startup_seconds`` is the start of a callback's own process
+    (spawn, imports, ``setup``); 0 for a thread or task.
     """
 
     delivered: int
@@ -75,6 +78,7 @@ class CallbackHealth(msgspec.Struct, frozen=True):
     control_timeouts: int = 0
     coalesced: int = 0
     disabled: str | None = None
+    startup_seconds: float = 0.0
 
 
 @dataclass

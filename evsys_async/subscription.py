@@ -40,7 +40,9 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     timeout) + ``pending`` (in the buffer, or taken and not yet handled).
     ``coalesced`` is the part of ``dropped`` that ``Latest`` replaced by design;
     ``hook_failures`` counts failed ``on_start``/``on_batch_end``/``on_close``
-    calls, which are not events.
+    calls, which are not events. A subscriber in its own process also reports
+    ``startup_seconds`` and, once its process died or was killed, ``disabled``
+    (every later event then counts as dropped).
     """
 
     delivered: int
@@ -53,6 +55,11 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     #: level-like event replaced a pending one), as opposed to drops forced by a bound
     coalesced: int = 0
     hook_failures: int = 0
+    #: seconds from subscribe until it could take its first event: a process
+    #: subscriber's start (spawn, imports, ``on_start``); 0 for a task or thread
+    startup_seconds: float = 0.0
+    #: why it handles no more events (``"process died: SIGKILL"``), else None
+    disabled: str | None = None
 
 
 class DrainReport(msgspec.Struct, frozen=True):
@@ -81,6 +88,8 @@ def stats_of(d: Delivery) -> SubscriberStats:
         handler_seconds=d.seconds,
         coalesced=buffer.dropped - buffer.forced,
         hook_failures=d.hook_failures,
+        startup_seconds=d.startup_seconds,
+        disabled=d.disabled,
     )
 
 
@@ -138,11 +147,17 @@ class Subscription:
         """The handler runs in a task on the event loop (else in its own thread)."""
         return self._delivery.is_async
 
+    @property
+    def isolation(self) -> str:
+        """Where the handler runs: ``"task"``, ``"thread"`` or ``"process"``."""
+        return self._delivery.isolation
+
     # -- state -------------------------------------------------------------------
 
     @property
     def stuck(self) -> bool:
-        """True while a ``def`` handler is past its timeout (abandoned, not waited for)."""
+        """True while a ``def`` handler is past its timeout (abandoned, not waited for),
+        and for good once a subscriber's own process died or was killed."""
         return self._delivery.stuck
 
     @property
@@ -170,7 +185,9 @@ class Subscription:
         """Run ``fn()`` where this subscriber's handler runs: in its thread, between two
         batches, for a ``def`` handler (a callback tied to its thread — sqlite3, a
         GUI — stays safe); on the loop for an ``async def`` one. Waits for a
-        hung ``def`` handler to return; cancel the call to stop waiting.
+        hung ``def`` handler to return; cancel the call to stop waiting. For a
+        subscriber in its own process ``fn`` is pickled and runs there, between
+        two batches, and its result is pickled back.
         Raises what ``fn`` raised, or :class:`BusClosedError` if the thread ended.
         """
         return await self._delivery.call(fn)

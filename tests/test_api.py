@@ -22,9 +22,10 @@ ORDER = [
     "_worker", "_frozen",
     # events and what a subscriber's buffer keeps
     "events", "policies",
-    # the bus: delivery, the way in, routes, the two deliveries, the pump, the facade
-    "_delivery", "_intake", "_routing", "_task_delivery", "_thread_delivery", "_pump",
-    "subscription", "bus",
+    # the bus: delivery, the way in, routes, the three deliveries (a child process's side
+    # first), the pump, the facade
+    "_delivery", "_intake", "_routing", "_task_delivery", "_thread_delivery", "_child",
+    "_process_delivery", "_pump", "subscription", "bus",
     # beyond the bus (the coordinator protocol sits below the transports that implement it)
     "coordinator", "transports", "store", "state", "callbacks", "evaluators", "_signals",
     # the run and its phases: the run dir, resume, metrics, checkpoints, evals, steps,

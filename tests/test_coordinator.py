@@ -208,7 +208,7 @@ async def test_at_boundary_async_waits_without_blocking_the_event_loop(
 
     def rank1() -> dict[str, Any]:
         def step(i: int) -> None:
-            if i == 3:
+            if i == 0:  # before its first boundary, whatever the machine's load
                 release.wait(30)  # rank 1 is busy while rank 0 waits for it
 
         return ranks_loop(other, 1000, step)
@@ -232,8 +232,8 @@ async def test_at_boundary_async_waits_without_blocking_the_event_loop(
             tg.cancel_scope.cancel()
     thread.join(30)
     mine.finish("stopped", 1)
-    assert decision is not None and decision.rank == 0 and decision.step >= 3
-    assert ticks >= 5
+    assert decision is not None and decision.rank == 0 and decision.step >= 0
+    assert ticks >= 5  # the decision needed rank 1, which waited for the fifth tick
 
 
 def test_the_redis_coordinator_is_a_coordinator() -> None:

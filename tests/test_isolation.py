@@ -4,7 +4,8 @@ or goes uncounted.
 Each case runs a short loop (60 steps, an evaluator every 5, a checkpoint every
 10) with one hostile callback and lossless siblings of each kind (``def``,
 ``async def``, the CSV and local loggers). For every hook x kind x fault, on
-asyncio and trio:
+asyncio and trio (for a callback in its own process, a reduced set:
+``PROCESS_FAULTS``):
 
 * ``run()`` returns artifacts, or raises exactly the documented exception
   (``KeyboardInterrupt``/``SystemExit`` from an ``async def`` hook) after a
@@ -294,6 +295,54 @@ async def test_fault_matrix(
     if fault_name == "cancelled" and anyio_backend == "trio":
         fault.captured_cancel = await capture_cancelled()
     hostile = hostile_class(hook, kind, fault)()
+    interrupts = {"system_exit": SystemExit, "keyboard_interrupt": KeyboardInterrupt}
+    expect_raise = interrupts.get(fault_name) if kind == "async" else None
+    try:
+        with anyio.fail_after(WAIT):
+            await run_case(hostile, hook, kind, fault_name, tmp_path, expect_raise, Ping)
+    finally:
+        fault.release.set()
+
+
+#: the reduced set run with the hostile callback in its own process (a process per
+#: case costs a start): every hook with a raise and a SIGKILL, and the other ways to
+#: fail where they differ (a hang is a kill at hook_timeout, requests cross back)
+PROCESS_FAULTS = {
+    "raise": tuple(HOOKS),
+    "sigkill": tuple(HOOKS),
+    "exit": ("on_step_end", "setup"),
+    "hang": ("on_step_end", "flush", "teardown"),
+    "request_stop": ("on_step_end", "on_eval", "flush"),
+    "publish": ("on_checkpoint", "setup"),
+}
+PROCESS_CASES = [
+    pytest.param(backend, hook, fault, id=f"{backend}-{hook}-process-{fault}")
+    for backend in ("asyncio", "trio")
+    for fault, hooks in PROCESS_FAULTS.items()
+    for hook in hooks
+]
+
+
+@pytest.mark.parametrize(("anyio_backend", "hook", "fault_name"), PROCESS_CASES)
+async def test_fault_matrix_in_a_process(hook: str, fault_name: str, tmp_path: Path) -> None:
+    from process_helpers import HOSTILE, ChildPing
+
+    once = hook in ("setup", "teardown", "on_train_start", "on_train_end", "flush")
+    hostile = HOSTILE[hook](fault_name, 1 if once else FIRE_AT)
+    with anyio.fail_after(WAIT):
+        await run_case(hostile, hook, "process", fault_name, tmp_path, None, ChildPing)
+
+
+async def run_case(
+    hostile: ev.Callback,
+    hook: str,
+    kind: str,
+    fault_name: str,
+    tmp_path: Path,
+    expect_raise: type[BaseException] | None,
+    ping: type[Event],
+) -> None:
+    """Run the matrix's loop with ``hostile`` and check every promise (module docstring)."""
     sib_def, sib_async = DefSibling(), AsyncSibling()
     loop = ev.TrainingLoop(
         step,
@@ -313,25 +362,19 @@ async def test_fault_matrix(
         drain_timeout=10,
         control_timeout=5,
     )
-    interrupts = {"system_exit": SystemExit, "keyboard_interrupt": KeyboardInterrupt}
-    expect_raise = kind == "async" and fault_name in interrupts
     artifacts: ev.LoopArtifacts | None = None
-    try:
-        with anyio.fail_after(WAIT):
-            if expect_raise:
-                with pytest.raises(interrupts[fault_name]) as raised:
-                    await loop.run()
-                assert type(raised.value) is interrupts[fault_name]  # unwrapped, no group
-                artifacts = loop.artifacts
-            else:
-                artifacts = await loop.run()
-    finally:
-        fault.release.set()
+    if expect_raise is not None:
+        with pytest.raises(expect_raise) as raised:
+            await loop.run()
+        assert type(raised.value) is expect_raise  # unwrapped, no group
+        artifacts = loop.artifacts
+    else:
+        artifacts = await loop.run()
     assert isinstance(artifacts, ev.LoopArtifacts)
 
     # -- the run ended as it should ------------------------------------------------
     done = artifacts.steps_completed
-    if expect_raise:
+    if expect_raise is not None:
         if hook in ("on_train_end", "teardown"):
             assert artifacts.status == "completed" and done == STEPS
         else:
@@ -356,10 +399,10 @@ async def test_fault_matrix(
                 assert "injected" not in e.row
         ends = [e for e in events if isinstance(e, TrainEnded)]
         assert len(ends) == 1 and ends[0].status == artifacts.status
-        loop_events = [e for e in events if not isinstance(e, CallbackFailed | Ping)]
+        loop_events = [e for e in events if not isinstance(e, CallbackFailed | ping)]
         assert isinstance(loop_events[0], TrainStarted)
         if fault_name == "publish" and hook != "setup":
-            assert any(isinstance(e, Ping) for e in events)
+            assert any(isinstance(e, ping) for e in events)
 
     # -- every event counted once -----------------------------------------------------
     report = artifacts.callback_report
@@ -372,10 +415,12 @@ async def test_fault_matrix(
     for sibling in (sib_def, sib_async):
         s = report[type(sibling).__name__]
         assert (s.delivered, s.failed, s.dropped, s.pending) == (len(sibling.envelopes), 0, 0, 0)
-    if fault_name == "hang" and kind == "def" and hook not in ("teardown",):
+    if fault_name == "hang" and kind != "async" and hook not in ("teardown",):
         assert h.stuck or h.failed >= 1
     if fault_name in ("raise", "mutate") and HOOKS[hook] is not None:
         assert h.failed >= 1
+    if fault_name in ("sigkill", "exit") and hook != "teardown":
+        assert h.stuck and h.disabled is not None and h.disabled.startswith("process died")
 
     # -- the loggers' files parse ---------------------------------------------------
     run_dir = artifacts.run_dir

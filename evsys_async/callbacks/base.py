@@ -11,15 +11,19 @@ A callback is subscribed only to the events of the hooks it overrides, and
 it is decided once, at subscribe time, whether it runs in a task (every
 overridden hook, ``setup``, ``teardown`` and ``flush`` is ``async def``) or in
 its own daemon thread (any of them is ``def``; its ``async def`` hooks are then
-run on the event loop from that thread, one at a time, in order).
+run on the event loop from that thread, one at a time, in order). A callback
+with ``isolation = "process"`` runs in a child process of its own
+(``_remote.py`` is what crosses; ``docs/isolation.md``), where the same choice
+is made again.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import anyio
 import anyio.from_thread
@@ -50,12 +54,17 @@ from ..state import LoopArtifacts, LoopState, Status
 
 __all__ = [
     "EXPERIMENT_HOOKS",
+    "ISOLATIONS",
     "LOOP_HOOKS",
     "Callback",
     "CallbackAdapter",
+    "Hooks",
     "dispatch",
     "overrides",
 ]
+
+#: what ``Callback.isolation`` may be (None: a task or a thread, by its hooks)
+ISOLATIONS = ("task", "thread", "process")
 
 _log = get_logger()
 
@@ -108,7 +117,14 @@ class Callback:
     * ``hook_timeout`` — seconds per hook call, ``None`` for no limit;
     * ``controls_loop`` — the loop waits for this callback after each event it
       handles, so a ``request_stop`` on step k's event stops before step k+1;
-    * ``wants_batch`` — ``on_step_end`` gets the live batch (else ``None``).
+    * ``wants_batch`` — ``on_step_end`` gets the live batch (else ``None``);
+    * ``isolation`` — ``None`` (a task if every hook is ``async def``, else its
+      own thread), ``"thread"``, ``"task"``, or ``"process"``: a child process
+      of its own, for callbacks that compute (``docs/isolation.md``).
+
+    ``built_from`` is ``(kind, params)`` when :func:`build_callbacks` built the
+    callback from a config entry (a process callback is then built again from
+    them in its process, instead of being pickled), else ``None``.
 
     A subclass need not call ``super().__init__()``.
     """
@@ -119,6 +135,8 @@ class Callback:
     hook_timeout: ClassVar[float | None] = None
     controls_loop: ClassVar[bool] = False
     wants_batch: ClassVar[bool] = False
+    isolation: str | None = None
+    built_from: tuple[str, dict[str, Any]] | None = None
 
     # -- loop scope --------------------------------------------------------------
     def on_train_start(self, state: LoopState) -> Any: ...
@@ -210,6 +228,9 @@ class CallbackAdapter:
             h: is_async_callable(getattr(callback, h)) for h in _ROUTED if overrides(callback, h)
         }
         self.is_async = bool(self._async_hook) and all(self._async_hook.values())
+        self.isolation: str | None = _isolation_of(callback, self.is_async)
+        if self.isolation == "thread":
+            self.is_async = False  # its async def hooks run on the loop, from its thread
         # class attributes, which an instance may shadow (a progress bar picks
         # Latest on a TTY and Lossless elsewhere)
         self.policy: Policy = getattr(callback, "policy", None) or Lossless()
@@ -333,17 +354,10 @@ class CallbackAdapter:
 
         return handle
 
-    def subscribe(
-        self,
-        bus: EventBus,
-        *,
-        run_key: str | None = None,
-        on_interrupt: Callable[[BaseException], None] | None = None,
-    ) -> Subscription:
-        """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task.
-
-        ``on_interrupt`` gets a ``KeyboardInterrupt``/``SystemExit`` that one of its
-        ``async def`` hooks raised (see :meth:`EventBus.subscribe`)."""
+    def bind(self) -> Hooks:
+        """The handler and lifecycle hooks that run this callback, bound to the running
+        event loop (called on its thread: an ``async def`` hook of a callback that
+        runs in a thread reaches the loop through its token)."""
         cb = self.callback
         state = self.state
         self._token = anyio.lowlevel.current_token()
@@ -354,8 +368,31 @@ class CallbackAdapter:
             method = getattr(cb, name)
             return lambda: method(*args)
 
+        return Hooks(self._handler(), hook("setup", state), hook("flush"), hook("teardown", state))
+
+    def subscribe(
+        self,
+        bus: EventBus,
+        *,
+        run_key: str | None = None,
+        on_interrupt: Callable[[BaseException], None] | None = None,
+    ) -> Subscription:
+        """Subscribe the callback; ``setup``/``teardown``/``flush`` run in its thread or task
+        (or, with ``isolation = "process"``, in its own process).
+
+        ``on_interrupt`` gets a ``KeyboardInterrupt``/``SystemExit`` that one of its
+        ``async def`` hooks raised (see :meth:`EventBus.subscribe`). Raises
+        ``TypeError`` for a process callback that cannot be pickled."""
+        extra: dict[str, Any] = {}
+        if self.isolation == "process":
+            from ._remote import RemoteCallback  # it builds adapters in the child
+
+            hooks = RemoteCallback(self).hooks()
+            extra = {"isolation": "process", "on_request": self._apply_request}
+        else:
+            hooks = self.bind()
         self.subscription = bus.subscribe(
-            self._handler(),
+            hooks.handler,
             events=self.event_types,
             policy=self.policy,
             name=self.name,
@@ -363,14 +400,64 @@ class CallbackAdapter:
             envelopes=self._wants_envelope,
             run_key=run_key,
             sync=not self.is_async,
-            on_start=hook("setup", state),
-            on_batch_end=hook("flush"),
-            on_close=hook("teardown", state),
+            on_start=hooks.on_start,
+            on_batch_end=hooks.on_batch_end,
+            on_close=hooks.on_close,
             hook_name=self._label,
             on_interrupt=on_interrupt,
+            **extra,
         )
         self.name = self.subscription.name
         return self.subscription
+
+    def state_call(self, method: str, *args: Any) -> Callable[[], Any]:
+        """``callback.<method>(*args)`` as a function to hand to ``Subscription.call``: it
+        reaches the callback where it lives (in its own process, the copy there)."""
+        if self.isolation == "process":
+            from ._remote import call_remote
+
+            return functools.partial(call_remote, method, *args)
+        return functools.partial(getattr(self.callback, method), *args)
+
+    def _apply_request(self, request: Any) -> None:
+        """What the callback's process asked of the run (in the subscriber's feeder
+        thread, before the batch in hand counts as done)."""
+        what, *args = request
+        state = self.state
+        if what == "stop":
+            state.request_stop(args[0], failed=args[1])
+        elif what == "checkpoint":
+            state.request_checkpoint(args[0])
+        elif what == "eval":
+            state.request_eval()
+        elif what == "publish":
+            state.publish(args[0])
+
+
+class Hooks(NamedTuple):
+    """What runs a callback as one subscriber: ``CallbackAdapter.bind()``."""
+
+    handler: Callable[[Any], Any]
+    on_start: Callable[[], Any] | None
+    on_batch_end: Callable[[], Any] | None
+    on_close: Callable[[], Any] | None
+
+
+def _isolation_of(callback: object, is_async: bool) -> str | None:
+    """The callback's ``isolation``, checked: ``ValueError`` for an unknown one,
+    ``TypeError`` for ``"task"`` with a ``def`` hook."""
+    value = getattr(callback, "isolation", None)
+    name = type(callback).__name__
+    if value is not None and value not in ISOLATIONS:
+        raise ValueError(
+            f"{name}.isolation must be None, 'task', 'thread' or 'process', got {value!r}"
+        )
+    if value == "task" and not is_async:
+        raise TypeError(
+            f"{name}.isolation = 'task' runs it on the event loop, so every hook it "
+            "overrides must be async def; use 'thread' (or None) for def hooks"
+        )
+    return cast(str | None, value)
 
 
 def _as_tuple(*args: Any) -> tuple[Any, ...]:

@@ -24,13 +24,13 @@ that a config loader can map it to a file and line.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from .._kinds import KindRegistry, explain_validation, validate_params
 from ..errors import ConfigPath, PlacedConfigError, PlacedMissingExtraError, format_path
-from .base import Callback
+from .base import ISOLATIONS, Callback
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -54,10 +54,13 @@ C = TypeVar("C", bound=type[Callback])
 
 
 class CallbackSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """``{kind, params}``: which registered callback to build, with what arguments."""
+    """``{kind, params, isolation}``: which registered callback to build, with what
+    arguments, and (optionally) where it runs: ``"process"`` for its own process,
+    ``"thread"``, ``"task"``, or ``None`` for the class's own choice."""
 
     kind: str
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    isolation: Literal["task", "thread", "process"] | None = None
 
 
 # -- callbacks -----------------------------------------------------------------------
@@ -75,8 +78,21 @@ def _import_builtins() -> None:
     from . import _builtins  # noqa: F401 - each built-in module registers itself
 
 
+def _built(cb: Callback, kind: str, params: dict[str, Any], options: dict[str, Any]) -> None:
+    """Record where a callback came from (a process callback is built again from it in
+    its process) and the entry's ``isolation``, which shadows the class's."""
+    cb.built_from = (kind, params)
+    if "isolation" in options:
+        cb.isolation = options["isolation"]
+
+
 CALLBACKS: KindRegistry[type[Callback]] = KindRegistry(
-    "callback", group=ENTRY_POINT_GROUP, check=_check_callback, builtins=_import_builtins
+    "callback",
+    group=ENTRY_POINT_GROUP,
+    check=_check_callback,
+    builtins=_import_builtins,
+    options={"isolation": ISOLATIONS},
+    on_built=_built,
 )
 
 
@@ -110,8 +126,10 @@ def get_callback(kind: str, *, place: str | Path = ()) -> type[Callback]:
 
 
 def build_callbacks(specs: Iterable[Any], *, place: str | Path = "callbacks") -> list[Callback]:
-    """Build callbacks from specs: ``CallbackSpec``, ``{kind, params}`` dicts, or any
-    object with ``kind`` and ``params``. Every spec is validated before any is built.
+    """Build callbacks from specs: ``CallbackSpec``, ``{kind, params, isolation}`` dicts
+    (``isolation`` optional), or any object with ``kind`` and ``params``. Every spec
+    is validated before any is built. Each callback's ``built_from`` is set to
+    ``(kind, params)``, and a given ``isolation`` to the instance.
 
     Raises :class:`ConfigError` (a :class:`PlacedConfigError`) like
     ``callbacks[1].params.patiense (early_stopping): unknown field 'patiense' —

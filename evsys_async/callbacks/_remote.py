@@ -1,0 +1,181 @@
+"""What crosses to a callback's own process (``isolation = "process"``), and what it
+runs there.
+
+:class:`RemoteCallback` is pickled once, with the bound methods the bus runs
+(``handle``, ``setup``, ``flush``, ``teardown``), so they share it in the
+child. It carries the callback itself, or — for a callback built from a
+config entry — its ``(kind, params)`` (and its saved state on a resume), so
+the child builds it from the registry; and a view of the run's state (step,
+number of steps, run key, output dir, config, start step, rank, world size,
+evaluator names). In the child it builds a :class:`CallbackAdapter` over a
+child-side :class:`LoopState` whose ``request_stop``, ``request_checkpoint``,
+``request_eval`` and ``publish`` are sent to the parent, which applies them
+to the run's own state before the batch counts as done.
+
+Not shipped: the step's ``batch`` (``wants_batch`` callbacks get ``None``),
+``state.model``, ``state.extras``, ``ctx.store``/``ids``/``extras``, and the
+parent's copy of the callback is not updated by what the child's does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pickle
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import _child
+from .._log import get_logger
+from ..events import Envelope, Event
+from ..state import LogContext, LoopState
+from .base import Callback, CallbackAdapter, Hooks, overrides
+
+__all__ = ["RemoteCallback", "call_remote"]
+
+_log = get_logger()
+
+
+class RemoteCallback:
+    """A callback on its way to, and in, its own process (see the module docstring)."""
+
+    #: the one callback of this process (in a child; ``None`` elsewhere)
+    active: ClassVar[RemoteCallback | None] = None
+
+    def __init__(self, adapter: CallbackAdapter) -> None:
+        cb, state = adapter.callback, adapter.state
+        self.name = adapter.name
+        self.spec: tuple[str, dict[str, Any], str] | None = None
+        self.callback: Callback | None = cb
+        self.saved: Any = None
+        if cb.built_from is not None:
+            kind, params = cb.built_from
+            self.spec = (kind, dict(params), type(cb).__module__)
+            self.callback = None
+            if state.start_step > 0 and callable(getattr(cb, "state_dict", None)):
+                self.saved = cb.state_dict()  # type: ignore[attr-defined]  # loaded on resume
+        self.view = _view(state)
+        self.overridden = {h: overrides(cb, h) for h in ("setup", "flush", "teardown")}
+        self._state: LoopState | None = None
+        self._hooks: Hooks | None = None
+
+    def hooks(self) -> Hooks:
+        """The bound methods the bus pickles and runs in the child."""
+        on = self.overridden
+        return Hooks(
+            self.handle,
+            self.setup if on["setup"] else None,
+            self.flush if on["flush"] else None,
+            self.teardown if on["teardown"] else None,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_state"] = state["_hooks"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if _child.in_child():  # unpickled on the child's event loop: build it there
+            self._build()
+
+    def _build(self) -> None:
+        RemoteCallback.active = self
+        if self.spec is not None:
+            kind, params, module = self.spec
+            with contextlib.suppress(ImportError):  # a kind its module registers
+                importlib.import_module(module)
+            from .registry import build_callbacks
+
+            [cb] = build_callbacks([{"kind": kind, "params": params}])
+            if self.saved is not None:
+                cb.load_state_dict(self.saved)  # type: ignore[attr-defined]
+            self.callback = cb
+        assert self.callback is not None
+        self._state = _ChildState(**self.view)
+        self._hooks = CallbackAdapter(self.callback, self._state).bind()
+
+    # -- what the child runs ---------------------------------------------------------
+
+    def handle(self, event: Event | Envelope) -> Any:
+        assert self._hooks is not None
+        assert self._state is not None
+        inner = event.event if isinstance(event, Envelope) else event
+        step = getattr(inner, "step", None)
+        if isinstance(step, int):
+            self._state.step = step  # the child's state follows the events
+        return self._hooks.handler(event)
+
+    def setup(self) -> Any:
+        assert self._hooks is not None
+        assert self._hooks.on_start is not None
+        return self._hooks.on_start()
+
+    def flush(self) -> Any:
+        assert self._hooks is not None
+        assert self._hooks.on_batch_end is not None
+        return self._hooks.on_batch_end()
+
+    def teardown(self) -> Any:
+        assert self._hooks is not None
+        assert self._hooks.on_close is not None
+        return self._hooks.on_close()
+
+
+def call_remote(method: str, *args: Any) -> Any:
+    """In a callback's process: ``callback.<method>(*args)`` on the callback there
+    (``state_dict``/``load_state_dict`` through ``Subscription.call``)."""
+    remote = RemoteCallback.active
+    if remote is None or remote.callback is None:
+        raise RuntimeError("call_remote() runs only in a callback's own process")
+    return getattr(remote.callback, method)(*args)
+
+
+class _ChildState(LoopState):
+    """The run's state as a callback in its own process sees it: the requests go to
+    the parent; ``stop_requested`` reflects this callback's own request only."""
+
+    def request_stop(self, reason: str | None = None, *, failed: bool = False) -> None:
+        if not self.stop_requested:
+            _child.send_request(("stop", reason, failed))
+        super().request_stop(reason, failed=failed)
+
+    def request_checkpoint(self, name: str) -> None:
+        _child.send_request(("checkpoint", name))
+
+    def request_eval(self) -> None:
+        _child.send_request(("eval",))
+
+    def publish(self, event: Event) -> None:
+        _child.send_request(("publish", event))
+
+
+def _view(state: LoopState) -> dict[str, Any]:
+    """The fields of the run's state that cross (plain data)."""
+    ctx = state.ctx
+    return {
+        "num_steps": state.num_steps,
+        "output_dir": Path(state.output_dir),
+        "step": state.step,
+        "rank": state.rank,
+        "world_size": state.world_size,
+        "eval_names": tuple(state.eval_names),
+        "start_step": state.start_step,
+        "ctx": LogContext(
+            output_dir=ctx.output_dir,
+            config=_plain(ctx.config, "ctx.config"),
+            run_key=ctx.run_key,
+            run_config=_plain(ctx.run_config, "ctx.run_config"),
+            group_name=ctx.group_name,
+        ),
+    }
+
+
+def _plain(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """``value`` if it pickles, else an empty dict (and a note at DEBUG)."""
+    try:
+        pickle.dumps(value)
+    except Exception as exc:
+        _log.debug("not shipped to a callback's process", field=what, error=repr(exc))
+        return {}
+    return value
