@@ -18,7 +18,7 @@ import anyio
 
 from ._async import LoopWaker
 
-__all__ = ["DaemonWorker", "Outcome"]
+__all__ = ["DaemonWorker", "Outcome", "in_daemon_thread"]
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "Outcome"]
 #: wakes a serve(until=...) without a call
@@ -131,3 +131,17 @@ class DaemonWorker:
     def close(self) -> None:
         """Let the thread end after the calls already submitted. Never blocks."""
         self._queue.put(None)
+
+
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any, name: str = "evsys-call") -> Any:
+    """Run one blocking call ``fn(*args)`` in a daemon thread of its own and await it.
+
+    For a one-off blocking call (a network round trip, a close): unlike anyio's
+    pool threads, the thread never holds the process open. Cancelling the await
+    abandons the call: it runs on in its thread, its result dropped.
+    """
+    worker = DaemonWorker(name)
+    try:
+        return await worker.call(fn, *args)
+    finally:
+        worker.close()

@@ -34,6 +34,7 @@ import anyio
 from ._async import shielded
 from ._log import get_logger
 from ._rundir import claim_run_dir
+from ._worker import in_daemon_thread
 from .bus import EventBus, Subscription
 from .callbacks._format import due, fmt_value
 from .callbacks.base import Callback, CallbackAdapter
@@ -162,12 +163,12 @@ async def consume(
         count=count,
     )
     try:
-        resume = await anyio.to_thread.run_sync(source.prepare)
+        resume = await in_daemon_thread(source.prepare)
         root = Path(output_dir)
-        run_dir, same = await anyio.to_thread.run_sync(
+        run_dir, same = await in_daemon_thread(
             _consumer_dir, source, run_key, root, resume is not None
         )
-        await anyio.to_thread.run_sync(source.record_dir, str(run_dir))
+        await in_daemon_thread(source.record_dir, str(run_dir))
         start_step = resume.start_step if resume is not None else 0
         if resume is not None:
             _log.info(
@@ -317,7 +318,7 @@ async def tail(
     source = RedisStreamSource(url, run_key, start=start)
     until = RanksEnded(world_size)
     try:
-        await anyio.to_thread.run_sync(source.prepare)  # Redis away: one clear error
+        await in_daemon_thread(source.prepare)  # Redis away: one clear error
         async with EventBus() as bus:
             bus.subscribe(printer, name="evsys-tail")
             count = await source.forward(bus, until=until)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio.to_thread
-
+from .._worker import in_daemon_thread
 from ..events import Envelope
 from ..state import LoopState
 from .base import Callback
@@ -86,7 +85,7 @@ class _LoopSink(SinkCallback):
     async def teardown(self, state: LoopState) -> None:
         # close waits (up to the sink's close_timeout) for its sender; past the run's
         # shutdown deadline the run goes on without waiting for it
-        await anyio.to_thread.run_sync(self.sink.close, abandon_on_cancel=True)
+        await in_daemon_thread(self.sink.close, name="evsys-sink:close")
 
 
 _SUBCLASSES: dict[tuple[type, bool], type[SinkCallback]] = {}

@@ -35,10 +35,8 @@ import time
 import uuid
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from .._log import get_logger
+from .._worker import in_daemon_thread
 from ..coordinator import CoordinatorError, StopDecision, StopRequest, launch_env
 from . import _redis
 
@@ -260,9 +258,9 @@ class RedisCoordinator:
             return None
         abandon = threading.Event()
         try:
-            decision: StopDecision | None = await anyio.to_thread.run_sync(
+            decision: StopDecision | None = await in_daemon_thread(
                 lambda: self.at_boundary(step, request, abandon=abandon),
-                abandon_on_cancel=True,
+                name="evsys-coordinator:boundary",
             )
         finally:
             abandon.set()
