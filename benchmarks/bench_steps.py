@@ -43,26 +43,11 @@ import anyio.lowlevel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import check_count, fmt, machine, med, print_table, spread
+from bench_loop import AsyncNoop, SyncNoop  # the same counting no-op callbacks
 
 import evsys_async as ev
 
 N_NOOP = 16
-
-
-class AsyncNoop(ev.Callback):
-    def __init__(self) -> None:
-        self.n = 0
-
-    async def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
-        self.n += 1
-
-
-class SyncNoop(ev.Callback):
-    def __init__(self) -> None:
-        self.n = 0
-
-    def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
-        self.n += 1
 
 
 def instant_def(state: Any, step_idx: int) -> dict[str, float]:
