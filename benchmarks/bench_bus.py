@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import check_count, fmt, machine, med, print_table, spread
 
 from evsys_async import EventBus
-from evsys_async._frozen import FrozenDict
 from evsys_async.events import StepEnded
+from evsys_async.events._frozen import FrozenDict
 
 SUB_COUNTS = (1, 4, 16, 64)
 LOCKSTEP_SUBS = (1, 16)

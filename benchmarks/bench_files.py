@@ -3,7 +3,7 @@
 Three loggers, identical but for how they write, each one subscriber on a
 real bus: ``def`` hooks writing with plain file I/O in the callback's own
 thread, once per delivered batch; ``async def`` hooks writing through
-``evsys_async._files`` (aiofiles on asyncio, ``anyio.open_file`` on trio),
+``evsys_async._util.files`` (aiofiles on asyncio, ``anyio.open_file`` on trio),
 once per batch; and the same async logger writing once per event. Each case
 times publishing N ``StepEnded`` plus the drain that sees them handled
 (after ``setup``, before ``teardown``), checks the line count of the file,
@@ -27,7 +27,7 @@ import anyio
 import msgspec
 
 import evsys_async as ev
-from evsys_async._files import AsyncFile, open_async
+from evsys_async._util.files import AsyncFile, open_async
 from evsys_async.callbacks.base import CallbackAdapter
 from evsys_async.events import StepEnded
 

@@ -31,10 +31,10 @@ from typing import Any, TextIO
 
 import anyio
 
-from ._async import shielded
-from ._log import get_logger
-from ._rundir import claim_run_dir
-from ._worker import in_daemon_thread
+from ._util.aio import shielded
+from ._util.log import get_logger
+from ._util.rundir import claim_run_dir
+from ._util.worker import in_daemon_thread
 from .bus import EventBus, Subscription
 from .callbacks._format import due, fmt_value
 from .callbacks.base import Callback, CallbackAdapter

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from ._worker import DaemonWorker
+from ._util.worker import DaemonWorker
 from .config import RunConfig
 from .evaluators import register_evaluator
 from .state import LoopState

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 import anyio
 
-from ._log import get_logger
-from ._rundir import claim_run_dir
+from ._util.log import get_logger
+from ._util.rundir import claim_run_dir
 from .bus import EventBus, Subscription
 from .callbacks._format import eval_metric_name
 from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides

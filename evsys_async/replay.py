@@ -38,9 +38,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._log import get_logger
-from ._rundir import claim_run_dir
-from ._worker import DaemonWorker, Outcome
+from ._util.log import get_logger
+from ._util.rundir import claim_run_dir
+from ._util.worker import DaemonWorker, Outcome
 from .bus import EventBus, Subscription
 from .callbacks.base import Callback, CallbackAdapter
 from .events import (

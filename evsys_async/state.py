@@ -15,8 +15,8 @@ from typing import Any, Literal, TypeAlias
 
 import msgspec
 
+from .bus.subscription import current_subscription
 from .events import Event
-from .subscription import current_subscription
 
 __all__ = [
     "CallbackHealth",

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._files import write_atomic
-from ._json import encode_json
+from ._util.files import write_atomic
+from ._util.jsonl import encode_json
 from .errors import ConfigError
 
 __all__ = ["LocalStore", "RowKind"]

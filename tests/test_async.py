@@ -17,7 +17,7 @@ import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from evsys_async._async import (
+from evsys_async._util.aio import (
     Deadline,
     LoopWaker,
     absorb_native_cancel,

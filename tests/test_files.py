@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from evsys_async._files import append_bytes, atomic_writer, open_async, write_atomic
+from evsys_async._util.files import append_bytes, atomic_writer, open_async, write_atomic
 
 pytestmark = pytest.mark.anyio
 

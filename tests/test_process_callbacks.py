@@ -33,6 +33,7 @@ import evsys_async as ev
 from evsys_async.config import build_loop, load_config
 from evsys_async.errors import ConfigError
 from evsys_async.events import CallbackFailed, EvalEnded, StepEnded
+from evsys_async.subscription import current_subscription
 
 pytestmark = pytest.mark.anyio
 
@@ -459,7 +460,7 @@ class AsyncHooks(ev.Callback):
         self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any
     ) -> None:
         self.threads.add(threading.current_thread().name)
-        sub = ev.subscription.current_subscription()
+        sub = current_subscription()
         self.threads.add(f"isolation={sub.isolation if sub is not None else None}")
 
 

@@ -385,7 +385,7 @@ async def test_closing_many_def_subscribers_does_not_spin_the_loop(
     # of their ticks woke them all again: a spin on the event loop that held the GIL
     # from those threads (drains of 400 ms instead of 5). Counted, not timed: the
     # ticks of a run stay bounded by what happened in it.
-    from evsys_async._pump import Pump
+    from evsys_async.bus._pump import Pump
 
     ticks = 0
     real_tick = Pump.tick

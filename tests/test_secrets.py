@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from evsys_async._secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
+from evsys_async._util.secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
 
 
 @pytest.mark.parametrize(

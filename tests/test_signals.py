@@ -13,14 +13,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from evsys_async._signals import Interrupted, handled_signals, run_with_signals
+from evsys_async._util.signals import Interrupted, handled_signals, run_with_signals
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 SCRIPT = textwrap.dedent(
     """
     import sys, anyio
-    from evsys_async._signals import Interrupted, run_with_signals
+    from evsys_async._util.signals import Interrupted, run_with_signals
 
     hang_in_cleanup = sys.argv[2] == "hang"
 

@@ -301,7 +301,7 @@ SIGINT_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
     import evsys_async as ev
-    from evsys_async._signals import Interrupted
+    from evsys_async._util.signals import Interrupted
 
     def step(state, step_idx):
         assert threading.current_thread() is threading.main_thread()

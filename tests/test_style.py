@@ -132,7 +132,7 @@ def test_names_from_private_modules_are_the_ones_their_all_documents() -> None:
 def test_files_are_replaced_only_through_the_atomic_helper() -> None:
     bad = []
     for path in sorted(PKG.rglob("*.py")):
-        if path == PKG / "_files.py":
+        if path == PKG / "_util" / "files.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
@@ -146,7 +146,7 @@ def test_files_are_replaced_only_through_the_atomic_helper() -> None:
             if on_os or one_path:
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not bad, (
-        "rename a file into place through evsys_async._files (write_atomic or "
+        "rename a file into place through evsys_async._util.files (write_atomic or "
         "atomic_writer: temp file, fsync, replace, failures never silent):\n  " + "\n  ".join(bad)
     )
 

@@ -16,8 +16,8 @@ import pytest
 from bus_helpers import WAIT, Rec, SyncRec, ping, step
 
 import evsys_async as ev
+from evsys_async.bus.subscription import current_subscription
 from evsys_async.events import StepEnded
-from evsys_async.subscription import current_subscription
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from evsys_async._worker import DaemonWorker, Outcome
+from evsys_async._util.worker import DaemonWorker, Outcome
 
 pytestmark = pytest.mark.anyio
 

@@ -25,8 +25,8 @@ import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .. import _child
-from .._log import get_logger
+from .._util.log import get_logger
+from ..bus._delivery import child as _child
 from ..events import Envelope, Event
 from ..state import LogContext, LoopState
 from .base import Callback, CallbackAdapter, Hooks, overrides

@@ -29,9 +29,9 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from .._async import is_async_callable
-from .._log import get_logger
-from .._worker import DaemonWorker
+from .._util.aio import is_async_callable
+from .._util.log import get_logger
+from .._util.worker import DaemonWorker
 from ..bus import EventBus, Subscription
 from ..errors import describe
 from ..events import (

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import msgspec
 
-from .._files import atomic_writer
+from .._util.files import atomic_writer
 from ..state import LoopState
 from ._format import eval_metric_name
 from .base import Callback

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from .._log import get_logger
+from .._util.log import get_logger
 from ..events import Event
 from ..state import LoopArtifacts, LoopState
 from .base import Callback

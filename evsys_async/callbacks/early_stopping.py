@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
-from .._log import get_logger
+from .._util.log import get_logger
 from ..state import LoopState
 from ._format import fmt_value, human_step
 from .base import Callback

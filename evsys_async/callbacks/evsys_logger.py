@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from .._log import get_logger
+from .._util.log import get_logger
 from ..state import LoopArtifacts, LoopState
 from ..store import LocalStore, RowKind
 from ._values import benchmark_metrics, benchmark_name, json_ready

@@ -33,8 +33,8 @@ from typing import IO, Any
 
 import msgspec
 
-from .._files import write_atomic
-from .._json import encode_json, trim_jsonl
+from .._util.files import write_atomic
+from .._util.jsonl import encode_json, trim_jsonl
 from ..events import Envelope, EvalEnded, StepEnded, encode
 from ..state import LoopArtifacts, LoopState
 from ..transports.jsonl import log_header

@@ -14,7 +14,7 @@ Third-party packages register through the entry-point group
 read on the first lookup and each entry point is imported when its kind is
 first needed, so a broken plug-in fails only the configs that name it.
 
-:class:`~evsys_async._kinds.KindRegistry` is the machinery, shared with the
+:class:`~evsys_async._util.kinds.KindRegistry` is the machinery, shared with the
 evaluator registry (``evaluators/base.py``). Its errors are
 :class:`~evsys_async.errors.PlacedConfigError`, a ``ConfigError`` that also
 carries the place as a path (``("callbacks", 1, "params", "patiense")``) so
@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from .._kinds import KindRegistry, explain_validation, validate_params
+from .._util.kinds import KindRegistry, explain_validation, validate_params
 from ..errors import ConfigPath, PlacedConfigError, PlacedMissingExtraError, format_path
 from .base import ISOLATIONS, Callback
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._worker import in_daemon_thread
+from .._util.worker import in_daemon_thread
 from ..events import Envelope
 from ..state import LoopState
 from .base import Callback

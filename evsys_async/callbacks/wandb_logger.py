@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .._log import get_logger
+from .._util.log import get_logger
 from ..errors import describe, import_extra
 from ..state import LoopState
 from ._format import due, eval_metric_name

@@ -37,8 +37,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 import msgspec
 
-from .._kinds import KindRegistry
-from .._log import get_logger
+from .._util.kinds import KindRegistry
+from .._util.log import get_logger
 from ..errors import PlacedConfigError, describe
 from ..state import LoopState
 

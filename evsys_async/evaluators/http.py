@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import msgspec
 
-from .._log import get_logger
-from .._secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
+from .._util.log import get_logger
+from .._util.secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
 from ..errors import EvsysError, import_extra
 from ..state import LoopState
 from .base import register_evaluator

@@ -9,7 +9,7 @@ Every run has three streams, named after its run key:
 
 Clients are redis-py's blocking ones, used from threads of our own
 (``redis.asyncio`` does not run on trio). A URL is shown only through
-:func:`~evsys_async._secrets.redact_url`, and a redis-py error only after
+:func:`~evsys_async._util.secrets.redact_url`, and a redis-py error only after
 :func:`describe_error` scrubbed the URL's credentials from it.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .._secrets import redact_url, scrub, secrets_of
+from .._util.secrets import redact_url, scrub, secrets_of
 from ..errors import EvsysError, import_extra
 
 __all__ = [

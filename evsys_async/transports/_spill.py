@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .._files import write_atomic
+from .._util.files import write_atomic
 
 __all__ = ["SpillFile"]
 

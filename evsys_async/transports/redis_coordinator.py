@@ -35,8 +35,8 @@ import time
 import uuid
 from typing import Any
 
-from .._log import get_logger
-from .._worker import in_daemon_thread
+from .._util.log import get_logger
+from .._util.worker import in_daemon_thread
 from ..coordinator import CoordinatorError, StopDecision, StopRequest, launch_env
 from . import _redis
 

@@ -32,7 +32,7 @@ from typing import Annotated, Any, ClassVar
 
 import msgspec
 
-from .._log import get_logger
+from .._util.log import get_logger
 from ..events import Envelope, TrainStarted, encode
 from . import _redis
 from ._spill import SpillFile

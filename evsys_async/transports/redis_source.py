@@ -43,8 +43,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from .._log import get_logger
-from .._worker import DaemonWorker
+from .._util.log import get_logger
+from .._util.worker import DaemonWorker
 from ..events import Envelope, Event, decode_envelope
 from . import _redis
 

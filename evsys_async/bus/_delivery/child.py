@@ -12,7 +12,7 @@ bound methods share their instance here. Then:
   (Linux), and reads the pipe in a thread of its own whose end of file means
   the parent is gone: ``os._exit`` at once, even while a hook computes;
 * it runs an event loop of the parent's backend: an ``async def`` handler
-  runs there, a ``def`` one in a :class:`~evsys_async._worker.DaemonWorker`
+  runs there, a ``def`` one in a :class:`~evsys_async._util.worker.DaemonWorker`
   thread (whose ``async def`` hooks reach the loop through its token);
 * log records and stdout/stderr lines go to the parent, which re-emits them;
 * after each event it bumps the shared counter, after sending a message for
@@ -45,11 +45,11 @@ import anyio.from_thread
 import anyio.lowlevel
 import msgspec
 
-from ._async import LoopWaker
-from ._traceback import user_traceback
-from ._worker import DaemonWorker
-from .errors import describe
-from .events import Envelope, decode
+from ..._util.aio import LoopWaker
+from ..._util.traceback import user_traceback
+from ..._util.worker import DaemonWorker
+from ...errors import describe
+from ...events import Envelope, decode
 
 __all__ = ["in_child", "main", "send_request"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from ._async import LoopWaker
+from .aio import LoopWaker
 
 __all__ = ["DaemonWorker", "Outcome", "in_daemon_thread"]
 

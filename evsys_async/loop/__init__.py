@@ -8,7 +8,7 @@ to ``control_timeout``. Everything else runs beside training.
 
 This module is the facade: arguments, run directories, the run key, and the
 entry points ``run()`` and ``run_sync()``. One execution is a
-:class:`~evsys_async._run.Run` (``_run.py``), whose phases live beside it:
+:class:`~evsys_async.loop._run.Run` (``_run.py``), whose phases live beside it:
 the steps and the step boundary (``_steps.py``), evals (``_evals.py``),
 checkpoints and callback state (``_checkpoints.py``), and the shutdown, which
 runs whichever way the run ends (``_shutdown.py``). ``docs/design.md`` has
@@ -24,17 +24,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from ._async import is_async_callable
-from ._json import trim_jsonl
+from .._util.aio import is_async_callable
+from .._util.jsonl import trim_jsonl
+from .._util.rundir import claim_run_dir
+from .._util.worker import DaemonWorker
+from ..bus import EventBus
+from ..callbacks.base import Callback, CallbackAdapter
+from ..coordinator import Coordinator, launch_env
+from ..evaluators import Evaluator
+from ..state import LogContext, LoopArtifacts, LoopState
 from ._resume import check_state_keys
 from ._run import Run
-from ._rundir import claim_run_dir
-from ._worker import DaemonWorker
-from .bus import EventBus
-from .callbacks.base import Callback, CallbackAdapter
-from .coordinator import Coordinator, launch_env
-from .evaluators import Evaluator
-from .state import LogContext, LoopArtifacts, LoopState
 
 __all__ = ["TrainingLoop"]
 
@@ -164,10 +164,10 @@ class TrainingLoop:
         loop. It works where an event loop already runs in this thread (a
         notebook cell). In the main thread, the first SIGINT/SIGTERM ends the
         run after the current step through the shutdown, then raises
-        :class:`~evsys_async._signals.Interrupted` (a ``KeyboardInterrupt``;
+        :class:`~evsys_async._util.signals.Interrupted` (a ``KeyboardInterrupt``;
         ``exit_code`` 130/143); a second leaves at once.
         """
-        from ._signals import run_beside
+        from .._util.signals import run_beside
 
         artifacts: LoopArtifacts = run_beside(
             lambda worker: self._run_checked(num_steps, start_step, worker),

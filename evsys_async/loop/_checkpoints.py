@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._async import is_async_callable
-from ._files import write_atomic
-from ._log import get_logger
+from .._util.aio import is_async_callable
+from .._util.files import write_atomic
+from .._util.log import get_logger
+from ..events import CheckpointSaved
 from ._resume import load_callback_states, state_key
-from .events import CheckpointSaved
 
 if TYPE_CHECKING:
     from ._run import Run

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
-from ._async import LoopWaker, is_async_callable
-from ._log import get_logger
+from .._util.aio import LoopWaker, is_async_callable
+from .._util.log import get_logger
+from .._util.worker import DaemonWorker
+from ..bus import Subscription
+from ..callbacks.base import CallbackAdapter
+from ..coordinator import StopRequest
+from ..events import Event, StepEnded, StopRequested, TrainStarted
+from ..state import Status
 from ._metrics import metrics_of
-from ._worker import DaemonWorker
-from .bus import Subscription
-from .callbacks.base import CallbackAdapter
-from .coordinator import StopRequest
-from .events import Event, StepEnded, StopRequested, TrainStarted
-from .state import Status
 
 if TYPE_CHECKING:
     from ._run import Run

@@ -32,9 +32,9 @@ from typing import Any, ClassVar, TypeAlias
 
 import msgspec
 
+from .._util.jsonl import non_finite_as_strings
+from ..errors import EventDecodeError, did_you_mean
 from ._frozen import FrozenDict, freeze
-from ._json import non_finite_as_strings
-from .errors import EventDecodeError, did_you_mean
 
 __all__ = [
     "BenchmarkEvaluated",

@@ -33,8 +33,8 @@ from typing import IO, Any, Literal, Protocol
 
 import anyio
 
-from ._async import on_asyncio
-from ._log import get_logger
+from .aio import on_asyncio
+from .log import get_logger
 
 __all__ = ["AsyncFile", "append_bytes", "atomic_writer", "open_async", "write_atomic"]
 

@@ -43,12 +43,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from ._kinds import explain_validation, validate_params
-from ._secrets import redact_url
-from .callbacks.base import Callback
-from .callbacks.registry import CallbackSpec, build_callbacks
-from .callbacks.sink import SinkCallback
-from .errors import (
+from .._util.kinds import explain_validation, validate_params
+from .._util.secrets import redact_url
+from ..callbacks.base import Callback
+from ..callbacks.registry import CallbackSpec, build_callbacks
+from ..callbacks.sink import SinkCallback
+from ..errors import (
     ConfigError,
     PlacedConfigError,
     PlacedMissingExtraError,
@@ -56,11 +56,11 @@ from .errors import (
     did_you_mean,
     format_path,
 )
-from .evaluators import build_evaluators
-from .experiment import Arm, Experiment
-from .loop import TrainingLoop
-from .state import LogContext
-from .transports import RedisCoordinator, RedisStreamSink
+from ..evaluators import build_evaluators
+from ..experiment import Arm, Experiment
+from ..loop import TrainingLoop
+from ..state import LogContext
+from ..transports import RedisCoordinator, RedisStreamSink
 
 __all__ = [
     "CoordinatorSpec",

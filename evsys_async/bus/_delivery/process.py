@@ -48,14 +48,14 @@ from typing import Any
 
 import msgspec
 
-from . import _child
-from ._delivery import only_failures
-from ._log import get_logger
-from ._thread_delivery import ThreadDelivery
-from ._worker import Outcome
-from .errors import BusClosedError, CallbackProcessError, ChildTraceback, describe
-from .events import Event
-from .policies import Entry
+from ..._util.log import get_logger
+from ..._util.worker import Outcome
+from ...errors import BusClosedError, CallbackProcessError, ChildTraceback, describe
+from ...events import Event
+from ...policies import Entry
+from . import child as _child
+from .base import only_failures
+from .thread import ThreadDelivery
 
 __all__ = ["ProcessDelivery", "start_method"]
 
@@ -89,7 +89,7 @@ def _context() -> Any:
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         # each child forks from a server that has the runtime imported already
-        ctx.set_forkserver_preload(["__main__", "evsys_async._child"])
+        ctx.set_forkserver_preload(["__main__", "evsys_async.bus._delivery.child"])
     return ctx
 
 

@@ -4,7 +4,7 @@
 thread :meth:`Intake.put` numbers the event, appends it to :attr:`new` and,
 when a batch falls due, rings the pump's doorbell. From any other thread
 :meth:`Intake.put_foreign` appends to a locked deque and wakes the loop
-through :class:`~evsys_async._async.LoopWaker` (never waiting for it); the
+through :class:`~evsys_async._util.aio.LoopWaker` (never waiting for it); the
 event is numbered when the loop takes it in (:meth:`take_foreign`). Both are
 O(1) whatever the number of subscribers. After :meth:`close` an event is
 counted in :attr:`dropped_after_close` and logged once.
@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import anyio
 
-from ._log import get_logger
-from .events import Event
+from .._util.log import get_logger
+from ..events import Event
 
 __all__ = ["Intake"]
 

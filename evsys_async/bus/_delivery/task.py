@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ._async import current_task_getter, undo_self_cancel
-from ._delivery import Delivery, Hook, current_delivery, only_failures
-from ._log import get_logger
-from .events import Envelope, Event
-from .policies import Entry
+from ..._util.aio import current_task_getter, undo_self_cancel
+from ..._util.log import get_logger
+from ...events import Envelope, Event
+from ...policies import Entry
+from .base import Delivery, Hook, current_delivery, only_failures
 
 __all__ = ["TaskDelivery"]
 

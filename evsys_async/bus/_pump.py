@@ -26,14 +26,14 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._async import LoopWaker
-from ._delivery import Delivery
+from .._util.aio import LoopWaker
+from .._util.log import get_logger
+from ..errors import ChildTraceback, describe
+from ..events import CallbackFailed, Event, SubscriberLagged
+from ..policies import Lossless
+from ._delivery.base import Delivery
 from ._intake import Intake
-from ._log import get_logger
 from ._routing import Routes
-from .errors import ChildTraceback, describe
-from .events import CallbackFailed, Event, SubscriberLagged
-from .policies import Lossless
 
 __all__ = ["Pump"]
 
@@ -42,7 +42,7 @@ _log = get_logger()
 
 class Pump:
     """The engine behind one :class:`~evsys_async.bus.EventBus` (see the module
-    docstring); implements :class:`~evsys_async._delivery.Engine` for its deliveries.
+    docstring); implements :class:`~evsys_async.bus._delivery.base.Engine` for its deliveries.
     """
 
     def __init__(

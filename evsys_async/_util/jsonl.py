@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from ._files import write_atomic
+from .files import write_atomic
 
 __all__ = ["encode_json", "non_finite_as_strings", "trim_jsonl"]
 

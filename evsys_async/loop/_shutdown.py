@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._files import write_atomic
-from ._log import get_logger
-from .bus import Subscription
-from .evaluators import close_evaluators
-from .events import TrainEnded
-from .state import CallbackHealth, LoopArtifacts, Status
+from .._util.files import write_atomic
+from .._util.log import get_logger
+from ..bus import Subscription
+from ..evaluators import close_evaluators
+from ..events import TrainEnded
+from ..state import CallbackHealth, LoopArtifacts, Status
 
 if TYPE_CHECKING:
     from ._run import Run

@@ -34,16 +34,16 @@ from typing import Any, Literal, Self
 
 import anyio
 
-from ._async import Deadline, absorb_native_cancel, is_async_callable, on_asyncio
-from ._delivery import Delivery, Handler, Hook
-from ._log import get_logger
-from ._process_delivery import ProcessDelivery
+from .._util.aio import Deadline, absorb_native_cancel, is_async_callable, on_asyncio
+from .._util.log import get_logger
+from ..errors import BusClosedError
+from ..events import Event
+from ..policies import DropOldest, Latest, Lossless, Policy
+from ._delivery.base import Delivery, Handler, Hook
+from ._delivery.process import ProcessDelivery
+from ._delivery.task import TaskDelivery
+from ._delivery.thread import ThreadDelivery
 from ._pump import Pump
-from ._task_delivery import TaskDelivery
-from ._thread_delivery import ThreadDelivery
-from .errors import BusClosedError
-from .events import Event
-from .policies import DropOldest, Latest, Lossless, Policy
 from .subscription import DrainReport, SubscriberStats, Subscription, stats_of
 
 __all__ = ["DrainReport", "EventBus", "Isolation", "SubscriberStats", "Subscription"]
@@ -255,7 +255,7 @@ class EventBus:
         msgpack-encoded events in batches, where it runs in a thread (``def``)
         or on an event loop of this backend (``async def``). The handler and
         the hooks are then pickled here, once; ``on_request(obj)`` gets, in this
-        process, what the child sends with ``evsys_async._child.send_request``,
+        process, what the child sends with ``evsys_async.bus._delivery.child.send_request``,
         before the batch in hand counts as done. See ``docs/isolation.md``.
 
         Nothing the handler raises leaves its subscriber: an exception, a stray

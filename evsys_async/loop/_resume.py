@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._log import get_logger
+from .._util.log import get_logger
 
 __all__ = ["check_state_keys", "load_callback_states", "state_key"]
 

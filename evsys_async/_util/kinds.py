@@ -25,8 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from ._log import get_logger
-from .errors import (
+from ..errors import (
     ConfigError,
     ConfigPath,
     MissingExtraError,
@@ -36,6 +35,7 @@ from .errors import (
     did_you_mean,
     format_path,
 )
+from .log import get_logger
 
 __all__ = ["KindRegistry", "as_path", "explain_validation", "validate_params"]
 

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._async import Deadline
-from ._log import get_logger
+from .._util.aio import Deadline
+from .._util.log import get_logger
+from ..errors import describe
+from ..evaluators import Evaluator
+from ..events import EvalEnded, EvalFailed
+from ..state import LoopState
 from ._metrics import floats
-from .errors import describe
-from .evaluators import Evaluator
-from .events import EvalEnded, EvalFailed
-from .state import LoopState
 
 if TYPE_CHECKING:
     from ._run import Run

@@ -8,8 +8,8 @@ event and one ``put`` per matching subscriber.
 
 from __future__ import annotations
 
-from ._delivery import ABOUT_A_SUBSCRIBER, Delivery
-from .events import Event
+from ..events import Event
+from ._delivery.base import ABOUT_A_SUBSCRIBER, Delivery
 
 __all__ = ["Routes"]
 

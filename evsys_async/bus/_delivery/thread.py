@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import anyio.from_thread
 
-from ._async import is_async_callable
-from ._delivery import Delivery, Hook, current_delivery, only_failures, thread_local
-from ._worker import Outcome
-from .errors import BusClosedError
-from .events import Envelope, Event
-from .policies import Entry
+from ..._util.aio import is_async_callable
+from ..._util.worker import Outcome
+from ...errors import BusClosedError
+from ...events import Envelope, Event
+from ...policies import Entry
+from .base import Delivery, Hook, current_delivery, only_failures, thread_local
 
 __all__ = ["ThreadDelivery"]
 

@@ -34,13 +34,13 @@ from typing import Any, TextIO, cast
 
 import msgspec
 
-from ._signals import Interrupted, run_with_signals, signal_name
-from ._traceback import user_traceback
-from ._version import __version__
-from .bus import EventBus
-from .callbacks._format import eval_metric_name, fmt_value
-from .callbacks.registry import list_callbacks
-from .config import (
+from .._util.signals import Interrupted, run_with_signals, signal_name
+from .._util.traceback import user_traceback
+from .._version import __version__
+from ..bus import EventBus
+from ..callbacks._format import eval_metric_name, fmt_value
+from ..callbacks.registry import list_callbacks
+from ..config import (
     ExperimentConfig,
     RunConfig,
     build_experiment,
@@ -48,13 +48,13 @@ from .config import (
     load_callbacks,
     load_config,
 )
-from .errors import ConfigError, EventDecodeError, MissingExtraError, describe
-from .evaluators import list_evaluators
-from .events import EvalEnded
-from .experiment import ExperimentResult
-from .replay import ReplayReport, replay
-from .state import CallbackHealth, LoopArtifacts
-from .transports import RedisUnavailableError
+from ..errors import ConfigError, EventDecodeError, MissingExtraError, describe
+from ..evaluators import list_evaluators
+from ..events import EvalEnded
+from ..experiment import ExperimentResult
+from ..replay import ReplayReport, replay
+from ..state import CallbackHealth, LoopArtifacts
+from ..transports import RedisUnavailableError
 
 __all__ = ["main", "run_cli"]
 
@@ -284,7 +284,7 @@ def _add_consume_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _load(path: Path | None, args: argparse.Namespace) -> RunConfig | ExperimentConfig:
     if path is None:
-        from .demo import demo_config
+        from ..demo import demo_config
 
         config: RunConfig | ExperimentConfig = demo_config()
     else:
@@ -577,7 +577,7 @@ def _print_replay(report: ReplayReport, out: TextIO) -> None:
 
 
 def _cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .consume import tail
+    from ..consume import tail
 
     async def main() -> Any:
         return await tail(
@@ -599,8 +599,8 @@ def _cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_consume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ._secrets import redact_url
-    from .consume import consume
+    from .._util.secrets import redact_url
+    from ..consume import consume
 
     callbacks = load_callbacks(args.callbacks)
 

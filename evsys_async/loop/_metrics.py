@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._frozen import FrozenDict
-from .state import StepOutput
+from ..events._frozen import FrozenDict
+from ..state import StepOutput
 
 __all__ = ["floats", "metrics_of"]
 

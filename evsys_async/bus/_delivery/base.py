@@ -31,8 +31,8 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from .events import CallbackFailed, Event, SubscriberLagged
-from .policies import Entry, Policy
+from ...events import CallbackFailed, Event, SubscriberLagged
+from ...policies import Entry, Policy
 
 __all__ = [
     "ABOUT_A_SUBSCRIBER",

@@ -28,8 +28,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from ._async import LoopWaker
-from ._worker import DaemonWorker
+from .aio import LoopWaker
+from .worker import DaemonWorker
 
 __all__ = [
     "Interrupted",

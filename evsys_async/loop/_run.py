@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 
-from ._async import Deadline, shielded
+from .._util.aio import Deadline, shielded
+from .._util.traceback import user_traceback
+from .._util.worker import DaemonWorker
+from ..bus import EventBus, Subscription
+from ..callbacks.base import CallbackAdapter
+from ..errors import describe
+from ..evaluators import open_evaluators
+from ..events import Event
+from ..state import LoopArtifacts, LoopState, Status
 from ._checkpoints import Checkpoints
 from ._evals import Evals
 from ._shutdown import shutdown
 from ._steps import ControlBarrier, StepFailed, train
-from ._traceback import user_traceback
-from ._worker import DaemonWorker
-from .bus import EventBus, Subscription
-from .callbacks.base import CallbackAdapter
-from .errors import describe
-from .evaluators import open_evaluators
-from .events import Event
-from .state import LoopArtifacts, LoopState, Status
 
 if TYPE_CHECKING:
-    from .loop import TrainingLoop
+    from . import TrainingLoop
 
 __all__ = ["Run"]
 
