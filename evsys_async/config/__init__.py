@@ -43,7 +43,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from .._util.kinds import explain_validation, validate_params
+from .._util.params import explain_validation, validate_params
 from .._util.secrets import redact_url
 from ..callbacks.base import Callback
 from ..callbacks.registry import CallbackSpec, build_callbacks
