@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import time
 import types
 import typing
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 import evsys_async as ev
 from evsys_async import events
 from evsys_async.errors import EventDecodeError, EvsysError
-from evsys_async.events import Envelope, Event
+from evsys_async.events import Envelope, Event, _base, _codec
 
 # -- user events (module level: a class defined twice would clash on its tag) --------
 
@@ -146,8 +147,8 @@ formats = st.sampled_from(["json", "msgpack"])
 @pytest.fixture
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Classes defined in the test register into a throwaway copy of the registry."""
-    monkeypatch.setattr(events, "_SUBCLASSES", list(events._SUBCLASSES))
-    monkeypatch.setattr(events, "_codec_cache", None)
+    monkeypatch.setattr(_base, "_SUBCLASSES", list(_base._SUBCLASSES))
+    monkeypatch.setattr(_codec, "_codec_cache", None)
 
 
 # -- the vocabulary -------------------------------------------------------------------
@@ -201,6 +202,51 @@ def test_user_subclasses_are_registered() -> None:
     assert types_["EvTestLossSpike"] is EvTestLossSpike
     assert types_["evtest.tagged"] is EvTestTagged
     assert types_["EvTestEvalPlus"] is EvTestEvalPlus
+
+
+@pytest.mark.usefixtures("isolated_registry")
+def test_a_subclass_defined_later_in_another_module_registers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A user's module, with string annotations, defines an event after the codec was
+    built: it registers, round-trips, and freezes what it holds."""
+    events.event_types()  # the codec exists before the class does
+    module = types.ModuleType("evtest_late_events")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    source = (
+        "from __future__ import annotations\n"
+        "from typing import Any\n"
+        "import msgspec\n"
+        "from evsys_async.events import Event\n"
+        "class LateSpike(Event, kw_only=True):\n"
+        "    step: int\n"
+        "    values: dict[str, Any] = msgspec.field(default_factory=dict)\n"
+    )
+    exec(source, module.__dict__)
+    late = module.LateSpike
+    assert late.__module__ == "evtest_late_events"
+    assert events.event_types()["LateSpike"] is late
+    e = late(step=3, values={"x": [1, 2]})
+    for fmt in ("json", "msgpack"):
+        back = events.decode(events.encode(e, format=fmt), format=fmt)
+        assert type(back) is late and back == e
+        with pytest.raises(TypeError):
+            back.values["x"].append(3)
+
+
+def test_public_classes_name_their_public_module() -> None:
+    """Reprs and pickles say ``evsys_async.events``, never the private module that
+    defines a class, so they do not change when the package's insides move."""
+    import pickle
+
+    classes = [getattr(events, n) for n in events.__all__ if isinstance(getattr(events, n), type)]
+    assert len(classes) == 18
+    assert {c.__module__ for c in classes} == {"evsys_async.events"}
+    assert repr(events.StepEnded) == "<class 'evsys_async.events.StepEnded'>"
+    envelope = Envelope(bus_id="b", seq=1, event=events.StepEnded(step=0, num_steps=1))
+    data = pickle.dumps(envelope)
+    assert b"evsys_async.events\x94" in data and b"_vocabulary" not in data
+    assert pickle.loads(data) == envelope
 
 
 # -- round trips ----------------------------------------------------------------------

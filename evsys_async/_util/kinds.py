@@ -4,26 +4,21 @@
 ``callbacks/registry.py``, evaluators in ``evaluators/base.py``): built-ins
 registered by their modules, lazy built-ins, and third-party classes from an
 entry-point group, each imported when its kind is first needed so a broken
-plug-in fails only the configs that name it. :func:`validate_params` checks a
-spec's params against the class's ``Config`` (a msgspec Struct with
-``forbid_unknown_fields``) or its ``__init__``; every error is a
-:class:`~evsys_async.errors.PlacedConfigError` naming the place and, where
-one is close, the likely name::
+plug-in fails only the configs that name it. Each spec's params are checked
+by :func:`~evsys_async._util.params.validate_params` before any object is
+built; every error is a :class:`~evsys_async.errors.PlacedConfigError`
+naming the place and, where one is close, the likely name::
 
-    callbacks[1].params.patiense (early_stopping): unknown field 'patiense'
-        — did you mean 'patience'?
+    evaluators[0].kind: no evaluator kind 'demo_acuracy' — did you mean
+        'demo_accuracy'? Known kinds: demo_accuracy, http
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-import re
 from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any, Generic, TypeVar
-
-import msgspec
 
 from ..errors import (
     ConfigError,
@@ -33,170 +28,16 @@ from ..errors import (
     PlacedMissingExtraError,
     describe,
     did_you_mean,
-    format_path,
 )
 from .log import get_logger
+from .params import as_path, seen_value, validate_params
 
-__all__ = ["KindRegistry", "as_path", "explain_validation", "validate_params"]
+__all__ = ["KindRegistry"]
 
 _log = get_logger()
 
 Path = ConfigPath
 K = TypeVar("K", bound=type)
-
-
-def as_path(place: str | Path) -> Path:
-    """A place given as a string (``"callbacks"``) or a path, as a path."""
-    return (place,) if isinstance(place, str) else tuple(place)
-
-
-def validate_params(
-    cls: type, params: Any, place: str | Path, *, kind: str | None = None
-) -> dict[str, Any]:
-    """Check ``params`` against ``cls.Config`` (or ``cls.__init__``); return the fields.
-
-    ``place`` is where the params sit (``"callbacks[1]"`` or a path tuple);
-    errors name ``<place>.params.<field>``. Raises :class:`PlacedConfigError`
-    with the field, the expected type and the value seen, or the close name.
-    """
-    base = (*as_path(place), "params")
-    if not isinstance(params, Mapping):
-        raise PlacedConfigError(
-            base, f"expected a mapping of parameters, got {_seen(params)}", kind=kind
-        )
-    config = getattr(cls, "Config", None)
-    if config is None:
-        return _check_init(cls, dict(params), base, kind)
-    fields = [f.name for f in msgspec.structs.fields(config)]
-    try:
-        value = msgspec.convert(dict(params), config, strict=False)
-    except msgspec.ValidationError as exc:
-        raise explain_validation(str(exc), config, params, base, kind=kind) from None
-    return {f: getattr(value, f) for f in fields}
-
-
-def _seen(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-_SEGMENT = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]")
-
-
-def _msgspec_path(text: str) -> Path:
-    """``"$.keys[0]"`` -> ``("keys", 0)``."""
-    return tuple(
-        m.group(1) if m.group(1) is not None else int(m.group(2))
-        for m in _SEGMENT.finditer(text.removeprefix("$"))
-    )
-
-
-def _lookup(data: Any, path: Path) -> Any:
-    for part in path:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def _info_at(info: Any, path: Path) -> Any:
-    """The msgspec type info found by walking ``path`` into ``info`` (None if lost)."""
-    for part in path:
-        if isinstance(info, msgspec.inspect.UnionType):
-            for member in info.types:
-                found = _info_at(member, (part,))
-                if found is not None:
-                    info = found
-                    break
-            else:
-                return None
-            continue
-        if isinstance(info, msgspec.inspect.StructType) and isinstance(part, str):
-            info = next((f.type for f in info.fields if f.name == part), None)
-        elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.VarTupleType) and (
-            isinstance(part, int)
-        ):
-            info = info.item_type
-        elif isinstance(info, msgspec.inspect.DictType):
-            info = info.value_type
-        else:
-            return None
-        if info is None:
-            return None
-    return info
-
-
-def _fields_of(info: Any) -> list[str]:
-    if isinstance(info, msgspec.inspect.StructType):
-        return [f.name for f in info.fields]
-    if isinstance(info, msgspec.inspect.UnionType):
-        return [name for member in info.types for name in _fields_of(member)]
-    return []
-
-
-def explain_validation(
-    msg: str, tp: Any, data: Any, base: Path = (), *, kind: str | None = None
-) -> PlacedConfigError:
-    """Turn msgspec's ``ValidationError`` text for ``convert(data, tp)`` into a
-    :class:`PlacedConfigError` at ``base + <msgspec path>``: the close name for
-    an unknown field, the expected type and the value seen for a wrong one."""
-    where = re.search(r" - at `(\$[^`]*)`", msg)
-    inner = _msgspec_path(where.group(1)) if where else ()
-    text = (msg[: where.start()] if where else msg).rstrip()
-    root = msgspec.inspect.type_info(tp)
-    info = _info_at(root, inner)
-    owner = getattr(tp, "__qualname__", str(tp)).removesuffix(".Config")
-    unknown = re.match(r"Object contains unknown field `(.+?)`", text)
-    if unknown:
-        name = unknown.group(1)
-        fields = _fields_of(info)
-        hint = did_you_mean(name, fields, f"; known fields: {', '.join(fields) or '(none)'}")
-        return PlacedConfigError((*base, *inner, name), f"unknown field {name!r}{hint}", kind=kind)
-    missing = re.match(r"Object missing required field `(.+?)`", text)
-    if missing:
-        name = missing.group(1)
-        what = owner if not inner else format_path(inner)
-        return PlacedConfigError(
-            (*base, *inner), f"missing required field {name!r} ({what} needs it)", kind=kind
-        )
-    seen = _lookup(data, inner)
-    expected = re.match(r"Expected `(.+?)`, got `(.+?)`", text)
-    if expected:
-        detail = f"expected {expected.group(1)}, got {_seen(seen)}"
-    elif _literal(info) is not None:
-        choices = ", ".join(repr(v) for v in _literal(info).values)
-        detail = f"expected one of {choices}, got {_seen(seen)}"
-    else:
-        detail = text[:1].lower() + text[1:] + f", got {_seen(seen)}"
-    return PlacedConfigError((*base, *inner), detail, kind=kind)
-
-
-def _literal(info: Any) -> Any:
-    """The ``Literal`` in ``info`` (also inside ``Literal[...] | None``), or None."""
-    if isinstance(info, msgspec.inspect.LiteralType):
-        return info
-    if isinstance(info, msgspec.inspect.UnionType):
-        return next((t for t in info.types if isinstance(t, msgspec.inspect.LiteralType)), None)
-    return None
-
-
-def _check_init(cls: type, params: dict[str, Any], base: Path, kind: str | None) -> dict[str, Any]:
-    sig = inspect.signature(cls.__init__)  # type: ignore[misc]
-    accepted = [p for p in sig.parameters if p != "self"]
-    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        return params
-    for key in params:
-        if key not in accepted:
-            hint = did_you_mean(key, accepted, f"; known fields: {', '.join(accepted) or '(none)'}")
-            raise PlacedConfigError((*base, key), f"unknown field {key!r}{hint}", kind=kind)
-    try:
-        sig.bind(None, **params)
-    except TypeError as exc:
-        raise PlacedConfigError(base, str(exc), kind=kind) from None
-    return params
 
 
 # -- the registry machinery --------------------------------------------------------
@@ -340,7 +181,7 @@ class KindRegistry(Generic[K]):
         base = as_path(place)
         if isinstance(specs, str | bytes | Mapping) or not isinstance(specs, Iterable):
             raise PlacedConfigError(
-                base, f"expected a list of {{kind, params}} specs, got {_seen(specs)}"
+                base, f"expected a list of {{kind, params}} specs, got {seen_value(specs)}"
             )
         checked: list[tuple[K, dict[str, Any], Path, str, Any, dict[str, Any]]] = []
         for i, spec in enumerate(specs):
@@ -382,18 +223,18 @@ class KindRegistry(Generic[K]):
             kind = getattr(spec, "kind", None)
             if kind is None:
                 raise PlacedConfigError(
-                    where, f"expected {{kind, params}} or a spec object, got {_seen(spec)}"
+                    where, f"expected {{kind, params}} or a spec object, got {seen_value(spec)}"
                 )
             params = getattr(spec, "params", None)
             given = {k: getattr(spec, k) for k in self._options if getattr(spec, k, None)}
         if not isinstance(kind, str):
-            raise PlacedConfigError((*where, "kind"), f"expected a string, got {_seen(kind)}")
+            raise PlacedConfigError((*where, "kind"), f"expected a string, got {seen_value(kind)}")
         for key, value in given.items():
             allowed = self._options[key]
             if value not in allowed:
                 choices = ", ".join(repr(v) for v in allowed)
                 raise PlacedConfigError(
-                    (*where, key), f"expected one of {choices}, got {_seen(value)}", kind=kind
+                    (*where, key), f"expected one of {choices}, got {seen_value(value)}", kind=kind
                 )
         return kind, {} if params is None else params, given
 

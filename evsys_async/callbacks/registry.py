@@ -28,7 +28,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from .._util.kinds import KindRegistry, explain_validation, validate_params
+from .._util.kinds import KindRegistry
+from .._util.params import explain_validation, validate_params
 from ..errors import ConfigPath, PlacedConfigError, PlacedMissingExtraError, format_path
 from .base import ISOLATIONS, Callback
 

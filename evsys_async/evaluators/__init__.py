@@ -1,9 +1,10 @@
 """Evaluators: the protocol the loop calls, their lifecycle, the registry of kinds,
 and the built-in :class:`HttpEvaluator` (kind ``http``; extra ``http``).
 
-``base`` holds the protocol, :func:`open_evaluators`/:func:`close_evaluators`
-and the registry; ``http`` the HTTP evaluator, which imports httpx only when
-one is built.
+``base`` holds the protocol, the registry, and the lifecycle calls the loop
+makes (``open_evaluators``/``close_evaluators``, loop internals: they are in
+``base``'s ``__all__``, not this package's); ``http`` the HTTP evaluator, which
+imports httpx only when one is built.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from .base import (
     EVALUATORS,
     Evaluator,
     build_evaluators,
-    close_evaluators,
     get_evaluator,
     list_evaluators,
-    open_evaluators,
     register_evaluator,
 )
 from .http import HttpEvalError, HttpEvaluator
@@ -28,9 +27,7 @@ __all__ = [
     "HttpEvalError",
     "HttpEvaluator",
     "build_evaluators",
-    "close_evaluators",
     "get_evaluator",
     "list_evaluators",
-    "open_evaluators",
     "register_evaluator",
 ]

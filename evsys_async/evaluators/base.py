@@ -153,13 +153,13 @@ def build_evaluators(
 # -- lifecycle -------------------------------------------------------------------------
 
 
-def _hook(ev: Any, name: str) -> Callable[..., Any] | None:
+def _hook(ev: Evaluator, name: str) -> Callable[..., Any] | None:
     hook = getattr(ev, name, None)
     return hook if callable(hook) else None
 
 
 async def open_evaluators(
-    evaluators: Iterable[Any], state: LoopState, *, timeout: float | None = None
+    evaluators: Iterable[Evaluator], state: LoopState, *, timeout: float | None = None
 ) -> None:
     """Call ``await ev.setup(state)`` on each evaluator that has it, concurrently,
     each under ``timeout`` seconds.
@@ -172,7 +172,7 @@ async def open_evaluators(
     if not opening:
         return
 
-    async def one(ev: Any, hook: Callable[..., Any]) -> None:
+    async def one(ev: Evaluator, hook: Callable[..., Any]) -> None:
         try:
             with anyio.fail_after(timeout):
                 result = hook(state)
@@ -191,7 +191,9 @@ async def open_evaluators(
             tg.start_soon(one, ev, hook)
 
 
-async def close_evaluators(evaluators: Iterable[Any], *, timeout: float | None = None) -> bool:
+async def close_evaluators(
+    evaluators: Iterable[Evaluator], *, timeout: float | None = None
+) -> bool:
     """Call ``await ev.aclose()`` on each evaluator that has it, concurrently, all
     within ``timeout`` seconds; ``False`` if the deadline cut one short.
 
@@ -203,7 +205,7 @@ async def close_evaluators(evaluators: Iterable[Any], *, timeout: float | None =
     if not closing:
         return True
 
-    async def one(ev: Any, hook: Callable[[], Any]) -> None:
+    async def one(ev: Evaluator, hook: Callable[[], Any]) -> None:
         try:
             result = hook()
             if inspect.isawaitable(result):

@@ -28,7 +28,7 @@ from .._util.worker import DaemonWorker
 from ..bus import EventBus, Subscription
 from ..callbacks.base import CallbackAdapter
 from ..errors import describe
-from ..evaluators import open_evaluators
+from ..evaluators.base import open_evaluators
 from ..events import Event
 from ..state import LoopArtifacts, LoopState, Status
 from ._checkpoints import Checkpoints

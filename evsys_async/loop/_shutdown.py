@@ -33,7 +33,7 @@ import msgspec
 from .._util.files import write_atomic
 from .._util.log import get_logger
 from ..bus import Subscription
-from ..evaluators import close_evaluators
+from ..evaluators.base import close_evaluators
 from ..events import TrainEnded
 from ..state import CallbackHealth, LoopArtifacts, Status
 
