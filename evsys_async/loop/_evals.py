@@ -6,48 +6,62 @@ training goes on while they run, at most ``max_evals_in_flight`` at a time;
 each reads a view of the state (``snapshot(state)`` for the model, never the
 moving one) and its ``EvalEnded`` carries the step it evaluated. Either way
 each runs under ``eval_timeout``; a failure or a timeout is a WARNING and an
-``EvalFailed`` event, and training goes on.
+``EvalFailed`` event, and training goes on. Background evals still in flight
+at the end are part of the shutdown (docs/design.md, "A run" and "The
+shutdown").
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 
 from .._util.aio import Deadline
 from .._util.log import get_logger
 from ..errors import describe
 from ..evaluators import Evaluator
-from ..events import EvalEnded, EvalFailed
+from ..events import EvalEnded, EvalFailed, Event
 from ..state import LoopState
+from ._barrier import ControlBarrier
 from ._metrics import floats
+from ._settings import RunSettings
 
-if TYPE_CHECKING:
-    from ._run import Run
-
-__all__ = ["Evals"]
+__all__ = ["Evals", "EvalsRun"]
 
 _log = get_logger()
 
 Result = Mapping[str, float] | BaseException
 
 
-class Evals:
-    """One run's evaluators (see the module docstring)."""
+class EvalsRun(Protocol):
+    """What evals use of their run."""
 
-    def __init__(self, run: Run) -> None:
+    @property
+    def state(self) -> LoopState: ...
+
+    @property
+    def barrier(self) -> ControlBarrier: ...
+
+    def emit(self, cls: type[Event], **fields: Any) -> int | None: ...
+
+
+class Evals:
+    """One run's evaluators (see the module docstring). Loop thread only."""
+
+    def __init__(self, run: EvalsRun, settings: RunSettings) -> None:
         self.run = run
-        loop = run.loop
-        self.evaluators = loop.evaluators
-        self.background = loop.eval_mode == "background"
-        self.timeout = loop.eval_timeout
-        self.max_in_flight = loop.max_evals_in_flight
-        self.snapshot = loop.snapshot
-        #: where background evals run (the run's; cancelled at the deadline)
-        self.task_group: Any = None
+        self.evaluators = settings.evaluators
+        self.background = settings.eval_mode == "background"
+        self.timeout = settings.eval_timeout
+        self.max_in_flight = settings.max_evals_in_flight
+        self.snapshot = settings.snapshot
+        #: where background evals run: the run's, set for the train phase (cancelled
+        #: at the shutdown's deadline)
+        self.task_group: TaskGroup | None = None
         self.in_flight = 0
         self._slot = anyio.Event()  # set when a background eval finishes
 
@@ -61,17 +75,25 @@ class Evals:
         ]
 
     async def after_step(self, step_idx: int, *, force: bool = False) -> None:
-        """Run what is due after ``step_idx`` (all of them with ``force``)."""
+        """Run what is due after ``step_idx`` (all of them with ``force``).
+
+        Inline: returns when each has ended and its event passed the control
+        barrier. Background: returns once each has started, waiting for a free
+        slot when ``max_evals_in_flight`` are running. Never raises for an
+        evaluator.
+        """
         due = self.due(step_idx, force=force)
         if not due:
             return
         if self.background:
+            tg = self.task_group
+            assert tg is not None  # set for the whole train phase
             for ev in due:
                 while self.in_flight >= self.max_in_flight:
                     self._slot = slot = anyio.Event()
                     await slot.wait()
                 self.in_flight += 1
-                self.task_group.start_soon(self._in_background, ev, self._view(), step_idx)
+                tg.start_soon(self._in_background, ev, self._view(), step_idx)
             return
         results: list[Result] = [{}] * len(due)
 
@@ -121,7 +143,7 @@ class Evals:
     async def _evaluate(self, ev: Evaluator, state: LoopState, step_idx: int) -> Result:
         try:
             with anyio.fail_after(self.timeout):
-                out: Any = ev.evaluate(state, step_idx)
+                out: object = ev.evaluate(state, step_idx)
                 if isinstance(out, Awaitable):
                     out = await out
             return floats(out, f"evaluator {ev.name!r}")

@@ -1,83 +1,85 @@
-"""Run: one execution of a :class:`~evsys_async.loop.TrainingLoop`, start to end.
+"""Run: one execution of a ``TrainingLoop``, start to end.
 
-:meth:`Run.execute` is the whole life of a run, in phases that live in their
-own modules:
+:meth:`Run.execute` is the whole life of a run (docs/design.md, "A run"), in
+phases that live in their own modules and see the run only through a
+``Protocol`` of what each uses (``StepsRun``, ``EvalsRun``, ``CheckpointsRun``,
+``ShutdownRun``) beside the frozen ``RunSettings`` (``_settings.py``):
 
-1. start: load saved callback states on a resume, subscribe each callback (one
-   subscriber each; a process callback is shipped with its state), open the
-   evaluators;
+1. start: load saved callback states on a resume (``_checkpoints.py``),
+   subscribe each callback (one subscriber each; a process callback is shipped
+   with its state), open the evaluators;
 2. train (``_steps.py``): ``TrainStarted``, the steps, and after each the one
-   step boundary (control barrier, evals ``_evals.py``, checkpoints
-   ``_checkpoints.py``, stop);
+   step boundary (``_boundary.py``: control barrier ``_barrier.py``, evals
+   ``_evals.py``, checkpoints ``_checkpoints.py``, stop);
 3. shutdown (``_shutdown.py``): shielded, under one ``drain_timeout``,
    whichever way the run ended; then the step's exception, the callback's
    (``callback_errors="raise"``), an interrupt or the outer cancellation is
-   re-raised.
+   re-raised (docs/design.md, "Cancellation and interrupts").
+
+``Run`` is the one object that holds what the phases share; only the facade
+(``_loop.py``) makes one, and no phase imports this module.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 
 from .._util.aio import Deadline, shielded
 from .._util.traceback import user_traceback
-from .._util.worker import DaemonWorker
 from ..bus import EventBus, Subscription
 from ..callbacks.base import CallbackAdapter
 from ..errors import describe
 from ..evaluators.base import open_evaluators
 from ..events import Event
 from ..state import LoopArtifacts, LoopState, Status
+from ._barrier import ControlBarrier
 from ._checkpoints import Checkpoints
 from ._evals import Evals
+from ._settings import RunSettings
 from ._shutdown import shutdown
-from ._steps import ControlBarrier, StepFailed, train
-
-if TYPE_CHECKING:
-    from . import TrainingLoop
+from ._step_thread import StepThread
+from ._steps import StepFailed, train
 
 __all__ = ["Run"]
 
 
 class Run:
-    """The state one run shares between its phases (see the module docstring)."""
+    """What one run's phases share (see the module docstring). Loop thread only."""
 
     def __init__(
         self,
-        loop: TrainingLoop,
+        settings: RunSettings,
         state: LoopState,
         artifacts: LoopArtifacts,
         adapters: list[CallbackAdapter],
         bus: EventBus,
         *,
         owns_bus: bool,
-        start_step: int,
-        step_worker: DaemonWorker | None,
-        owns_worker: bool,
+        step_thread: StepThread,
     ) -> None:
-        self.loop = loop
+        self.settings = settings
         self.state = state
         self.artifacts = artifacts
         self.adapters = adapters
         self.bus = bus
+        #: the run made ``bus`` (and closes it)
         self.owns_bus = owns_bus
-        self.start_step = start_step
-        self.run_key = loop.run_key
-        state.eval_names = tuple(str(ev.name) for ev in loop.evaluators)
-        state.start_step = start_step
+        self.run_key = settings.run_key
+        state.eval_names = tuple(str(ev.name) for ev in settings.evaluators)
+        state.start_step = settings.start_step
+        #: one per adapter, in order, once started
         self.subs: list[Subscription] = []
-        #: where ``def`` steps (and a ``def`` checkpoint function) run: a daemon thread
-        #: of the run's own, or the caller's thread under ``run_sync()``
-        self.step_worker = step_worker
-        self._owns_worker = owns_worker
+        #: where ``def`` steps (and a ``def`` checkpoint function) run
+        self.step_thread = step_thread
         self.barrier = ControlBarrier(
-            control_timeout=loop.control_timeout, every_callback=loop.callback_errors == "raise"
+            control_timeout=settings.control_timeout,
+            every_callback=settings.callback_errors == "raise",
         )
-        self.evals = Evals(self)
-        self.checkpoints = Checkpoints(self)
+        self.evals = Evals(self, settings)
+        self.checkpoints = Checkpoints(self, settings)
         #: KeyboardInterrupt/SystemExit from one of this run's async hooks
         self.interrupted: BaseException | None = None
         #: cancelled by an interrupt: ends the train phase after the current step
@@ -86,8 +88,6 @@ class Run:
         self.deadline: Deadline | None = None
         #: the rank whose stop request (or failure) ended this run, if one did
         self.stop_rank: int | None = None
-        #: this rank's stop request was handed to the coordinator
-        self.stop_proposed = False
 
     # -- publishing --------------------------------------------------------------
 
@@ -109,22 +109,10 @@ class Run:
             self.interrupted = exc
         self.train_scope.cancel()
 
-    def step_worker_for_calls(self) -> DaemonWorker:
-        """Where a ``def`` checkpoint function runs: the step thread, made if the step
-        is ``async def``."""
-        if self.step_worker is None:
-            self.step_worker = DaemonWorker(f"evsys-step:{self.run_key}")
-            self._owns_worker = True
-        return self.step_worker
-
-    def close_step_worker(self) -> None:
-        """The run is done with its step thread (a caller's thread is the caller's)."""
-        if self.step_worker is not None and self._owns_worker:
-            self.step_worker.close()
-
     def start_shutdown_clock(self) -> Deadline:
+        """The shutdown's deadline, started by the first call."""
         if self.deadline is None:
-            self.deadline = Deadline(self.loop.drain_timeout)
+            self.deadline = Deadline(self.settings.drain_timeout)
         return self.deadline
 
     # -- the whole run -----------------------------------------------------------
@@ -146,7 +134,8 @@ class Run:
             raised = self.barrier.callback_error
             status = "failed"
             self.artifacts.error = describe(raised)
-        await shielded(shutdown(self, status))  # also through a native asyncio cancel
+        # also through a native asyncio cancel
+        await shielded(shutdown(self, self.settings, status, self.start_shutdown_clock()))
         if self.interrupted is not None and raised is not self.interrupted:
             raised = self.interrupted  # from a hook during the shutdown (on_train_end)
         if raised is not None:
@@ -155,6 +144,7 @@ class Run:
 
     async def _train_phase(self) -> tuple[Status, BaseException | None]:
         """The evaluators' setup and the steps; how they ended."""
+        settings = self.settings
         status: Status = "failed"
         raised: BaseException | None = None
         try:
@@ -162,9 +152,9 @@ class Run:
                 self.evals.task_group = eval_tg
                 with self.train_scope:
                     await open_evaluators(
-                        self.loop.evaluators, self.state, timeout=self.loop.eval_timeout
+                        settings.evaluators, self.state, timeout=settings.eval_timeout
                     )
-                    status = await train(self)
+                    status = await train(self, settings)
                 if self.interrupted is not None:
                     status, raised = "cancelled", self.interrupted
                 # in-flight background evals are part of the shutdown
