@@ -12,7 +12,7 @@ How an event travels (``docs/design.md`` has the whole story):
 3. A subscriber is woken when its backlog reaches ``batch_size`` or its
    oldest pending event is ``batch_delay`` old, and at once while a barrier,
    ``drain`` or close waits. Each wake hands it everything pending, as one
-   batch, to its delivery (``_delivery.py``): an ``async def`` handler runs in
+   batch, to its delivery (``_delivery/``): an ``async def`` handler runs in
    its own task, a ``def`` handler in its own daemon thread, one call at a time,
    and with ``isolation="process"`` either runs in a child process of its own.
 
@@ -40,13 +40,22 @@ from ..errors import BusClosedError
 from ..events import Event
 from ..policies import DropOldest, Latest, Lossless, Policy
 from ._delivery.base import Delivery, Handler, Hook
+from ._delivery.child import in_subscriber_process, request_parent
 from ._delivery.process import ProcessDelivery
 from ._delivery.task import TaskDelivery
 from ._delivery.thread import ThreadDelivery
 from ._pump import Pump
 from .subscription import DrainReport, SubscriberStats, Subscription, stats_of
 
-__all__ = ["DrainReport", "EventBus", "Isolation", "SubscriberStats", "Subscription"]
+__all__ = [
+    "DrainReport",
+    "EventBus",
+    "Isolation",
+    "SubscriberStats",
+    "Subscription",
+    "in_subscriber_process",
+    "request_parent",
+]
 
 #: where a subscriber's handler runs: a task, a thread, or a child process of its own
 Isolation = Literal["task", "thread", "process"]
@@ -234,7 +243,7 @@ class EventBus:
         hook_name: Callable[[Event | str], str] | None = None,
         on_interrupt: Callable[[BaseException], None] | None = None,
         isolation: Isolation | None = None,
-        on_request: Callable[[Any], None] | None = None,
+        on_request: Callable[[bytes], None] | None = None,
     ) -> Subscription:
         """Add a subscriber; it sees matching events published from now on.
 
@@ -254,9 +263,10 @@ class EventBus:
         default for ``def``) or ``"process"``: a child process of its own, fed
         msgpack-encoded events in batches, where it runs in a thread (``def``)
         or on an event loop of this backend (``async def``). The handler and
-        the hooks are then pickled here, once; ``on_request(obj)`` gets, in this
-        process, what the child sends with ``evsys_async.bus._delivery.child.send_request``,
-        before the batch in hand counts as done. See ``docs/isolation.md``.
+        the hooks are then pickled here, once; ``on_request(message)`` gets, in this
+        process and in the subscriber's feeder thread, the bytes the child sends with
+        :func:`request_parent`, before the batch in hand counts as done. See
+        ``docs/isolation.md``.
 
         Nothing the handler raises leaves its subscriber: an exception, a stray
         cancellation (one this bus did not cause) and, in a ``def`` handler's
@@ -312,12 +322,11 @@ class EventBus:
         d: Delivery
         try:
             if isolation == "process":
-                backend = "asyncio" if on_asyncio() else "trio"
                 d = ProcessDelivery(
                     pump,
                     handler,
                     child_async=is_async,
-                    backend=backend,
+                    backend="asyncio" if on_asyncio() else "trio",
                     on_request=on_request,
                     **common,
                 )

@@ -51,6 +51,7 @@ from ..events import (
 )
 from ..policies import Lossless, Policy
 from ..state import LoopArtifacts, LoopState, Status
+from ._requests import apply
 
 __all__ = [
     "EXPERIMENT_HOOKS",
@@ -419,19 +420,11 @@ class CallbackAdapter:
             return functools.partial(call_remote, method, *args)
         return functools.partial(getattr(self.callback, method), *args)
 
-    def _apply_request(self, request: Any) -> None:
+    def _apply_request(self, data: bytes) -> None:
         """What the callback's process asked of the run (in the subscriber's feeder
-        thread, before the batch in hand counts as done)."""
-        what, *args = request
-        state = self.state
-        if what == "stop":
-            state.request_stop(args[0], failed=args[1])
-        elif what == "checkpoint":
-            state.request_checkpoint(args[0])
-        elif what == "eval":
-            state.request_eval()
-        elif what == "publish":
-            state.publish(args[0])
+        thread, before the batch in hand counts as done). Raises ``ValueError`` for a
+        request it does not know (the bus logs it as a WARNING)."""
+        apply(self.state, data, callback=self.name)
 
 
 class Hooks(NamedTuple):
