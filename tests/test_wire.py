@@ -4,6 +4,7 @@ the other end, an unknown one an error that names it. No process is started here
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import msgspec
@@ -92,3 +93,11 @@ def test_an_unknown_request_is_an_error_that_names_it() -> None:
     with pytest.raises(ValueError, match="'stop'"):  # a known tag of the wrong shape
         apply(state, msgspec.msgpack.encode(["stop"]), callback="cb")
     assert not state.has_requests
+
+
+def test_subscribe_takes_what_a_user_passes() -> None:
+    """``on_interrupt`` is the package's own (``subscribe_with``); ``sync`` stays as the
+    older spelling of ``isolation``."""
+    params = inspect.signature(ev.EventBus.subscribe).parameters
+    assert "on_interrupt" not in params
+    assert {"isolation", "sync", "on_request", "hook_name"} <= set(params)

@@ -32,7 +32,8 @@ import anyio.lowlevel
 from .._util.aio import is_async_callable
 from .._util.log import get_logger
 from .._util.worker import DaemonWorker
-from ..bus import EventBus, Subscription
+from ..bus import EventBus, Isolation, Subscription
+from ..bus._subscribe import SubscribeOptions
 from ..errors import describe
 from ..events import (
     BenchmarkEvaluated,
@@ -382,32 +383,38 @@ class CallbackAdapter:
         (or, with ``isolation = "process"``, in its own process).
 
         ``on_interrupt`` gets a ``KeyboardInterrupt``/``SystemExit`` that one of its
-        ``async def`` hooks raised (see :meth:`EventBus.subscribe`). Raises
-        ``TypeError`` for a process callback that cannot be pickled."""
-        extra: dict[str, Any] = {}
+        ``async def`` hooks raised (the run ends as cancelled), instead of the bus
+        cancelling its block. Raises ``TypeError`` for a process callback that
+        cannot be pickled, and what :meth:`EventBus.subscribe` raises."""
+        on_request: Callable[[bytes], None] | None = None
+        isolation: Isolation | None = None  # a task or a thread: ``sync`` says which
         if self.isolation == "process":
             from ._remote import RemoteCallback  # it builds adapters in the child
 
             hooks = RemoteCallback(self).hooks()
-            extra = {"isolation": "process", "on_request": self._apply_request}
+            isolation = "process"
+            on_request = self._apply_request
         else:
             hooks = self.bind()
-        self.subscription = bus.subscribe(
-            hooks.handler,
+        options = SubscribeOptions(
             events=self.event_types,
             policy=self.policy,
             name=self.name,
             timeout=self.timeout,
             envelopes=self._wants_envelope,
             run_key=run_key,
+            isolation=isolation,
+            # the handler is a plain function that returns the hook's coroutine for an
+            # async callback (no wrapper coroutine per event): say how to call it
             sync=not self.is_async,
             on_start=hooks.on_start,
             on_batch_end=hooks.on_batch_end,
             on_close=hooks.on_close,
             hook_name=self._label,
+            on_request=on_request,
             on_interrupt=on_interrupt,
-            **extra,
         )
+        self.subscription = bus.subscribe_with(hooks.handler, options)
         self.name = self.subscription.name
         return self.subscription
 
