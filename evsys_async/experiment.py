@@ -37,8 +37,9 @@ import anyio
 from ._util.log import get_logger
 from ._util.rundir import claim_run_dir
 from .bus import EventBus, Subscription
+from .callbacks import Callback, dispatch
 from .callbacks._format import eval_metric_name
-from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides
+from .callbacks._hooks import LOOP_HOOKS, overrides
 from .errors import describe
 from .evaluators import Evaluator
 from .events import (

@@ -1,7 +1,7 @@
 """TrainingLoop: the steps, evaluators and checkpoints of one run, published as events.
 
 The loop knows nothing of any particular callback: each callback becomes one
-bus subscriber through :class:`~evsys_async.callbacks.base.CallbackAdapter`.
+bus subscriber through :class:`~evsys_async.callbacks._adapter.CallbackAdapter`.
 The loop waits only for callbacks that ask it to (``controls_loop``, or every
 callback with ``callback_errors="raise"``), after each event they handle, up
 to ``control_timeout``. Everything else runs beside training.
@@ -29,7 +29,8 @@ from .._util.jsonl import trim_jsonl
 from .._util.rundir import claim_run_dir
 from .._util.worker import DaemonWorker
 from ..bus import EventBus
-from ..callbacks.base import Callback, CallbackAdapter
+from ..callbacks import Callback
+from ..callbacks._adapter import CallbackAdapter
 from ..coordinator import Coordinator, launch_env
 from ..evaluators import Evaluator
 from ..state import LogContext, LoopArtifacts, LoopState

@@ -26,7 +26,7 @@ from .._util.aio import Deadline, shielded
 from .._util.traceback import user_traceback
 from .._util.worker import DaemonWorker
 from ..bus import EventBus, Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..errors import describe
 from ..evaluators import open_evaluators
 from ..events import Event

@@ -26,7 +26,7 @@ from .._util.aio import LoopWaker, is_async_callable
 from .._util.log import get_logger
 from .._util.worker import DaemonWorker
 from ..bus import Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..coordinator import StopRequest
 from ..events import Event, StepEnded, StopRequested, TrainStarted
 from ..state import Status
