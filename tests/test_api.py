@@ -256,3 +256,12 @@ def test_every_callback_hook_is_documented() -> None:
     hooks = [*(h for h, _ in LOOP_HOOKS.values()), *OTHER_HOOKS, "flush", *EXPERIMENT_HOOKS]
     undocumented = [h for h in hooks if not (getattr(evsys_async.Callback, h).__doc__ or "")]
     assert not undocumented, f"Callback hooks without a docstring: {undocumented}"
+
+
+def test_the_experiment_records_have_one_class_and_two_paths() -> None:
+    """Defined below the callbacks (``state``), imported from ``experiment`` as before."""
+    import evsys_async.experiment as experiment
+    import evsys_async.state as state
+
+    for name in ("Arm", "ArmResult", "ExperimentResult", "RunResult"):
+        assert getattr(experiment, name) is getattr(state, name) is getattr(evsys_async, name)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from ..events import Envelope, Event
 from ..policies import Lossless, Policy
-from ..state import LogContext, LoopArtifacts, LoopState
+from ..state import Arm, ExperimentResult, LogContext, LoopArtifacts, LoopState, RunResult
 
 __all__ = ["Callback"]
 
@@ -201,11 +201,11 @@ class Callback:
         the step it evaluated, if known.
         """
 
-    def on_run_end(self, ctx: LogContext, run_result: Any, arm: Any) -> Any:
+    def on_run_end(self, ctx: LogContext, run_result: RunResult, arm: Arm) -> Any:
         """One run of ``arm`` ended (after its shutdown); ``run_result`` has its
         status, steps and the last value of each eval metric."""
 
-    def on_experiment_end(self, ctx: LogContext, result: Any) -> Any:
+    def on_experiment_end(self, ctx: LogContext, result: ExperimentResult) -> Any:
         """Every run ended; ``result`` holds each arm's runs and means and the best
         arm."""
 
