@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 
 import evsys_async as ev
-from evsys_async.callbacks.base import CallbackAdapter
+from evsys_async.callbacks._adapter import CallbackAdapter
 from evsys_async.callbacks.csv_metrics import CsvMetricsCallback
 from evsys_async.callbacks.debug_logger import DebugLoggerCallback
 from evsys_async.callbacks.early_stopping import EarlyStoppingCallback

@@ -28,7 +28,7 @@ import msgspec
 
 import evsys_async as ev
 from evsys_async._util.files import AsyncFile, open_async
-from evsys_async.callbacks.base import CallbackAdapter
+from evsys_async.callbacks._adapter import CallbackAdapter
 from evsys_async.events import StepEnded
 
 _encode = msgspec.json.Encoder().encode

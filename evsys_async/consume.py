@@ -36,8 +36,9 @@ from ._util.log import get_logger
 from ._util.rundir import claim_run_dir
 from ._util.worker import in_daemon_thread
 from .bus import EventBus, Subscription
+from .callbacks import Callback
+from .callbacks._adapter import CallbackAdapter
 from .callbacks._format import due, fmt_value
-from .callbacks.base import Callback, CallbackAdapter
 from .events import Envelope, EvalEnded, Event, StepEnded, TrainEnded, TrainStarted
 from .state import CallbackHealth, LogContext, LoopState
 from .transports import RedisStreamSource

@@ -19,6 +19,10 @@ Every experiment is a new one: it claims ``<output_dir>/<name>/`` (or
 ``<name>-1``, ... when that holds an earlier experiment's files; see
 ``loop.py`` for runs), so re-running a config never mixes two experiments'
 files; ``overwrite=True`` reuses the directory, emptied first.
+
+The records (:class:`Arm`, :class:`RunResult`, :class:`ArmResult`,
+:class:`ExperimentResult`) are defined in ``state.py``, below the callbacks
+whose hooks get them, and imported from here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +40,9 @@ import anyio
 from ._util.log import get_logger
 from ._util.rundir import claim_run_dir
 from .bus import EventBus, Subscription
+from .callbacks import Callback, dispatch
 from .callbacks._format import eval_metric_name
-from .callbacks.base import LOOP_HOOKS, Callback, dispatch, overrides
+from .callbacks._hooks import LOOP_HOOKS, overrides
 from .errors import describe
 from .evaluators import Evaluator
 from .events import (
@@ -49,81 +53,12 @@ from .events import (
     RunEnded,
     RunStarted,
 )
-from .loop import StepFn, TrainingLoop
-from .state import LogContext, LoopArtifacts
+from .loop import TrainingLoop
+from .state import Arm, ArmResult, ExperimentResult, LogContext, RunResult
 
 __all__ = ["Arm", "ArmResult", "Experiment", "ExperimentResult", "RunResult"]
 
 _log = get_logger()
-
-
-@dataclass
-class Arm:
-    """One configuration under test: a step function and the params it reads.
-
-    The run's ``state.ctx.run_config`` holds ``params`` plus ``arm``, ``repeat``
-    and ``seed`` (``base_seed + repeat``), so a step can seed itself.
-    """
-
-    name: str
-    step: StepFn
-    params: dict[str, Any] = field(default_factory=dict)
-    evaluators: Sequence[Evaluator] | None = None
-
-
-@dataclass
-class RunResult:
-    """One run of one arm: its status and the last value of each eval metric."""
-
-    run_key: str
-    arm: str
-    repeat: int
-    status: str
-    steps_completed: int
-    metrics: dict[str, float]
-    artifacts: LoopArtifacts | None = None
-    error: str | None = None
-
-
-@dataclass
-class ArmResult:
-    """The runs of one arm and the mean of each metric over its repeats."""
-
-    arm: str
-    runs: list[RunResult]
-    mean: dict[str, float]
-
-
-@dataclass
-class ExperimentResult:
-    """Every arm's result and the best arm by ``success_metric`` (``None`` if unknown)."""
-
-    name: str
-    arms: dict[str, ArmResult]
-    success_metric: str | None
-    best_arm: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "success_metric": self.success_metric,
-            "best_arm": self.best_arm,
-            "arms": {
-                name: {"mean": a.mean, "runs": [_run_dict(r) for r in a.runs]}
-                for name, a in self.arms.items()
-            },
-        }
-
-
-def _run_dict(r: RunResult) -> dict[str, Any]:
-    return {
-        "run_key": r.run_key,
-        "repeat": r.repeat,
-        "status": r.status,
-        "steps_completed": r.steps_completed,
-        "metrics": r.metrics,
-        "error": r.error,
-    }
 
 
 class Experiment:
@@ -306,7 +241,7 @@ class Experiment:
             artifacts=artifacts,
             error=error,
         )
-        bus.publish(RunEnded(run_key=run_key, arm=arm.name, result=_run_dict(result)))
+        bus.publish(RunEnded(run_key=run_key, arm=arm.name, result=result.to_dict()))
         if not concurrent:
             await self._hook("on_run_end", ctx, result, arm)
         return result

@@ -10,7 +10,7 @@ How it travels: a daemon thread reads and decodes the log a few blocks ahead
 never waits on the disk or the decoder; the loop task publishes each event
 through :meth:`EventBus.publish` onto a fresh bus whose subscribers are the
 callbacks, each through the same
-:class:`~evsys_async.callbacks.base.CallbackAdapter` a live run uses, with a
+:class:`~evsys_async.callbacks._adapter.CallbackAdapter` a live run uses, with a
 :class:`LoopState` rebuilt from the record (step, num_steps, start step, run
 key, output dir). Publishing waits whenever the slowest callback falls a few
 blocks behind, so memory stays bounded however long the log is.
@@ -42,7 +42,8 @@ from ._util.log import get_logger
 from ._util.rundir import claim_run_dir
 from ._util.worker import DaemonWorker, Outcome
 from .bus import EventBus, Subscription
-from .callbacks.base import Callback, CallbackAdapter
+from .callbacks import Callback
+from .callbacks._adapter import CallbackAdapter
 from .events import (
     CheckpointSaved,
     Envelope,

@@ -1,14 +1,18 @@
-"""What a run shares with its callbacks: LoopState, LogContext, StepOutput, LoopArtifacts.
+"""What a run shares with its callbacks: LoopState, LogContext, StepOutput, LoopArtifacts,
+and the experiment's records the experiment-scope hooks get (Arm, RunResult,
+ArmResult, ExperimentResult).
 
-This module exists so that ``loop.py`` and ``callbacks/base.py`` do not import
-each other. ``LoopState`` is live: hooks get the object itself, so
-``state.request_stop()`` works from any hook, in any thread.
+This module exists so that the loop, the experiment and ``callbacks/base.py``
+do not import each other: it sits below all three. ``LoopState`` is live:
+hooks get the object itself, so ``state.request_stop()`` works from any hook,
+in any thread. The experiment's records are plain data; ``evsys_async.experiment``
+re-exports them, their public path.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -19,10 +23,14 @@ from .bus.subscription import current_subscription
 from .events import Event
 
 __all__ = [
+    "Arm",
+    "ArmResult",
     "CallbackHealth",
+    "ExperimentResult",
     "LogContext",
     "LoopArtifacts",
     "LoopState",
+    "RunResult",
     "Status",
     "StepOutput",
 ]
@@ -195,3 +203,80 @@ class LoopState:
             names, self._checkpoint_requests = self._checkpoint_requests, []
         wants_eval, self._eval_requested = self._eval_requested, False
         return names, wants_eval
+
+
+# -- the experiment's records (``experiment.py`` runs them) ----------------------------
+
+
+@dataclass
+class Arm:
+    """One configuration under test: a step function and the params it reads.
+
+    The run's ``state.ctx.run_config`` holds ``params`` plus ``arm``, ``repeat``
+    and ``seed`` (``base_seed + repeat``), so a step can seed itself.
+    ``step`` is a :class:`~evsys_async.loop.TrainingLoop` step,
+    ``step(state, step_idx)`` (``def`` or ``async def``); ``evaluators``, when
+    given, replace the experiment's for this arm's runs (each an
+    :class:`~evsys_async.evaluators.Evaluator`).
+    """
+
+    name: str
+    step: Callable[[LoopState, int], Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    # Evaluator is a protocol of the layer above this one: it cannot be named here
+    evaluators: Sequence[Any] | None = None
+
+
+@dataclass
+class RunResult:
+    """One run of one arm: its status and the last value of each eval metric."""
+
+    run_key: str
+    arm: str
+    repeat: int
+    status: str
+    steps_completed: int
+    metrics: dict[str, float]
+    artifacts: LoopArtifacts | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (``RunEnded.result``; a line of the experiment's result)."""
+        return {
+            "run_key": self.run_key,
+            "repeat": self.repeat,
+            "status": self.status,
+            "steps_completed": self.steps_completed,
+            "metrics": self.metrics,
+            "error": self.error,
+        }
+
+
+@dataclass
+class ArmResult:
+    """The runs of one arm and the mean of each metric over its repeats."""
+
+    arm: str
+    runs: list[RunResult]
+    mean: dict[str, float]
+
+
+@dataclass
+class ExperimentResult:
+    """Every arm's result and the best arm by ``success_metric`` (``None`` if unknown)."""
+
+    name: str
+    arms: dict[str, ArmResult]
+    success_metric: str | None
+    best_arm: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "success_metric": self.success_metric,
+            "best_arm": self.best_arm,
+            "arms": {
+                name: {"mean": a.mean, "runs": [r.to_dict() for r in a.runs]}
+                for name, a in self.arms.items()
+            },
+        }

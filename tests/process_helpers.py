@@ -108,6 +108,17 @@ class Talker:
                 logging.getLogger("evsys_async.test_child").exception("with a traceback")
 
 
+class Asks:
+    """A ``def`` handler that sends each event's step to the parent, as bytes, with
+    ``request_parent`` (and notes whether it is in its own process)."""
+
+    def __call__(self, event: StepEnded) -> None:
+        from evsys_async.bus import in_subscriber_process, request_parent
+
+        assert in_subscriber_process()
+        request_parent(b"step %d" % event.step)
+
+
 def whereami() -> int:
     return os.getpid()
 

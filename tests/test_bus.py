@@ -4,8 +4,9 @@ Everything runs on asyncio and on trio. What happens behind the facade has a
 test file per module: ``test_intake.py`` (numbering, publishing from other
 threads), ``test_routing.py`` (which subscribers an event reaches),
 ``test_pump.py`` (batching, lag, drain and barriers), ``test_delivery.py``,
-``test_task_delivery.py`` and ``test_thread_delivery.py`` (how a handler runs),
-``test_subscription.py`` (the handle ``subscribe`` returns).
+``test_task_delivery.py``, ``test_thread_delivery.py`` and
+``test_process_delivery.py`` (how a handler runs), ``test_wire.py`` (what crosses to
+a subscriber's process), ``test_subscription.py`` (the handle ``subscribe`` returns).
 """
 
 from __future__ import annotations

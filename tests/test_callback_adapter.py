@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 import evsys_async as ev
-from evsys_async.callbacks.base import CallbackAdapter
+from evsys_async.callbacks._adapter import CallbackAdapter
 from evsys_async.events import (
     CallbackFailed,
     EvalEnded,

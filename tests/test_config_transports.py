@@ -88,7 +88,7 @@ def test_sink_callback_refuses_what_is_not_a_sink() -> None:
 
 
 def test_a_nonblocking_sink_is_fed_on_the_event_loop_and_named_after_it(tmp_path: Path) -> None:
-    from evsys_async.callbacks.base import CallbackAdapter
+    from evsys_async.callbacks._adapter import CallbackAdapter
     from evsys_async.transports import JsonlSink
 
     redis_cb = SinkCallback(RedisStreamSink("redis://127.0.0.1:6379/0", "x"))

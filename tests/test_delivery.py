@@ -1,4 +1,4 @@
-"""What both deliveries (``_delivery.py``: a task or a thread) promise alike.
+"""What both deliveries (``bus/_delivery/``: a task or a thread) promise alike.
 
 Each test runs with an ``async def`` handler and with a ``def`` one: the
 subscription's hooks run around batches; a handler that raises is logged once

@@ -1,4 +1,5 @@
-"""ProcessDelivery (``_process_delivery.py``, ``_child.py``): a handler in a child process.
+"""ProcessDelivery (``bus/_delivery/process.py``, ``spawn.py``, ``child.py``): a handler in
+a child process.
 
 Real child processes (forkserver here). What a child did comes back through files it
 writes; every wait is bounded; no clock decides a result.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from process_helpers import AsyncRecorder, Recorder, Talker, fails, notes, whereami
+from process_helpers import Asks, AsyncRecorder, Recorder, Talker, fails, notes, whereami
 
 import evsys_async as ev
 from evsys_async.errors import CallbackProcessError, ChildTraceback
@@ -276,3 +277,23 @@ class Unloadable:
 
     def __setstate__(self, state: dict[str, int]) -> None:
         raise RuntimeError("cannot load here")
+
+
+async def test_request_parent_reaches_on_request_before_the_batch_counts_done() -> None:
+    got: list[bytes] = []
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=WAIT) as bus:
+            bus.subscribe(Asks(), events=(StepEnded,), isolation="process", on_request=got.append)
+            for i in range(3):
+                bus.publish(step(i))
+            report = await bus.publish_and_wait(step(3), timeout=WAIT)
+            assert report.ok
+            assert got == [b"step 0", b"step 1", b"step 2", b"step 3"]  # in order, all in
+            assert not ev.bus.in_subscriber_process()
+
+
+def test_request_parent_outside_a_subscriber_process_says_where_it_works() -> None:
+    with pytest.raises(RuntimeError, match="only in a subscriber's own process"):
+        ev.bus.request_parent(b"x")
+    with pytest.raises(TypeError, match="sends bytes"):
+        ev.bus.request_parent("text")  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""TaskDelivery (``_task_delivery.py``): an ``async def`` handler runs in a task of its own.
+"""TaskDelivery (``bus/_delivery/task.py``): an ``async def`` handler runs in a task of its own.
 
 A slow handler stalls no sibling; one past its ``timeout`` is cancelled and
 counted as failed; a batch counts as handled only after its ``on_batch_end``;

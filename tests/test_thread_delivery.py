@@ -1,4 +1,4 @@
-"""ThreadDelivery (``_thread_delivery.py``): a ``def`` handler runs in a daemon thread of its own.
+"""ThreadDelivery (``bus/_delivery/thread.py``): a ``def`` handler runs in a daemon thread of its own.
 
 A blocking handler holds its own thread only; one past its ``timeout`` is
 abandoned (counted as failed once, no longer waited for) and its next call

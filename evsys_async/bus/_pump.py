@@ -21,7 +21,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -65,7 +64,7 @@ class Pump:
         #: ended deliveries whose thread is still finishing its last batch
         self.closing: list[Delivery] = []
         self.walked = 0  # every event with seq < this has been routed
-        self.token: Any = None
+        self.token: anyio.lowlevel.EventLoopToken | None = None
         self.loop_thread: int | None = None
         #: from open() until the bus has closed: thread wakes are answered
         self.is_open = False

@@ -1,7 +1,7 @@
 """Subscription: what ``EventBus.subscribe`` returns — a handle on one subscriber.
 
-The mechanics live behind it, in its delivery (``_delivery.py``: a task or a
-thread) and the bus's pump (``_pump.py``). This module also holds the records
+The mechanics live behind it, in its delivery (``_delivery/``: a task, a
+thread or a process) and the bus's pump (``_pump.py``). This module also holds the records
 a caller reads: :class:`SubscriberStats` and :class:`DrainReport`.
 """
 

@@ -1,4 +1,5 @@
-"""Callbacks: the base class, ``dispatch``, the registry and the eight built-ins.
+"""Callbacks: the base class, ``dispatch``, the registry, the eight built-ins and
+``SinkCallback``.
 
 Every name of the original system's callbacks module imports from here (and
 from ``evsys_async``)::
@@ -8,12 +9,20 @@ from ``evsys_async``)::
 Importing this package registers the built-ins under their kind names
 (``print_progress``, ``csv_metrics``, ...). Optional extras (tensorboardX,
 wandb) are imported when those callbacks are constructed, never here.
+
+The modules: ``base`` (``Callback``, each hook documented), ``registry``, one
+module per built-in; the runtime's side is private — ``_hooks`` (the hooks as
+data), ``_runner`` (a callback's hooks as a bus handler), ``_adapter`` (one
+callback as one bus subscriber), ``_remote`` and ``_requests`` (a callback in
+its own process, and what it asks of the run), ``_dispatch``; ``_format`` and
+``_values`` help the built-ins.
 """
 
 from __future__ import annotations
 
 from ..state import LogContext, LoopState
-from .base import Callback, dispatch
+from ._dispatch import dispatch
+from .base import Callback
 from .csv_metrics import CsvMetricsCallback
 from .debug_logger import DebugLoggerCallback
 from .early_stopping import EarlyStoppingCallback

@@ -7,10 +7,12 @@ child. It carries the callback itself, or — for a callback built from a
 config entry — its ``(kind, params)`` (and its saved state on a resume), so
 the child builds it from the registry; and a view of the run's state (step,
 number of steps, run key, output dir, config, start step, rank, world size,
-evaluator names). In the child it builds a :class:`CallbackAdapter` over a
+evaluator names). In the child it builds a :class:`~._runner.HookRunner` over a
 child-side :class:`LoopState` whose ``request_stop``, ``request_checkpoint``,
-``request_eval`` and ``publish`` are sent to the parent, which applies them
-to the run's own state before the batch counts as done.
+``request_eval`` and ``publish`` are sent to the parent as tagged requests
+(``_requests.py``) through :func:`evsys_async.bus.request_parent`; the
+parent's adapter applies them to the run's own state before the batch counts
+as done.
 
 Not shipped: the step's ``batch`` (``wants_batch`` callbacks get ``None``),
 ``state.model``, ``state.extras``, ``ctx.store``/``ids``/``extras``, and the
@@ -26,10 +28,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .._util.log import get_logger
-from ..bus._delivery import child as _child
+from ..bus import in_subscriber_process, request_parent
 from ..events import Envelope, Event
 from ..state import LogContext, LoopState
-from .base import Callback, CallbackAdapter, Hooks, overrides
+from ._hooks import overrides
+from ._requests import Checkpoint, Eval, Publish, Stop, encode_request
+from ._runner import HookRunner, Hooks
+from .base import Callback
+from .registry import build_callbacks
 
 __all__ = ["RemoteCallback", "call_remote"]
 
@@ -42,9 +48,9 @@ class RemoteCallback:
     #: the one callback of this process (in a child; ``None`` elsewhere)
     active: ClassVar[RemoteCallback | None] = None
 
-    def __init__(self, adapter: CallbackAdapter) -> None:
-        cb, state = adapter.callback, adapter.state
-        self.name = adapter.name
+    def __init__(self, runner: HookRunner) -> None:
+        cb, state = runner.callback, runner.state
+        self.name = runner.name
         self.spec: tuple[str, dict[str, Any], str] | None = None
         self.callback: Callback | None = cb
         self.saved: Any = None
@@ -76,7 +82,7 @@ class RemoteCallback:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if _child.in_child():  # unpickled on the child's event loop: build it there
+        if in_subscriber_process():  # unpickled on the child's event loop: build it there
             self._build()
 
     def _build(self) -> None:
@@ -85,15 +91,13 @@ class RemoteCallback:
             kind, params, module = self.spec
             with contextlib.suppress(ImportError):  # a kind its module registers
                 importlib.import_module(module)
-            from .registry import build_callbacks
-
             [cb] = build_callbacks([{"kind": kind, "params": params}])
             if self.saved is not None:
                 cb.load_state_dict(self.saved)  # type: ignore[attr-defined]
             self.callback = cb
         assert self.callback is not None
         self._state = _ChildState(**self.view)
-        self._hooks = CallbackAdapter(self.callback, self._state).bind()
+        self._hooks = HookRunner(self.callback, self._state).bind()
 
     # -- what the child runs ---------------------------------------------------------
 
@@ -137,17 +141,17 @@ class _ChildState(LoopState):
 
     def request_stop(self, reason: str | None = None, *, failed: bool = False) -> None:
         if not self.stop_requested:
-            _child.send_request(("stop", reason, failed))
+            request_parent(encode_request(Stop(reason, failed)))
         super().request_stop(reason, failed=failed)
 
     def request_checkpoint(self, name: str) -> None:
-        _child.send_request(("checkpoint", name))
+        request_parent(encode_request(Checkpoint(name)))
 
     def request_eval(self) -> None:
-        _child.send_request(("eval",))
+        request_parent(encode_request(Eval()))
 
     def publish(self, event: Event) -> None:
-        _child.send_request(("publish", event))
+        request_parent(encode_request(Publish.of(event)))
 
 
 def _view(state: LoopState) -> dict[str, Any]:

@@ -12,7 +12,11 @@ the place and the likely name::
 Third-party packages register through the entry-point group
 ``evsys_async.callbacks`` (``name = "package.module:Class"``); the group is
 read on the first lookup and each entry point is imported when its kind is
-first needed, so a broken plug-in fails only the configs that name it.
+first needed, so a broken plug-in fails only the configs that name it. The
+built-ins are known the same way, as a table of kind -> ``"module:Class"``
+imported on first lookup (importing ``evsys_async.callbacks`` imports them
+all anyway), so this module imports none of them: a built-in imports the
+registry, never the other way round.
 
 :class:`~evsys_async._util.kinds.KindRegistry` is the machinery, shared with the
 evaluator registry (``evaluators/base.py``). Its errors are
@@ -29,23 +33,19 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from .._util.kinds import KindRegistry
-from .._util.params import explain_validation, validate_params
-from ..errors import ConfigPath, PlacedConfigError, PlacedMissingExtraError, format_path
-from .base import ISOLATIONS, Callback
+from ..errors import ConfigPath, PlacedConfigError
+from ._hooks import ISOLATIONS
+from .base import Callback
 
 __all__ = [
+    "CALLBACKS",
     "ENTRY_POINT_GROUP",
     "CallbackSpec",
-    "KindRegistry",
     "PlacedConfigError",
-    "PlacedMissingExtraError",
     "build_callbacks",
-    "explain_validation",
-    "format_path",
     "get_callback",
     "list_callbacks",
     "register_callback",
-    "validate_params",
 ]
 
 ENTRY_POINT_GROUP = "evsys_async.callbacks"
@@ -75,8 +75,21 @@ def _check_callback(cls: type) -> None:
         raise TypeError(f"{cls.__name__}.Config must be a msgspec.Struct, got {config!r}")
 
 
-def _import_builtins() -> None:
-    from . import _builtins  # noqa: F401 - each built-in module registers itself
+#: the built-in kinds, imported on first lookup like entry points (each module
+#: registers its class with ``@register_callback`` when it is imported)
+_BUILTINS = {
+    kind: f"evsys_async.callbacks.{kind}:{cls}"
+    for kind, cls in {
+        "csv_metrics": "CsvMetricsCallback",
+        "debug_logger": "DebugLoggerCallback",
+        "early_stopping": "EarlyStoppingCallback",
+        "evsys_logger": "EvsysLoggerCallback",
+        "local_logger": "LocalLoggerCallback",
+        "print_progress": "PrintProgressCallback",
+        "tensorboard_logger": "TensorBoardLoggerCallback",
+        "wandb_logger": "WandbLoggerCallback",
+    }.items()
+}
 
 
 def _built(cb: Callback, kind: str, params: dict[str, Any], options: dict[str, Any]) -> None:
@@ -91,7 +104,7 @@ CALLBACKS: KindRegistry[type[Callback]] = KindRegistry(
     "callback",
     group=ENTRY_POINT_GROUP,
     check=_check_callback,
-    builtins=_import_builtins,
+    lazy=_BUILTINS,
     options={"isolation": ISOLATIONS},
     on_built=_built,
 )

@@ -19,11 +19,10 @@ reads ``RedisStreamSink  ok (212 events)``.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .._util.worker import in_daemon_thread
 from ..events import Envelope
 from ..state import LoopState
+from ..transports.base import EnvelopeSink
 from .base import Callback
 
 __all__ = ["SinkCallback"]
@@ -38,14 +37,14 @@ class SinkCallback(Callback):
     for an object that is not a sink.
     """
 
-    sink: Any
+    sink: EnvelopeSink
 
-    def __new__(cls, sink: Any) -> SinkCallback:
+    def __new__(cls, sink: EnvelopeSink) -> SinkCallback:
         if cls is SinkCallback:
             cls = _subclass(type(sink), bool(getattr(sink, "nonblocking", False)))
         return super().__new__(cls)
 
-    def __init__(self, sink: Any) -> None:
+    def __init__(self, sink: EnvelopeSink) -> None:
         for method in ("flush", "close"):
             if not callable(getattr(sink, method, None)):
                 raise TypeError(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .._util.log import get_logger
 from ..bus import Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..events import Event
 
 __all__ = ["ControlBarrier"]

@@ -35,7 +35,7 @@ from .._util.aio import is_async_callable
 from .._util.files import write_atomic
 from .._util.log import get_logger
 from ..bus import EventBus, Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..events import CheckpointSaved, Event
 from ..state import LoopArtifacts, LoopState
 from ._barrier import ControlBarrier

@@ -28,7 +28,8 @@ from .._util.jsonl import trim_jsonl
 from .._util.rundir import claim_run_dir
 from .._util.worker import DaemonWorker
 from ..bus import EventBus
-from ..callbacks.base import Callback, CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
+from ..callbacks.base import Callback
 from ..coordinator import Coordinator
 from ..evaluators import Evaluator
 from ..state import LogContext, LoopArtifacts, LoopState

@@ -30,7 +30,7 @@ import msgspec
 from .._util.aio import Deadline, shielded
 from .._util.traceback import user_traceback
 from ..bus import EventBus, Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..errors import describe
 from ..evaluators.base import open_evaluators
 from ..events import Event

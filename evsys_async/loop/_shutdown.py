@@ -44,7 +44,7 @@ from .._util.aio import Deadline
 from .._util.files import write_atomic
 from .._util.log import get_logger
 from ..bus import EventBus, Subscription
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..evaluators.base import close_evaluators
 from ..events import Event, TrainEnded
 from ..state import CallbackHealth, LoopArtifacts, LoopState, Status

@@ -27,7 +27,7 @@ import anyio.lowlevel
 from .._util.aio import LoopWaker, is_async_callable
 from .._util.worker import DaemonWorker
 from ..bus import EventBus
-from ..callbacks.base import CallbackAdapter
+from ..callbacks._adapter import CallbackAdapter
 from ..events import StepEnded, TrainStarted
 from ..state import LoopArtifacts, Status
 from ._boundary import Boundary, BoundaryRun, Plan

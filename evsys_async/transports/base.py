@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from ..bus import EventBus, Subscription
 from ..events import Envelope, Event
 
 __all__ = ["EnvelopeSink", "attach"]
@@ -28,19 +29,21 @@ class EnvelopeSink(Protocol):
 
 
 def attach(
-    bus: Any,
+    bus: EventBus,
     sink: EnvelopeSink,
     *,
     events: Iterable[type[Event]] = (Event,),
     run_key: str | None = None,
     name: str | None = None,
-) -> Any:
-    """Subscribe ``sink`` to ``bus`` (lossless, in its own thread); returns the Subscription."""
+) -> Subscription:
+    """Subscribe ``sink`` to ``bus`` (lossless, in its own thread); returns the Subscription.
+
+    On the bus's event loop; raises what :meth:`EventBus.subscribe` raises."""
     return bus.subscribe(
         sink,
         events=tuple(events),
         envelopes=True,
-        sync=True,
+        isolation="thread",
         run_key=run_key,
         name=name or type(sink).__name__,
         on_batch_end=sink.flush,

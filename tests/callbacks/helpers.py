@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 import evsys_async as ev
-from evsys_async.callbacks.base import CallbackAdapter
+from evsys_async.callbacks._adapter import CallbackAdapter
 from evsys_async.events import Event, StepEnded, TrainEnded, TrainStarted
 
 #: the fail_after around every test's waits: generous, never reached when all is well

@@ -50,7 +50,7 @@ async def test_benchmark_metrics_through_dispatch(tmp_path: Path) -> None:
     cb = TensorBoardLoggerCallback()
     state = make_state(tmp_path, num_steps=1)
     async with ev.EventBus() as bus:
-        from evsys_async.callbacks.base import CallbackAdapter
+        from evsys_async.callbacks._adapter import CallbackAdapter
 
         sub = CallbackAdapter(cb, state).subscribe(bus)
         with anyio.fail_after(10):  # setup has run once the first event it handles is handled

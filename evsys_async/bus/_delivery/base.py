@@ -1,6 +1,7 @@
 """Delivery: how one subscriber's handler gets its events. One interface, three
-implementations: a task (``_task_delivery.py``), a thread (``_thread_delivery.py``)
-and a child process fed by a thread (``_process_delivery.py``).
+implementations: a task (``task.py``), a thread (``thread.py``) and a child
+process fed by a thread (``process.py``, with ``spawn.py``, ``wire.py`` and the
+child's side, ``child.py``).
 
 A delivery owns its subscriber's buffer (built by its policy), runs the
 handler in batches in its own task or thread, and keeps the counts:
@@ -15,7 +16,7 @@ event's fate is decided (the thread's counters are the thread's; the one
 count the loop makes for a thread — a call abandoned at its timeout — is
 made under the delivery's lock).
 
-The pump (``_pump.py``) fills the buffer, decides when a delivery is due and
+The pump (``bus/_pump.py``) fills the buffer, decides when a delivery is due and
 calls :meth:`Delivery.wake`; it reaches the delivery only through the public
 names below. A delivery reaches back only through :class:`Engine`.
 """
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 
 from ...events import CallbackFailed, Event, SubscriberLagged
 from ...policies import Entry, Policy
@@ -71,7 +74,7 @@ class Engine(Protocol):
     #: every event with seq below this has been walked into the buffers
     walked: int
     #: the event loop's anyio token (a thread runs an ``async def`` hook through it)
-    token: Any
+    token: anyio.lowlevel.EventLoopToken | None
 
     @property
     def hurry(self) -> bool:
@@ -184,7 +187,7 @@ class Delivery(ABC):
     # -- what the pump calls (loop thread) ---------------------------------------
 
     @abstractmethod
-    def start(self, task_group: Any) -> None:
+    def start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Start the task or thread; ``on_start`` runs there before the first event."""
 
     @property

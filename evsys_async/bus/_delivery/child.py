@@ -1,5 +1,5 @@
-"""The child side of a subscriber in its own process (``_process_delivery.py`` is the
-parent's side, ``docs/isolation.md`` the user's view).
+"""The child side of a subscriber in its own process (``process.py`` and ``spawn.py``
+are the parent's side, ``docs/isolation.md`` the user's view).
 
 :func:`main` runs in a process started by ``multiprocessing`` (forkserver on
 Linux, else spawn; never a plain fork of a process with threads). It gets one
@@ -18,8 +18,9 @@ bound methods share their instance here. Then:
 * after each event it bumps the shared counter, after sending a message for
   a failure, so a parent that sees it die knows each event's fate.
 
-Wire: every message is ``tag + payload``; a batch is msgpack
-(``[[seq, event], ...]``), everything else is pickled.
+The messages are ``wire.py``'s. From any thread of this process,
+:func:`request_parent` hands bytes to the subscriber's ``on_request`` in the
+parent (``evsys_async.bus.request_parent`` is its public path).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.from_thread
@@ -46,57 +47,53 @@ import anyio.lowlevel
 import msgspec
 
 from ..._util.aio import LoopWaker
-from ..._util.traceback import user_traceback
 from ..._util.worker import DaemonWorker
 from ...errors import describe
 from ...events import Envelope, decode
+from . import wire
 
-__all__ = ["in_child", "main", "send_request"]
-
-# parent -> child
-BATCH = b"B"  # + flush flag + quiet flag + msgpack [[seq, event], ...]
-HOOK = b"H"  # + the slot's name: on_start / on_close
-CALL = b"C"  # + pickled fn: Subscription.call
-END = b"Q"  # exit
-# child -> parent
-READY = b"r"  # the program is loaded
-BROKEN = b"x"  # it could not be: pickled (summary, traceback text)
-DONE = b"d"  # the batch (and its flush) or the hook is done
-RESULT = b"v"  # a call's result: pickled (True, value) or (False, failure)
-FAILED = b"f"  # pickled (index in the batch or -1, slot, quiet, failure)
-LOG = b"l"  # pickled (logger name, level, message, exception text)
-OUT = b"o"  # pickled (1 or 2, text)
-REQUEST = b"q"  # pickled object for the parent's on_request
-
-#: a failure as it crosses: (pickled exception or None, "Type: message", traceback text)
-Failure = tuple[bytes | None, str, str]
+__all__ = ["in_subscriber_process", "main", "request_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
 _link: _Link | None = None
 
 
-def in_child() -> bool:
-    """True in a subscriber's own process."""
+def in_subscriber_process() -> bool:
+    """True in a subscriber's own process (``isolation="process"``), on any of its
+    threads; False everywhere else."""
     return _link is not None
 
 
-def send_request(obj: object) -> None:
-    """From any thread of a subscriber's process: hand ``obj`` (pickled) to the
-    subscriber's ``on_request`` in the parent, which applies it before the batch in
-    hand counts as done. Raises ``RuntimeError`` outside such a process."""
+def request_parent(message: bytes) -> None:
+    """Send ``message`` to the subscriber's ``on_request`` in the parent process.
+
+    Call it from the handler or a hook of a subscriber that runs in its own
+    process (``isolation="process"``), from any thread of that process. It
+    returns once the bytes are written to the pipe (it does not wait for the
+    parent to apply them); the parent's feeder thread hands them to
+    ``on_request(message)`` before the batch in hand counts as handled, so a
+    barrier (``Subscription.wait``, ``publish_and_wait``) that returns has
+    seen the requests of the events it waited for. The bus does not read the
+    bytes: encode what you send and decode it in ``on_request``
+    (``msgspec.msgpack`` and a tagged Struct is what the callbacks use). What
+    ``on_request`` raises is logged in the parent as a WARNING; a subscriber
+    without ``on_request`` drops them.
+
+    Raises ``TypeError`` for anything but bytes, and ``RuntimeError`` outside
+    a subscriber's own process (in the parent, call the code directly).
+    """
+    if not isinstance(message, bytes | bytearray | memoryview):
+        raise TypeError(
+            f"request_parent() sends bytes, got {type(message).__name__}; encode it first, "
+            "e.g. msgspec.msgpack.encode(obj)"
+        )
     if _link is None:
-        raise RuntimeError("send_request() works only in a subscriber's own process")
-    _link.send(REQUEST + pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def failure_of(exc: BaseException) -> Failure:
-    """An exception as it crosses to the parent."""
-    try:
-        data: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        data = None
-    return data, describe(exc), user_traceback(exc)  # the callback's frames, not ours
+        raise RuntimeError(
+            "request_parent() works only in a subscriber's own process "
+            "(subscribe(..., isolation='process')); here, call on_request's code directly"
+        )
+    _link.send(wire.Request(bytes(message)))
 
 
 class _Link:
@@ -107,12 +104,13 @@ class _Link:
         self.counter = counter
         self._lock = threading.Lock()
 
-    def send(self, data: bytes) -> None:
+    def send(self, message: wire.ToParent) -> None:
+        data = wire.encode(message)
         with self._lock:
             self.conn.send_bytes(data)
 
 
-def main(conn: Any, counter: Any, settings: dict[str, Any], program: bytes) -> None:
+def main(conn: Any, counter: Any, settings: wire.Settings, program: bytes) -> None:
     """The child process's entry point (see the module docstring)."""
     global _link
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -122,7 +120,7 @@ def main(conn: Any, counter: Any, settings: dict[str, Any], program: bytes) -> N
     _forward_output(link)
     with contextlib.suppress(Exception):  # a segfault's Python stack reaches stderr
         faulthandler.enable(file=2)
-    anyio.run(_Child(link, settings, program).serve, backend=settings["backend"])
+    anyio.run(_Child(link, settings, program).serve, backend=settings.backend)
 
 
 def _die_with_parent() -> None:
@@ -138,15 +136,14 @@ def _die_with_parent() -> None:
 class _Child:
     """Loads the program and runs what the parent sends, in order."""
 
-    def __init__(self, link: _Link, settings: dict[str, Any], program: bytes) -> None:
+    def __init__(self, link: _Link, settings: wire.Settings, program: bytes) -> None:
         self.link = link
         self.settings = settings
         self.program = program
         self.inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self.is_async = bool(settings["is_async"])
-        self.envelopes = bool(settings["envelopes"])
-        self.bus_id = str(settings["bus_id"])
-        self._items = msgspec.msgpack.Decoder(list[tuple[int, msgspec.Raw]])
+        self.is_async = settings.is_async
+        self.envelopes = settings.envelopes
+        self.bus_id = settings.bus_id
         self._ready: anyio.Event | None = None
         self.token: Any = None
         self.worker: DaemonWorker | None = None
@@ -162,13 +159,13 @@ class _Child:
             handler, on_start, on_batch_end, on_close = pickle.loads(self.program)
         except BaseException as exc:  # whatever it is, the parent reports it
             text = "".join(traceback.format_exception(exc))  # all of it: what failed to load
-            self.link.send(BROKEN + pickle.dumps((describe(exc), text)))
+            self.link.send(wire.Broken(describe(exc), text))
             return
         self.handler = handler
         self.hooks = {"on_start": on_start, "on_batch_end": on_batch_end, "on_close": on_close}
         if not self.is_async:
             self.worker = DaemonWorker("evsys-child-handler")
-        self.link.send(READY)
+        self.link.send(wire.Ready())
         try:
             await self._loop()
         finally:
@@ -201,19 +198,20 @@ class _Child:
             self._ready = anyio.Event()
 
     async def _loop(self) -> None:
+        """Run what the parent sends, in order, until ``End``. A message this end does
+        not know raises (naming it): the process ends and the parent reports it."""
+        send = self.link.send
         while True:
-            message = await self._next()
-            tag, payload = message[:1], message[1:]
-            if tag == BATCH:
-                await self._batch(payload)
-                self.link.send(DONE)
-            elif tag == HOOK:
-                slot = payload.decode()
-                await self._hook(slot, False)
-                self.link.send(DONE)
-            elif tag == CALL:
-                self.link.send(RESULT + pickle.dumps(await self._call(payload)))
-            else:  # END
+            message = wire.decode_from_parent(await self._next())
+            if isinstance(message, wire.Batch):
+                await self._batch(message)
+                send(wire.Done())
+            elif isinstance(message, wire.RunHook):
+                await self._hook(message.slot, False)
+                send(wire.Done())
+            elif isinstance(message, wire.Call):
+                send(await self._call(message.fn))
+            else:  # End
                 return
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -234,15 +232,14 @@ class _Child:
             return anyio.from_thread.run(_wait_for, result, token=self.token)
         return result
 
-    async def _batch(self, payload: bytes) -> None:
-        flush, quiet = payload[0] == 1, payload[1] == 1
-        items = self._items.decode(payload[2:])
+    async def _batch(self, batch: wire.Batch[msgspec.Raw]) -> None:
+        items = batch.items
         if self.worker is None:
             await self._events_async(items)
         else:
             await self.worker.call(self._events_sync, items)
-        if flush:
-            await self._hook("on_batch_end", quiet)
+        if batch.flush:
+            await self._hook("on_batch_end", batch.quiet)
 
     def _arg(self, seq: int, raw: msgspec.Raw) -> Any:
         event = decode(raw, format="msgpack")
@@ -280,18 +277,18 @@ class _Child:
         except BaseException as exc:  # in its own process, anything is its failure
             self._failed(-1, slot, quiet, exc)
 
-    async def _call(self, payload: bytes) -> tuple[bool, Any]:
+    async def _call(self, fn: bytes) -> wire.Returned | wire.Raised:
         """``Subscription.call``: run the pickled function where the handler runs."""
         try:
-            value = await self._run(pickle.loads(payload))
-            pickle.dumps(value)  # fails here, not in the parent
+            value = await self._run(pickle.loads(fn))
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # fails here
         except BaseException as exc:  # handed back to the caller
-            return False, failure_of(exc)
-        return True, value
+            return wire.Raised(wire.failure_of(exc))
+        return wire.Returned(data)
 
     def _failed(self, index: int, slot: str, quiet: bool, exc: BaseException) -> None:
         # sent before the counter moves: a parent that sees the count sees the failure
-        self.link.send(FAILED + pickle.dumps((index, slot, quiet, failure_of(exc))))
+        self.link.send(wire.Failed(index, slot, quiet, wire.failure_of(exc)))
 
 
 async def _wait_for(awaitable: Any) -> Any:
@@ -313,26 +310,25 @@ class _ShipLogs(logging.Handler):
             text = record.exc_text
             if record.exc_info and not text:
                 text = "".join(traceback.format_exception(*record.exc_info))
-            data = (record.name, record.levelno, record.getMessage(), text)
-            self.link.send(LOG + pickle.dumps(data))
+            self.link.send(wire.Log(record.name, record.levelno, record.getMessage(), text))
         except Exception:
             self.handleError(record)
 
 
-def _forward_logs(link: _Link, settings: dict[str, Any]) -> None:
+def _forward_logs(link: _Link, settings: wire.Settings) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(_ShipLogs(link))
-    root.setLevel(settings["root_level"])
-    for name, level in settings["levels"].items():
+    root.setLevel(settings.root_level)
+    for name, level in settings.levels.items():
         logging.getLogger(name).setLevel(level)
 
 
 class _Lines(io.TextIOBase):
     """``sys.stdout``/``sys.stderr`` of the child: each whole line goes to the parent."""
 
-    def __init__(self, link: _Link, stream: int) -> None:
+    def __init__(self, link: _Link, stream: Literal[1, 2]) -> None:
         self.link = link
         self.stream = stream
         self._buf = ""
@@ -349,14 +345,14 @@ class _Lines(io.TextIOBase):
             self._buf += text
             if "\n" in self._buf:
                 whole, _, self._buf = self._buf.rpartition("\n")
-                self.link.send(OUT + pickle.dumps((self.stream, whole + "\n")))
+                self.link.send(wire.Output(self.stream, whole + "\n"))
         return len(text)
 
     def flush(self) -> None:
         with self._lock:
             if self._buf:
                 text, self._buf = self._buf, ""
-                self.link.send(OUT + pickle.dumps((self.stream, text)))
+                self.link.send(wire.Output(self.stream, text))
 
 
 def _forward_output(link: _Link) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 
 from ..._util.aio import current_task_getter, undo_self_cancel
 from ..._util.log import get_logger
@@ -48,7 +49,7 @@ class TaskDelivery(Delivery):
         self._scope = anyio.CancelScope(shield=True)
         self._current_task = current_task_getter()
 
-    def start(self, task_group: Any) -> None:
+    def start(self, task_group: anyio.abc.TaskGroup) -> None:
         task_group.start_soon(self._run, name=f"evsys-sub:{self.name}")
 
     @property

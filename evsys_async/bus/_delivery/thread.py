@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import anyio.abc
 import anyio.from_thread
 
 from ..._util.aio import is_async_callable
@@ -80,7 +81,7 @@ class ThreadDelivery(Delivery):
 
     # -- what the pump calls (loop thread) ---------------------------------------
 
-    def start(self, task_group: Any) -> None:
+    def start(self, task_group: anyio.abc.TaskGroup) -> None:
         self._done = self.engine.walked
         self._thread.start()
 
@@ -225,7 +226,7 @@ class ThreadDelivery(Delivery):
             self._finished = True
             engine.wake_from_thread()
 
-    # -- seams a subclass fills (the process delivery: ``_process_delivery.py``) ---
+    # -- seams a subclass fills (the process delivery: ``process.py``) ------------
 
     def _begin(self) -> None:
         """In the thread, before ``on_start``."""
