@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -178,8 +180,29 @@ async def test_default_output_is_a_new_run_dir_beside_nothing_of_the_source(
     assert text == (live / "metrics.csv").read_text()
 
 
-async def test_a_resumed_run_replays_to_the_same_files(tmp_path: Path) -> None:
-    """The header that recurs at a resume restarts the callbacks with its start step."""
+@pytest.fixture(params=["one_second", "a_second_each"])
+def event_file_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The clock tensorboardX names an event file by (``events.out.tfevents.<second>...``):
+    stopped, so every file opens in one second (as a quick resume or a replay opens
+    them), or a second later at each reading. The test no longer depends on where the
+    wall clock's seconds fall."""
+    import tensorboardX.event_file_writer
+
+    tick = 0.0 if request.param == "one_second" else 1.0
+    readings = itertools.count()  # next() is atomic: the writer's thread reads it too
+    clock = SimpleNamespace(time=lambda: 1_700_000_000.0 + tick * next(readings))
+    monkeypatch.setattr(tensorboardX.event_file_writer, "time", clock)
+    return str(request.param)
+
+
+async def test_a_resumed_run_replays_to_the_same_files(
+    tmp_path: Path, event_file_clock: str
+) -> None:
+    """The header that recurs at a resume restarts the callbacks with its start step.
+
+    Each segment's TensorBoard file sorts after the one before, in one second too
+    (two files once shared that name, and the resume's erased the first segment's).
+    """
 
     def checkpoint(state: ev.LoopState, name: str) -> None:
         return None
@@ -210,7 +233,11 @@ async def test_a_resumed_run_replays_to_the_same_files(tmp_path: Path) -> None:
     out = tmp_path / "again" / "live"
     assert (out / "metrics.csv").read_text() == (live / "metrics.csv").read_text()
     assert (out / "metrics.jsonl").read_bytes() == (live / "metrics.jsonl").read_bytes()
-    assert scalars(out / "tensorboard") == scalars(live / "tensorboard")
+    tensorboard = scalars(live / "tensorboard")
+    # the first segment's steps, then the resume's (TensorBoard purged 20-24 of the first)
+    assert [s for s, _ in tensorboard["loss"]] == list(range(NUM_STEPS))
+    assert [s for s, _ in tensorboard["val/acc"]] == list(range(4, NUM_STEPS, 5))
+    assert scalars(out / "tensorboard") == tensorboard
     # set up twice, the second time as the resumed run was
     assert [(n, s) for n, _, _, s in rec.started] == [(25, 0), (NUM_STEPS, 20)]
 
