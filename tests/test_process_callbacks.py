@@ -35,7 +35,7 @@ from evsys_async.errors import ConfigError
 from evsys_async.events import CallbackFailed, EvalEnded, StepEnded
 from evsys_async.subscription import current_subscription
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # callbacks in child processes
 
 WAIT = 60
 TESTS = Path(__file__).resolve().parent

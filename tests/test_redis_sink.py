@@ -38,7 +38,7 @@ from evsys_async.events import (
 from evsys_async.transports import RedisStreamSink, RedisStreamSource, attach
 from evsys_async.transports.redis import events_stream
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # Redis: its own, the shared one, or none
 
 
 class RemoteSpike(ev.Event):

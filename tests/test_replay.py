@@ -552,6 +552,7 @@ CALLBACKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_cli_replays_a_run_dir_into_a_new_one(recorded: Path, name: str) -> None:
     root = recorded.parent.parent
@@ -564,6 +565,7 @@ def test_cli_replays_a_run_dir_into_a_new_one(recorded: Path, name: str) -> None
     assert replayed == (recorded / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_cli_only_speed_and_output_dir(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
@@ -579,6 +581,7 @@ def test_cli_only_speed_and_output_dir(recorded: Path) -> None:
     assert bad.returncode == 2 and "is not a speed; give a number > 0" in bad.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_callbacks_file_is_placed(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(
@@ -595,6 +598,7 @@ def test_cli_bad_callbacks_file_is_placed(recorded: Path) -> None:
     assert not (root / "runs" / "demo-1").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exit_codes(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
@@ -639,6 +643,7 @@ def test_cli_bad_input_exit_codes(recorded: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "failing.py").write_text(
@@ -663,6 +668,7 @@ def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
     assert "failing  40 failed" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_docs_examples_run(tmp_path: Path) -> None:
     """docs/replay.md: the shell session prints what the page shows; the Python runs."""
     import re
