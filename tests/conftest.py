@@ -1,4 +1,4 @@
-"""The suite's rules: backends and the ``slow`` mark.
+"""The suite's rules: backends, the ``slow`` mark, and a temp dir of its own.
 
 Backends: every async test runs on asyncio and on trio (anyio's pytest plugin,
 the ``anyio_backend`` fixture below).
@@ -16,16 +16,29 @@ a hypothesis search that takes seconds. ``pytest -m "not slow"`` runs the rest
 
 A test that starts a process without the mark fails at its teardown, naming
 what it started (:func:`_slow_rule`), so the fast part cannot quietly grow slow.
+
+The temp dir: for the session, ``TMPDIR`` (inherited by every subprocess) and
+:data:`tempfile.tempdir` point at a fresh directory of the session's own; once
+the tests are done it must be empty. Whatever is left there is named, with the
+test after which it first appeared, and fails the run (exit status 1); the
+directory is removed either way. pytest's own ``tmp_path`` directories and this
+process's multiprocessing directory (removed at exit by multiprocessing) stay
+where they always are. A directory of its own, not a diff of ``/tmp``: other
+programs on the machine may use ``/tmp`` meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing.process
+import multiprocessing.util
 import os
 import shlex
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,4 +134,80 @@ def _slow_rule(request: pytest.FixtureRequest, _processes_noted: None) -> Iterat
             "@pytest.mark.slow (or its module pytestmark) so that `pytest -m 'not slow'` "
             "stays fast (tests/conftest.py says which tests are slow)",
             pytrace=False,
+        )
+
+
+# -- a temp dir of the session's own -----------------------------------------------------------
+
+_TEMP_DIR = pytest.StashKey[Path]()
+_FIRST_SEEN = pytest.StashKey[dict[str, str]]()
+_LEFT = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_temp_dir(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    tmp_path_factory.getbasetemp()  # pytest keeps its tmp_path dirs where it always does
+    multiprocessing.util.get_temp_dir()  # removed by multiprocessing when pytest exits
+    own = Path(tempfile.mkdtemp(prefix="evsys-tests-"))
+    pytestconfig.stash[_TEMP_DIR] = own
+    pytestconfig.stash[_FIRST_SEEN] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(own))
+        patch.setattr(tempfile, "tempdir", str(own))
+        yield own
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Note the test after which each entry of the temp dir first appeared."""
+    try:
+        return (yield)
+    finally:  # a teardown that fails too
+        own = item.config.stash.get(_TEMP_DIR, None)
+        if own is not None and own.is_dir():
+            seen = item.config.stash[_FIRST_SEEN]
+            for name in os.listdir(own):
+                seen.setdefault(name, item.nodeid)
+
+
+def _kept_until_exit(name: str) -> bool:
+    """What a library keeps in the temp dir while the process lives and removes when it
+    exits: ``import wandb`` makes two directories, and wandb's service one of its own."""
+    return (name.startswith("tmp") and name.endswith(("wandb-media", "wandb-artifacts"))) or (
+        name.startswith(f"wandb-{os.getpid()}-")
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    own = session.config.stash.get(_TEMP_DIR, None)
+    if own is None or not own.is_dir():
+        return
+    seen = session.config.stash[_FIRST_SEEN]
+    left = [
+        f"{name} (first seen after {seen.get(name, 'the last test')})"
+        for name in sorted(os.listdir(own))
+        if not _kept_until_exit(name)
+    ]
+    shutil.rmtree(own, ignore_errors=True)
+    if left:
+        session.config.stash[_LEFT] = left
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    left = config.stash.get(_LEFT, [])
+    if left:
+        terminalreporter.section("left in the temp dir", sep="!", red=True)
+        for line in left:
+            terminalreporter.line(line, red=True)
+        terminalreporter.line(
+            "so the run fails: the tests must leave nothing in the temp dir; remove it in "
+            "the test, or give the code a path under tmp_path (tests/conftest.py)",
+            red=True,
         )

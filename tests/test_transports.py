@@ -156,6 +156,7 @@ def test_without_redis_the_redis_tests_skip_saying_how_to_start_it(tmp_path: Pat
     """The README's test command on a machine without Redis: skips that say what to do."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
     env["EVSYS_TEST_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    env["TMPDIR"] = str(tmp_path)  # where the inner session keeps its tmp_path dirs
     proc = subprocess.run(
         [
             sys.executable,
