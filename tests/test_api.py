@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import evsys_async
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,6 +198,7 @@ def test_no_import_cycle_in_the_acyclic_packages() -> None:
     )
 
 
+@pytest.mark.slow
 def test_import_does_not_pull_optional_extras() -> None:
     code = (
         "import sys, evsys_async; "
@@ -224,6 +227,7 @@ ORIGINAL_CALLBACKS_ALL = [
 ]
 
 
+@pytest.mark.slow
 def test_every_original_callbacks_name_imports_from_both_roots() -> None:
     """As a user's script does it: a fresh interpreter, plain ``from ... import``."""
     names = ", ".join(ORIGINAL_CALLBACKS_ALL)
@@ -239,6 +243,7 @@ def test_every_original_callbacks_name_imports_from_both_roots() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_transports_is_an_attribute_without_importing_redis() -> None:
     code = (
         "import sys, evsys_async as ev\n"

@@ -63,6 +63,7 @@ async def test_subscribe_outside_the_block_raises_bus_closed() -> None:
     assert isinstance(ev.BusClosedError("x"), RuntimeError)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body", ["pass", "bus.publish(StepEnded(step=0, num_steps=1))"])
 def test_a_block_that_never_yields_can_be_left(anyio_backend: str, body: str) -> None:
     # Leaving the block cancels the pump through the shielded scope the pump

@@ -14,6 +14,8 @@ from servers import load_example
 
 import evsys_async as ev
 
+pytestmark = pytest.mark.slow  # the example serves HTTP on a socket
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -27,7 +27,7 @@ import evsys_async as ev
 
 service_mod = load_example("service")
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the service serves HTTP on a socket
 
 
 class Gate:

@@ -35,7 +35,7 @@ from evsys_async.errors import ConfigError
 from evsys_async.events import CallbackFailed, EvalEnded, StepEnded
 from evsys_async.subscription import current_subscription
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # callbacks in child processes
 
 WAIT = 60
 TESTS = Path(__file__).resolve().parent
@@ -388,7 +388,9 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_no_child_outlives_a_parent_killed_with_sigkill(backend: str, tmp_path: Path) -> None:
     script = _script(tmp_path, steps=100_000, spin=0.05, backend=backend)
-    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    # killed, the parent cannot remove its multiprocessing temp dir: let that be in tmp_path
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env)
     try:
         _wait_for(lambda: (tmp_path / "ready").exists() and notes(tmp_path / "notes.jsonl"),
                   "the run and its callback's process to start")  # fmt: skip

@@ -21,7 +21,7 @@ import evsys_async as ev
 from evsys_async.errors import CallbackProcessError, ChildTraceback
 from evsys_async.events import CallbackFailed, StepEnded
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # handlers in child processes
 
 WAIT = 60
 

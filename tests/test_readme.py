@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import evsys_async as ev
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_readme_python_example_is_examples_readme_and_runs(tmp_path: Path) -> None:
     block = re.search(r"```python\n(.*?)```", README, re.S)
     assert block is not None

@@ -4,6 +4,8 @@ goes away mid-run costs the loop nothing and loses nothing, and no credential le
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ from evsys_async.events import (
 from evsys_async.transports import RedisStreamSink, RedisStreamSource, attach
 from evsys_async.transports.redis import events_stream
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # Redis: its own, the shared one, or none
 
 
 class RemoteSpike(ev.Event):
@@ -254,6 +256,11 @@ async def test_flush_never_waits_for_redis(warnings_log: pytest.LogCaptureFixtur
     stats = sink.stats()
     assert stats.accepted == 200 and stats.sent == 0 and not stats.connected
     assert stats.last_error is not None and "Connection refused" in stats.last_error
+    # no run dir, no spill_path: what is unsent stays in a temp file, named in the stats
+    assert stats.spill_path is not None and stats.spilled == 200
+    left = Path(stats.spill_path)
+    assert left.parent == Path(tempfile.gettempdir()) and os.stat(left).st_size > 0
+    os.remove(left)  # the test's to remove: a user would hand it to the next sink
 
 
 def _all_text(root: Path) -> str:

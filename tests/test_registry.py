@@ -222,6 +222,7 @@ def test_broken_entry_point_fails_only_when_named(
         CALLBACKS.refresh()
 
 
+@pytest.mark.slow
 def test_entry_point_in_a_fresh_process(tmp_path: Path) -> None:
     """What a user sees: the plug-in installed, `evsys-async callbacks` lists it."""
     write_plugin(tmp_path)

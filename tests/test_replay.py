@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -178,8 +180,29 @@ async def test_default_output_is_a_new_run_dir_beside_nothing_of_the_source(
     assert text == (live / "metrics.csv").read_text()
 
 
-async def test_a_resumed_run_replays_to_the_same_files(tmp_path: Path) -> None:
-    """The header that recurs at a resume restarts the callbacks with its start step."""
+@pytest.fixture(params=["one_second", "a_second_each"])
+def event_file_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The clock tensorboardX names an event file by (``events.out.tfevents.<second>...``):
+    stopped, so every file opens in one second (as a quick resume or a replay opens
+    them), or a second later at each reading. The test no longer depends on where the
+    wall clock's seconds fall."""
+    import tensorboardX.event_file_writer
+
+    tick = 0.0 if request.param == "one_second" else 1.0
+    readings = itertools.count()  # next() is atomic: the writer's thread reads it too
+    clock = SimpleNamespace(time=lambda: 1_700_000_000.0 + tick * next(readings))
+    monkeypatch.setattr(tensorboardX.event_file_writer, "time", clock)
+    return str(request.param)
+
+
+async def test_a_resumed_run_replays_to_the_same_files(
+    tmp_path: Path, event_file_clock: str
+) -> None:
+    """The header that recurs at a resume restarts the callbacks with its start step.
+
+    Each segment's TensorBoard file sorts after the one before, in one second too
+    (two files once shared that name, and the resume's erased the first segment's).
+    """
 
     def checkpoint(state: ev.LoopState, name: str) -> None:
         return None
@@ -210,7 +233,11 @@ async def test_a_resumed_run_replays_to_the_same_files(tmp_path: Path) -> None:
     out = tmp_path / "again" / "live"
     assert (out / "metrics.csv").read_text() == (live / "metrics.csv").read_text()
     assert (out / "metrics.jsonl").read_bytes() == (live / "metrics.jsonl").read_bytes()
-    assert scalars(out / "tensorboard") == scalars(live / "tensorboard")
+    tensorboard = scalars(live / "tensorboard")
+    # the first segment's steps, then the resume's (TensorBoard purged 20-24 of the first)
+    assert [s for s, _ in tensorboard["loss"]] == list(range(NUM_STEPS))
+    assert [s for s, _ in tensorboard["val/acc"]] == list(range(4, NUM_STEPS, 5))
+    assert scalars(out / "tensorboard") == tensorboard
     # set up twice, the second time as the resumed run was
     assert [(n, s) for n, _, _, s in rec.started] == [(25, 0), (NUM_STEPS, 20)]
 
@@ -525,6 +552,7 @@ CALLBACKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
 def test_cli_replays_a_run_dir_into_a_new_one(recorded: Path, name: str) -> None:
     root = recorded.parent.parent
@@ -537,6 +565,7 @@ def test_cli_replays_a_run_dir_into_a_new_one(recorded: Path, name: str) -> None
     assert replayed == (recorded / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_cli_only_speed_and_output_dir(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
@@ -552,6 +581,7 @@ def test_cli_only_speed_and_output_dir(recorded: Path) -> None:
     assert bad.returncode == 2 and "is not a speed; give a number > 0" in bad.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_callbacks_file_is_placed(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(
@@ -568,6 +598,7 @@ def test_cli_bad_callbacks_file_is_placed(recorded: Path) -> None:
     assert not (root / "runs" / "demo-1").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exit_codes(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
@@ -612,6 +643,7 @@ def test_cli_bad_input_exit_codes(recorded: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
     root = recorded.parent.parent
     (root / "failing.py").write_text(
@@ -636,6 +668,7 @@ def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
     assert "failing  40 failed" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_docs_examples_run(tmp_path: Path) -> None:
     """docs/replay.md: the shell session prints what the page shows; the Python runs."""
     import re

@@ -59,6 +59,7 @@ def start(tmp_path: Path, backend: str, mode: str = "clean") -> subprocess.Popen
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_first_signal_cancels_main_and_its_shutdown_runs(
@@ -72,6 +73,7 @@ def test_first_signal_cancels_main_and_its_shutdown_runs(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_second_signal_exits_at_once(tmp_path: Path, backend: str) -> None:
     proc = start(tmp_path, backend, "hang")

@@ -321,6 +321,7 @@ SIGINT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_run_sync_ctrl_c_ends_after_the_current_step_through_the_shutdown(

@@ -139,6 +139,7 @@ async def test_redis_across_processes(stream: str, redis_url: str, tmp_path: Pat
     assert got[-1].status == "completed"
 
 
+@pytest.mark.slow
 def test_missing_redis_extra_names_the_install_command() -> None:
     code = (
         "import sys; sys.modules['redis'] = None\n"
@@ -150,10 +151,12 @@ def test_missing_redis_extra_names_the_install_command() -> None:
     assert "pip install 'evsys-async[redis]'" in out.stdout
 
 
+@pytest.mark.slow
 def test_without_redis_the_redis_tests_skip_saying_how_to_start_it(tmp_path: Path) -> None:
     """The README's test command on a machine without Redis: skips that say what to do."""
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
     env["EVSYS_TEST_REDIS_URL"] = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    env["TMPDIR"] = str(tmp_path)  # where the inner session keeps its tmp_path dirs
     proc = subprocess.run(
         [
             sys.executable,

@@ -11,6 +11,15 @@ is constructed (so a missing extra fails before the run, with the install
 command), never by ``import evsys_async``. Every writer call runs in the
 callback's own thread (``def`` hooks); the writer opens in ``setup``, is
 flushed once per delivered batch and closes in ``teardown``. Rank 0 only.
+
+A resumed run (and the replay of one) writes a new event file into the same
+directory, whose purge step hides what the first segment logged from the resume
+step on. TensorBoard reads a directory's event files in name order, and
+tensorboardX names a file by the wall-clock second it opens in (opening it
+with truncation): two segments opened in one second would share a name, and
+the second would erase the first. Each file's name therefore ends in a
+sequence number within its directory (and the process id), so the files
+sort in the order they were written, within one second too.
 """
 
 from __future__ import annotations
@@ -63,7 +72,12 @@ class TensorBoardLoggerCallback(Callback):
         self.run_log_dir = path
         # a resume from step k: TensorBoard drops the scalars logged from step k on
         purge = {"purge_step": state.start_step} if state.start_step > 0 else {}
-        self._writer = self._writer_cls(logdir=str(path), flush_secs=self.flush_secs, **purge)
+        self._writer = self._writer_cls(
+            logdir=str(path),
+            flush_secs=self.flush_secs,
+            filename_suffix=_next_file_suffix(path),
+            **purge,
+        )
 
     def teardown(self, state: LoopState) -> None:
         writer, self._writer = self._writer, None
@@ -100,3 +114,15 @@ class TensorBoardLoggerCallback(Callback):
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+
+
+def _next_file_suffix(log_dir: Path) -> str:
+    """The end of the next event file's name in ``log_dir``: ``.<sequence>.<pid>``.
+
+    tensorboardX names a file ``events.out.tfevents.<second>.<host>`` + this
+    suffix, so within one second the sequence (the event files already there,
+    zero-padded) orders a resume's file after the first segment's; the process
+    id keeps two processes writing one directory from opening the same file.
+    """
+    earlier = sum(1 for _ in log_dir.glob("events.out.tfevents.*"))
+    return f".{earlier:06d}.{os.getpid()}"

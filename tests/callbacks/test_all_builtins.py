@@ -72,6 +72,7 @@ def metrics_of(i: int) -> dict[str, float]:
     return m
 
 
+@pytest.mark.slow
 async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
     release = threading.Event()
 

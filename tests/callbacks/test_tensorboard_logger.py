@@ -91,6 +91,7 @@ def test_missing_extra_fails_at_build_time(monkeypatch: pytest.MonkeyPatch) -> N
         ev.build_callbacks([{"kind": "tensorboard_logger"}])
 
 
+@pytest.mark.slow
 def test_import_evsys_async_does_not_import_extras() -> None:
     import subprocess
 

@@ -154,6 +154,7 @@ def evals(seen: list[Event]) -> list[tuple[str, int, Any]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["inline", "background"])
 async def test_metrics_arrive_as_eval_ended_at_every_due_step(tmp_path: Path, mode: str) -> None:
     server = EvalServer()
@@ -196,6 +197,7 @@ async def test_server_down_is_retried_then_an_eval_failed(tmp_path: Path) -> Non
     assert "\n" not in error
 
 
+@pytest.mark.slow
 async def test_slow_server_past_the_timeout_is_an_eval_failed(tmp_path: Path) -> None:
     server = EvalServer()
     with anyio.fail_after(30):
@@ -212,6 +214,7 @@ async def test_slow_server_past_the_timeout_is_an_eval_failed(tmp_path: Path) ->
     assert len(server.requests) == 2  # a timeout is not retried
 
 
+@pytest.mark.slow
 async def test_timeout_bounds_the_whole_attempt_not_each_read(tmp_path: Path) -> None:
     server = EvalServer()
     with anyio.fail_after(30):
@@ -228,6 +231,7 @@ async def test_timeout_bounds_the_whole_attempt_not_each_read(tmp_path: Path) ->
     ]
 
 
+@pytest.mark.slow
 async def test_500_then_200_is_retried_into_an_eval_ended(tmp_path: Path) -> None:
     server = EvalServer()
     with anyio.fail_after(30):
@@ -250,6 +254,7 @@ async def test_500_then_200_is_retried_into_an_eval_ended(tmp_path: Path) -> Non
     assert [p for p, _, _ in server.requests].count("/flaky") == 4  # 500 then 200, twice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("route", "reason"),
     [
@@ -281,6 +286,7 @@ async def test_replies_that_are_not_metrics_are_eval_failed(
     assert "evaluator failed; training goes on" in warnings_log.text
 
 
+@pytest.mark.slow
 async def test_secrets_never_reach_logs_events_files_or_errors(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -339,6 +345,7 @@ async def test_secrets_never_reach_logs_events_files_or_errors(
     )
 
 
+@pytest.mark.slow
 async def test_outside_a_loop_async_with_opens_and_closes_the_client() -> None:
     server = EvalServer()
     state = ev.LoopState(num_steps=1)
@@ -390,6 +397,7 @@ def test_registered_kind_http_builds_from_a_config() -> None:
         build_evaluators([{"kind": "http", "params": {"url": "x", "run_every": 1}}])
 
 
+@pytest.mark.slow
 def test_without_httpx_the_error_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['httpx'] = None\n"
