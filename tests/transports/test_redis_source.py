@@ -10,12 +10,12 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from redis_server import OwnRedis
 
 import evsys_async as ev
 from evsys_async.events import Envelope, StepEnded, TrainEnded, encode
 from evsys_async.transports import RedisStreamSource, RedisUnavailableError
 from evsys_async.transports.redis import dead_stream, events_stream
+from tests.transports.redis_server import OwnRedis
 
 pytestmark = pytest.mark.anyio
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import anyio
 import pytest
-from servers import load_example
 
 import evsys_async as ev
+from tests.servers import load_example
 
 pytestmark = pytest.mark.anyio
 

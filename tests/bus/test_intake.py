@@ -17,7 +17,15 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.lowlevel import checkpoint
-from bus_helpers import (
+
+import evsys_async as ev
+from evsys_async.events import (
+    Envelope,
+    EvalEnded,
+    Event,
+    StepEnded,
+)
+from tests.bus.helpers import (
     WAIT,
     BusTestPing,
     Counter,
@@ -29,14 +37,6 @@ from bus_helpers import (
     failure_messages,
     ping,
     step,
-)
-
-import evsys_async as ev
-from evsys_async.events import (
-    Envelope,
-    EvalEnded,
-    Event,
-    StepEnded,
 )
 
 pytestmark = pytest.mark.anyio

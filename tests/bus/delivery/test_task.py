@@ -14,19 +14,19 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.lowlevel import checkpoint
-from bus_helpers import (
+
+import evsys_async as ev
+from evsys_async.events import (
+    CallbackFailed,
+    StepEnded,
+)
+from tests.bus.helpers import (
     WAIT,
     Rec,
     SyncRec,
     failure_messages,
     step,
     steps_of,
-)
-
-import evsys_async as ev
-from evsys_async.events import (
-    CallbackFailed,
-    StepEnded,
 )
 
 pytestmark = pytest.mark.anyio

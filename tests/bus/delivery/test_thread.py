@@ -14,7 +14,13 @@ import threading
 import anyio
 import anyio.lowlevel
 import pytest
-from bus_helpers import (
+
+import evsys_async as ev
+from evsys_async.events import (
+    CallbackFailed,
+    StepEnded,
+)
+from tests.bus.helpers import (
     WAIT,
     Counter,
     Rec,
@@ -23,12 +29,6 @@ from bus_helpers import (
     step,
     steps_of,
     thread_wait,
-)
-
-import evsys_async as ev
-from evsys_async.events import (
-    CallbackFailed,
-    StepEnded,
 )
 
 pytestmark = pytest.mark.anyio

@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from redis_server import OwnRedis, own_redis
 
 import evsys_async as ev
 from evsys_async.callbacks import SinkCallback
@@ -39,6 +38,7 @@ from evsys_async.events import (
 )
 from evsys_async.transports import RedisStreamSink, RedisStreamSource, attach
 from evsys_async.transports.redis import events_stream
+from tests.transports.redis_server import OwnRedis, own_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # Redis: its own, the shared one, or none
 

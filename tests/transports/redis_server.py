@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from servers import free_port
+
+from tests.servers import free_port
 
 
 class OwnRedis:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from process_helpers import Asks, AsyncRecorder, Recorder, Talker, fails, notes, whereami
 
 import evsys_async as ev
 from evsys_async.errors import CallbackProcessError, ChildTraceback
 from evsys_async.events import CallbackFailed, StepEnded
+from tests.process_helpers import Asks, AsyncRecorder, Recorder, Talker, fails, notes, whereami
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # handlers in child processes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import evsys_async as ev
 from evsys_async.config import load_callbacks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "distributed.md").read_text()
 
 

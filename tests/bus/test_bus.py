@@ -1,12 +1,12 @@
 """EventBus, the facade: entering and leaving, subscribe, publish, stats, order, close.
 
 Everything runs on asyncio and on trio. What happens behind the facade has a
-test file per module: ``test_intake.py`` (numbering, publishing from other
-threads), ``test_routing.py`` (which subscribers an event reaches),
-``test_pump.py`` (batching, lag, drain and barriers), ``test_delivery.py``,
-``test_task_delivery.py``, ``test_thread_delivery.py`` and
-``test_process_delivery.py`` (how a handler runs), ``test_wire.py`` (what crosses to
-a subscriber's process), ``test_subscription.py`` (the handle ``subscribe`` returns).
+test file per module beside this one: ``test_intake.py`` (numbering, publishing from
+other threads), ``test_routing.py`` (which subscribers an event reaches),
+``test_pump.py`` (batching, lag, drain and barriers), ``test_subscription.py`` (the
+handle ``subscribe`` returns); and in ``delivery/``, ``test_base.py``, ``test_task.py``,
+``test_thread.py`` and ``test_process.py`` (how a handler runs), ``test_wire.py`` (what
+crosses to a subscriber's process).
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
-from bus_helpers import (
+
+import evsys_async as ev
+from evsys_async.events import (
+    StepEnded,
+)
+from tests.bus.helpers import (
     WAIT,
     BusTestEvalPlus,
     BusTestPing,
@@ -35,11 +40,6 @@ from bus_helpers import (
     ping,
     step,
     steps_of,
-)
-
-import evsys_async as ev
-from evsys_async.events import (
-    StepEnded,
 )
 
 pytestmark = pytest.mark.anyio

@@ -13,11 +13,11 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from bus_helpers import WAIT, Rec, SyncRec, ping, step
 
 import evsys_async as ev
 from evsys_async.bus.subscription import current_subscription
 from evsys_async.events import StepEnded
+from tests.bus.helpers import WAIT, Rec, SyncRec, ping, step
 
 pytestmark = pytest.mark.anyio
 

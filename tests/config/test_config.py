@@ -28,7 +28,7 @@ from evsys_async.config import (
 )
 from evsys_async.demo import demo_config
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 # -- a tiny TOML writer for the round trips (tomli-w is not a dependency) -----------------

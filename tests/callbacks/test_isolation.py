@@ -326,7 +326,7 @@ PROCESS_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("anyio_backend", "hook", "fault_name"), PROCESS_CASES)
 async def test_fault_matrix_in_a_process(hook: str, fault_name: str, tmp_path: Path) -> None:
-    from process_helpers import HOSTILE, ChildPing
+    from tests.process_helpers import HOSTILE, ChildPing
 
     once = hook in ("setup", "teardown", "on_train_start", "on_train_end", "flush")
     hostile = HOSTILE[hook](fault_name, 1 if once else FIRE_AT)

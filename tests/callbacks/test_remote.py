@@ -18,7 +18,13 @@ from typing import Any
 
 import anyio
 import pytest
-from process_helpers import (
+
+import evsys_async as ev
+from evsys_async.config import build_loop, load_config
+from evsys_async.errors import ConfigError
+from evsys_async.events import CallbackFailed, EvalEnded, StepEnded
+from evsys_async.subscription import current_subscription
+from tests.process_helpers import (
     AllAsync,
     ChildPing,
     Counting,
@@ -29,17 +35,11 @@ from process_helpers import (
     notes,
 )
 
-import evsys_async as ev
-from evsys_async.config import build_loop, load_config
-from evsys_async.errors import ConfigError
-from evsys_async.events import CallbackFailed, EvalEnded, StepEnded
-from evsys_async.subscription import current_subscription
-
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # callbacks in child processes
 
 WAIT = 60
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+#: the repository, from which a child or a script imports ``tests.process_helpers``
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def step(state: ev.LoopState, step_idx: int) -> ev.StepOutput:
@@ -214,7 +214,7 @@ async def test_a_config_entry_runs_a_callback_in_its_process(tmp_path: Path) -> 
         f"""name: cfg
 output_dir: {tmp_path / "runs"}
 num_steps: 6
-step: process_helpers:config_step
+step: tests.process_helpers:config_step
 callbacks:
   - kind: test_process_counting
     params: {{path: {path}}}
@@ -322,10 +322,10 @@ async def test_a_dying_callback_never_ends_training_and_is_counted(
 
 SCRIPT = """
 import sys
-sys.path[:0] = [{tests!r}, {root!r}]
+sys.path[:0] = [{root!r}]
 import anyio
 import evsys_async as ev
-from process_helpers import Blocks
+from tests.process_helpers import Blocks
 
 async def step(state, i):
     if i == 3:
@@ -353,7 +353,6 @@ def _script(tmp_path: Path, *, steps: int, spin: float, backend: str) -> Path:
     script = tmp_path / "parent.py"
     script.write_text(
         SCRIPT.format(
-            tests=str(TESTS),
             root=str(ROOT),
             ready=str(tmp_path / "ready"),
             out=str(tmp_path / "runs"),

@@ -16,15 +16,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 from anyio.lowlevel import checkpoint
-from bus_helpers import (
-    WAIT,
-    BusTestEvalPlus,
-    Rec,
-    failure_messages,
-    ping,
-    step,
-    steps_of,
-)
 
 import evsys_async as ev
 from evsys_async.events import (
@@ -32,6 +23,15 @@ from evsys_async.events import (
     EvalEnded,
     Event,
     StepEnded,
+)
+from tests.bus.helpers import (
+    WAIT,
+    BusTestEvalPlus,
+    Rec,
+    failure_messages,
+    ping,
+    step,
+    steps_of,
 )
 
 pytestmark = pytest.mark.anyio

@@ -18,7 +18,15 @@ import anyio.lowlevel
 import pytest
 from anyio import wait_all_tasks_blocked
 from anyio.lowlevel import checkpoint
-from bus_helpers import (
+
+import evsys_async as ev
+from evsys_async.events import (
+    EvalEnded,
+    Event,
+    StepEnded,
+    SubscriberLagged,
+)
+from tests.bus.helpers import (
     WAIT,
     BusTestPing,
     Rec,
@@ -27,14 +35,6 @@ from bus_helpers import (
     step,
     steps_of,
     thread_wait,
-)
-
-import evsys_async as ev
-from evsys_async.events import (
-    EvalEnded,
-    Event,
-    StepEnded,
-    SubscriberLagged,
 )
 
 pytestmark = pytest.mark.anyio

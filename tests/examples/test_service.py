@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from servers import load_example, read_sse
 
 import evsys_async as ev
+from tests.servers import load_example, read_sse
 
 service_mod = load_example("service")
 

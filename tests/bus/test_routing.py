@@ -10,14 +10,6 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
-from bus_helpers import (
-    WAIT,
-    BusTestEvalPlus,
-    BusTestPing,
-    Rec,
-    ping,
-    step,
-)
 
 import evsys_async as ev
 from evsys_async.events import (
@@ -26,6 +18,14 @@ from evsys_async.events import (
     Event,
     StepEnded,
     TrainEnded,
+)
+from tests.bus.helpers import (
+    WAIT,
+    BusTestEvalPlus,
+    BusTestPing,
+    Rec,
+    ping,
+    step,
 )
 
 pytestmark = pytest.mark.anyio

@@ -10,13 +10,13 @@ from typing import Any
 
 import anyio
 import pytest
-from servers import load_example
 
 import evsys_async as ev
+from tests.servers import load_example
 
 pytestmark = pytest.mark.slow  # the example serves HTTP on a socket
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 example = load_example("eval_server")
