@@ -348,7 +348,7 @@ HOSTILE = {
 
 
 async def config_step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
-    """The step a test config names (``process_helpers:config_step``)."""
+    """The step a test config names (``tests.process_helpers:config_step``)."""
     return {"loss": 1.0 / (step_idx + 1)}
 
 

@@ -234,7 +234,7 @@ def test_tail_exits_1_when_the_run_failed(redis_url: str, run_key: str) -> None:
 
 
 def test_tail_without_redis_is_one_line_and_exit_1() -> None:
-    from servers import free_port
+    from tests.servers import free_port
 
     err = io.StringIO()
     url = f"redis://:pw-planted@127.0.0.1:{free_port()}/0"

@@ -12,14 +12,14 @@ from typing import ClassVar
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
-from bus_helpers import WAIT, thread_wait
-from bus_helpers import step as bus_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evsys_async as ev
 from evsys_async.events import EvalEnded, Event, StepEnded, SubscriberLagged
 from evsys_async.policies import DropOldest, Latest, Lossless
+from tests.bus.helpers import WAIT, thread_wait
+from tests.bus.helpers import step as bus_step
 
 
 class PolTestLevel(Event):

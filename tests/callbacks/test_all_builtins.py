@@ -31,8 +31,7 @@ from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
 from evsys_async.events import CallbackFailed, StepEnded, StopRequested, TrainEnded
 from evsys_async.store import LocalStore
 from evsys_async.transports import read_jsonl
-
-from .helpers import read_tfevents, wandb_history
+from tests.callbacks.helpers import read_tfevents, wandb_history
 
 pytestmark = pytest.mark.anyio
 

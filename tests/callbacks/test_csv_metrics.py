@@ -12,8 +12,7 @@ import pytest
 import evsys_async as ev
 from evsys_async.callbacks.csv_metrics import CsvMetricsCallback
 from evsys_async.events import EvalEnded, Event, StepEnded, TrainEnded, TrainStarted
-
-from .helpers import WAIT, drive, make_state, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 

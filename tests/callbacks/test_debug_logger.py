@@ -11,8 +11,7 @@ import pytest
 import evsys_async as ev
 from evsys_async.callbacks.debug_logger import DebugLoggerCallback
 from evsys_async.events import CallbackFailed, CheckpointSaved, StopRequested
-
-from .helpers import WAIT, drive, make_state, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 

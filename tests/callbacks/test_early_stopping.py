@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 import evsys_async as ev
 from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
-
-from .helpers import WAIT
+from tests.callbacks.helpers import WAIT
 
 
 def original_stop_index(

@@ -13,8 +13,7 @@ import evsys_async as ev
 from evsys_async.callbacks.evsys_logger import EvsysLoggerCallback
 from evsys_async.events import CheckpointSaved
 from evsys_async.store import LocalStore
-
-from .helpers import WAIT, drive, make_state, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events
 
 
 @pytest.mark.anyio

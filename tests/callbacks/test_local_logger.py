@@ -13,8 +13,7 @@ import evsys_async as ev
 from evsys_async.callbacks.local_logger import LocalLoggerCallback
 from evsys_async.events import CheckpointSaved, StopRequested, TrainEnded
 from evsys_async.transports import read_jsonl
-
-from .helpers import WAIT, drive, make_state, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 

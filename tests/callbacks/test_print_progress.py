@@ -11,8 +11,7 @@ import pytest
 import evsys_async as ev
 from evsys_async.callbacks._format import fmt_value as _fmt_value
 from evsys_async.callbacks.print_progress import PrintProgressCallback
-
-from .helpers import WAIT, drive, make_state, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events
 
 pytestmark = pytest.mark.anyio
 

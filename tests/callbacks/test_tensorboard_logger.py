@@ -10,8 +10,7 @@ import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
-
-from .helpers import WAIT, drive, make_state, read_tfevents, run_events
+from tests.callbacks.helpers import WAIT, drive, make_state, read_tfevents, run_events
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,7 @@ import pytest
 
 import evsys_async as ev
 from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
-
-from .helpers import WAIT, drive, make_state, run_events, wandb_history
+from tests.callbacks.helpers import WAIT, drive, make_state, run_events, wandb_history
 
 pytestmark = pytest.mark.anyio
 

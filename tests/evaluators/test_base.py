@@ -9,7 +9,6 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from test_registry import write_plugin
 
 import evsys_async as ev
 from evsys_async.evaluators import (
@@ -20,6 +19,7 @@ from evsys_async.evaluators import (
     list_evaluators,
     register_evaluator,
 )
+from tests.callbacks.test_registry import write_plugin
 
 
 @register_evaluator("test_constant")

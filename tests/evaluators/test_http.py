@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import pytest
-from servers import free_port, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -22,6 +21,7 @@ from starlette.routing import Route
 import evsys_async as ev
 from evsys_async.evaluators import HttpEvalError, HttpEvaluator, build_evaluators
 from evsys_async.events import EvalEnded, EvalFailed, Event, TrainEnded
+from tests.servers import free_port, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -1,0 +1,401 @@
+"""examples/service.py: runs started over HTTP on the service's bus, their events as
+server-sent events, stop, shutdown mid-run, and refusal of untrusted input.
+
+Real servers on loopback: Uvicorn (and sse-starlette) on asyncio, Hypercorn (and
+Starlette's StreamingResponse) on trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import inspect
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import evsys_async as ev
+from tests.servers import load_example, read_sse
+
+service_mod = load_example("service")
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the service serves HTTP on a socket
+
+
+class Gate:
+    """Holds a run's step ``params.hold_at`` until released; says when it got there."""
+
+    def __init__(self) -> None:
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+
+    async def step(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        if step_idx == int(state.ctx.run_config.get("fail_at", -1)):
+            raise FloatingPointError("loss is nan")
+        if step_idx == int(state.ctx.run_config.get("hold_at", -1)):
+            self.holding.set()
+            await self.release.wait()
+        width = int(state.ctx.run_config.get("width", 1))  # how many metrics (event size)
+        return {f"metric_{i:03d}": step_idx + i / 1000 for i in range(width)}
+
+
+class Service(service_mod.Service):  # type: ignore[name-defined,misc]
+    """The example's service, telling the test when a stream client is subscribed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams = 0
+        self.stream_opened = anyio.Event()
+
+        self.stream_closed = anyio.Event()
+
+    async def open_stream(self, run: Any) -> Any:
+        stream = await super().open_stream(run)
+        self.streams += 1
+        self.stream_opened.set()
+        close = stream.aclose
+
+        async def aclose() -> None:
+            await close()
+            self.stream_closed.set()
+
+        stream.aclose = aclose
+        return stream
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, backend: str, **kwargs: Any
+) -> AsyncIterator[tuple[Any, Gate, httpx.AsyncClient, anyio.Event]]:
+    """The service on an ephemeral loopback port; yields it, its gate, a client and the
+    event that begins the server's shutdown. Leaving the block shuts down and waits."""
+    gate = Gate()
+    service = Service(
+        tmp_path / "out", steps={"toy": service_mod.toy_step, "gated": gate.step}, **kwargs
+    )
+    app = service_mod.create_app(service)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        url = await tg.start(partial(service_mod.serve, app, backend=backend, port=0, stop=stop))
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                yield service, gate, client, stop
+        finally:
+            stop.set()
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def written_outside(tmp_path: Path) -> list[str]:
+    """What the output dir holds, after checking that nothing was made outside it."""
+    assert not (tmp_path / "escape").exists() and not Path("/tmp/abs").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "planted_evil.py"]
+    return sorted(p.name for p in (tmp_path / "out").iterdir())
+
+
+def envelopes(path: Path) -> list[dict[str, Any]]:
+    """The envelopes of an events.jsonl (after its header line)."""
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if '"seq"' in line and '"event"' in line]
+
+
+async def test_sse_clients_receive_every_event_of_a_short_run_in_order(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, _):
+            request = {
+                "run_key": "short",
+                "step": "gated",
+                "num_steps": 6,
+                "params": {"hold_at": 3},
+            }
+            created = await client.post("/runs", json=request)
+            assert created.status_code == 201, created.text
+            assert created.json()["status"] == "running"
+            await gate.holding.wait()  # steps 0-2 are done: this client comes mid-run
+            connected = anyio.Event()
+            streams: list[list[tuple[int, str, Any]]] = []
+
+            async def watch() -> None:
+                streams.append(await read_sse(client, "/runs/short/events", connected))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await connected.wait()
+                gate.release.set()
+            await service.runs["short"].done.wait()
+            # a client that comes after the end gets the whole run from the history
+            late = await read_sse(client, "/runs/short/events")
+            status = (await client.get("/runs/short")).json()
+    assert status["status"] == "completed" and status["steps_completed"] == 6
+    logged = envelopes(tmp_path / "out" / "short" / "events.jsonl")
+    expected = [(e["seq"], e["event"]["type"], e["event"]) for e in logged]
+    assert [t for _, t, _ in expected][:2] == ["TrainStarted", "StepEnded"]
+    assert expected[-1][1] == "TrainEnded"
+    for got in (streams[0], late):
+        assert got == expected  # every event, in order, ids = the bus's seq
+    steps = [data["step"] for _, kind, data in late if kind == "StepEnded"]
+    assert steps == list(range(6))
+
+
+async def test_a_stalled_sse_client_leaves_training_going(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    num_steps = 3000
+    with anyio.fail_after(60):
+        async with running(tmp_path, anyio_backend, client_window=20) as (service, gate, client, _):
+            request = {
+                "run_key": "big", "step": "gated", "num_steps": num_steps,
+                "params": {"hold_at": 0, "width": 100},  # ~2.5 kB an event
+            }  # fmt: skip
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()
+            host, port = str(client.base_url.host), client.base_url.port
+            # a client that asks for the stream, then never reads, on a tiny window
+            stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                await anyio.to_thread.run_sync(stalled.connect, (host, port))
+                ask = f"GET /runs/big/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+                await anyio.to_thread.run_sync(stalled.sendall, ask)
+                await service.stream_opened.wait()
+                gate.release.set()
+                await service.runs["big"].done.wait()  # training ran to its end meanwhile
+                stats = service.bus.stats()
+            finally:
+                stalled.close()
+    run = service.runs["big"]
+    assert run.status == "completed"
+    assert run.loop.artifacts.steps_completed == num_steps
+    # the client really was stalled: its subscriber fell behind and dropped the oldest
+    assert stats["sse:big"].dropped > 0
+    assert stats["history:big"].dropped == 0
+
+
+async def test_a_client_that_goes_away_ends_its_stream_and_subscription(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, _):
+            request = {
+                "run_key": "gone",
+                "step": "gated",
+                "num_steps": 200,
+                "params": {"hold_at": 3},
+            }
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()
+            host, port = str(client.base_url.host), client.base_url.port
+            async with await anyio.connect_tcp(host, port) as conn:
+                await conn.send(f"GET /runs/gone/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                received = b""
+                while b"id: 0\r\n" not in received:  # the first event came: hang up
+                    received += await conn.receive()
+            # the client has gone; the stream notices at once or at its next event
+            gate.release.set()
+            await service.stream_closed.wait()
+            await service.runs["gone"].done.wait()
+            stats = service.bus.stats()
+    assert service.runs["gone"].status == "completed"
+    assert stats["sse:gone"].pending == 0
+    assert stats["sse:gone"].delivered < stats["history:gone"].delivered
+
+
+async def test_a_failing_run_fails_alone_and_ended_runs_are_let_go(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend, keep_finished=2) as (service, gate, client, _):
+            gate.release.set()
+            runs = [
+                {"run_key": "bad", "step": "gated", "num_steps": 20, "params": {"fail_at": 4}},
+                {"run_key": "good", "step": "gated", "num_steps": 20},
+            ]
+            for request in runs:
+                assert (await client.post("/runs", json=request)).status_code == 201
+            for key in ("bad", "good"):
+                await service.runs[key].done.wait()
+            statuses = {r["run_key"]: r["status"] for r in (await client.get("/runs")).json()}
+            assert statuses == {"bad": "failed", "good": "completed"}
+            events = await read_sse(client, "/runs/bad/events")
+            assert events[-1][2]["status"] == "failed" and "loss is nan" in events[-1][2]["error"]
+            # a third run lets the oldest ended one go (keep_finished=2)
+            third = {"run_key": "third", "step": "gated", "num_steps": 1}
+            assert (await client.post("/runs", json=third)).status_code == 201
+            assert (await client.get("/runs/bad")).status_code == 404
+            assert (await client.get("/runs/good")).status_code == 200
+            again = await client.post("/runs", json={**third, "run_key": "bad"})
+            assert again.status_code == 409  # its run dir stays: the key is still taken
+            await service.runs["third"].done.wait()
+
+
+async def test_delete_stops_the_run_after_its_current_step(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, _):
+            request = {
+                "run_key": "halt",
+                "step": "gated",
+                "num_steps": 50,
+                "params": {"hold_at": 2},
+            }
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()
+            deleted = await client.delete("/runs/halt")
+            assert deleted.status_code == 202
+            gate.release.set()
+            await service.runs["halt"].done.wait()
+            status = (await client.get("/runs/halt")).json()
+            listed = (await client.get("/runs")).json()
+            events = await read_sse(client, "/runs/halt/events")
+    assert status["status"] == "stopped" == service_mod.RunStatus.STOPPED
+    assert status["steps_completed"] == 3
+    assert listed == [status]
+    assert events[-1][1] == "TrainEnded" and events[-1][2]["status"] == "stopped"
+    assert events[-2][1] == "StopRequested"
+
+
+async def test_shutdown_mid_run_ends_runs_with_complete_files_and_train_ended_cancelled(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    streams: list[list[tuple[int, str, Any]]] = []
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, stop):
+            for key in ("one", "two"):
+                request = {
+                    "run_key": key, "step": "gated", "num_steps": 1000, "params": {"hold_at": 5},
+                    "callbacks": [{"kind": "csv_metrics", "params": {"out_path": "metrics.csv"}}],
+                }  # fmt: skip
+                assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()  # never released: only the shutdown ends these runs
+            connected = anyio.Event()
+
+            async def watch() -> None:
+                streams.append(await read_sse(client, "/runs/one/events", connected))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await connected.wait()
+                stop.set()  # the server's shutdown begins with a stream open
+            refused = await _post_after_shutdown(client)
+    # the server has exited (the block above returned)
+    assert refused in (503, None)
+    for key in ("one", "two"):
+        run = service.runs[key]
+        assert run.status == "cancelled"
+        run_dir = tmp_path / "out" / key
+        last = envelopes(run_dir / "events.jsonl")[-1]["event"]
+        assert last["type"] == "TrainEnded" and last["status"] == "cancelled"
+        assert json.loads((run_dir / "manifest.json").read_text())["status"] == "cancelled"
+        rows = csv_rows(run_dir / "metrics.csv")
+        steps_done = run.loop.artifacts.steps_completed
+        assert [int(r["step"]) for r in rows if r.get("metric_000")] == list(range(steps_done))
+        assert (run_dir / "summary.md").exists()
+    (stream,) = streams
+    assert stream[-1][1] == "TrainEnded" and stream[-1][2]["status"] == "cancelled"
+
+
+async def _post_after_shutdown(client: httpx.AsyncClient) -> int | None:
+    """A new run during or after the shutdown: refused (503) or no server at all."""
+    try:
+        response = await client.post(
+            "/runs", json={"run_key": "late", "step": "toy", "num_steps": 1}
+        )
+    except httpx.TransportError:
+        return None
+    return response.status_code
+
+
+def _plant_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A module that leaves a marker file when imported."""
+    marker = tmp_path / "imported.marker"
+    (tmp_path / "planted_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        "def main(*a):\n    pass\nclass Cb:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return marker
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "words"),
+    [
+        ({"step": "os:system"}, 400, "step 'os:system' is not one this service offers; choose one of: gated, toy"),
+        ({"step": "planted_evil:main"}, 400, "is not one this service offers"),
+        ({"callbacks": [{"kind": "planted_evil:Cb"}]}, 400, "callbacks[0].kind: 'planted_evil:Cb' is not allowed here"),
+        ({"callbacks": [{"kind": "tensorboard_logger"}]}, 400, "allowed: csv_metrics, early_stopping, print_progress"),
+        ({"run_key": "../escape"}, 400, "run_key: '../escape' leads outside the service's output directory"),
+        ({"run_key": "/tmp/abs"}, 400, "leads outside"),
+        ({"run_key": ".."}, 400, "leads outside"),
+        ({"run_key": "."}, 400, "leads outside"),
+        ({"run_key": "a/b"}, 400, "must be one plain name"),
+        ({"run_key": "nul\x00"}, 400, "leads outside"),
+        ({"callbacks": [{"kind": "csv_metrics", "params": {"out_path": "../../../x.csv"}}]}, 400,
+         "callbacks[0].params.out_path: '../../../x.csv' leads outside"),
+        ({"callbacks": [{"kind": "csv_metrics", "params": {"out_path": "/tmp/x.csv"}}]}, 400, "leads outside"),
+        ({"callbacks": [{"kind": "early_stopping", "params": {"metric": "acc", "patiense": 2}}]}, 400,
+         "did you mean 'patience'?"),
+        ({"stepp": "toy"}, 400, "invalid run request: Object contains unknown field `stepp`"),
+        ({"num_steps": 0}, 400, "Expected `int` >= 1 - at `$.num_steps`"),
+        ({"run_key": "taken"}, 409, "run key 'taken' is taken; pick another"),
+    ],
+)  # fmt: skip
+async def test_untrusted_requests_are_refused_before_anything_is_imported_or_written(
+    tmp_path: Path,
+    anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    change: dict[str, Any],
+    status: int,
+    words: str,
+) -> None:
+    marker = _plant_module(tmp_path, monkeypatch)
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, _, client, _):
+            ok = await client.post(
+                "/runs", json={"run_key": "taken", "step": "toy", "num_steps": 1}
+            )
+            assert ok.status_code == 201
+            request = {"run_key": "fresh", "step": "toy", "num_steps": 3, **change}
+            response = await client.post("/runs", json=request)
+            await service.runs["taken"].done.wait()
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert not marker.exists() and "planted_evil" not in sys.modules
+    assert written_outside(tmp_path) == ["taken"]
+
+
+async def test_unknown_runs_are_404_and_bad_json_is_400(tmp_path: Path, anyio_backend: str) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (_, _, client, _):
+            for method, path in (
+                ("GET", "/runs/nope"),
+                ("DELETE", "/runs/nope"),
+                ("GET", "/runs/nope/events"),
+            ):
+                response = await client.request(method, path)
+                assert response.status_code == 404
+                assert response.json()["detail"] == "no run 'nope'; GET /runs lists them"
+            response = await client.post("/runs", content=b"{not json")
+            assert response.status_code == 400
+            assert response.json()["detail"].startswith("invalid run request: JSON is malformed")
+            big = await client.post("/runs", content=b" " * (65 * 1024))
+            assert big.status_code == 413
+
+
+def test_the_service_binds_to_loopback_by_default() -> None:
+    assert inspect.signature(service_mod.serve).parameters["host"].default == "127.0.0.1"
+    source = Path(service_mod.__file__).read_text()
+    assert 'parser.add_argument("--host", default="127.0.0.1"' in source
