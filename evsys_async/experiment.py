@@ -17,7 +17,7 @@ one at a time.
 
 Every experiment is a new one: it claims ``<output_dir>/<name>/`` (or
 ``<name>-1``, ... when that holds an earlier experiment's files; see
-``loop.py`` for runs), so re-running a config never mixes two experiments'
+``_util/rundir.py`` for runs), so re-running a config never mixes two experiments'
 files; ``overwrite=True`` reuses the directory, emptied first.
 
 The records (:class:`Arm`, :class:`RunResult`, :class:`ArmResult`,

@@ -10,13 +10,13 @@ Layout under ``root`` (by default ``<output_dir>/store``)::
     experiments/<experiment_id>/runs/<run_key>/checkpoints.jsonl
 
 Records (``experiment.json``, ``run.json``) are written atomically
-(``_files.write_atomic``: a temp file beside the target, ``fsync``,
+(``_util/files.py``'s ``write_atomic``: a temp file beside the target, ``fsync``,
 ``os.replace``), so a reader sees the old record or the new one. Row files
 grow by whole lines, one write per call.
 Shared by ``evsys_logger`` and ``Experiment``; ``owned_by_experiment`` says
 the experiment itself writes the records (``evsys_logger`` then stays off).
 Methods block on file I/O: call them from a ``def`` hook or a worker thread.
-Imports only ``errors``, ``_files`` and ``_json`` (it sits below ``state``).
+Imports only ``errors`` and ``_util`` (``files``, ``jsonl``): it sits below ``state``.
 """
 
 from __future__ import annotations

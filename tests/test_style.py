@@ -4,9 +4,9 @@
   a hang fails one test with a traceback at the wait, instead of the whole run
   timing out.
 * No module of the package imports another module's private (underscore)
-  names; from the package's private modules (``_delivery.py`` ...) it imports
+  names; from the package's private modules (``bus/_delivery/base.py`` ...) it imports
   only the names their ``__all__`` documents. Module seams are interfaces.
-* Files are replaced in one place, ``_files.py`` (temp file, fsync, replace):
+* Files are replaced in one place, ``_util/files.py`` (temp file, fsync, replace):
   no other module renames files into place.
 """
 

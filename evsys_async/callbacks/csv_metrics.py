@@ -12,7 +12,7 @@ value is an empty cell.
 The original system appended new keys as columns without touching the header, which
 pandas misreads. Here, when a key first appears mid-run, the file is
 rewritten once with the wider header (old rows padded with empty cells),
-atomically (``_files.atomic_writer``: a temporary file beside it, ``fsync``,
+atomically (``_util/files.py``'s ``atomic_writer``: a temporary file beside it, ``fsync``,
 ``os.replace``): a reader sees the old file or the new one, never a mix.
 Rows are buffered and written once per delivered batch (``flush()``), in the
 callback's own thread.

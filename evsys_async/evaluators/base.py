@@ -23,7 +23,7 @@ Struct with ``forbid_unknown_fields=True``) lists its constructor's keyword
 arguments; without ``Config`` the ``__init__`` signature is checked.
 Third-party packages register through the entry-point group
 ``evsys_async.evaluators``. Validation and errors are the callback
-registry's (:class:`~evsys_async.callbacks.registry.KindRegistry`), e.g.
+registry's (:class:`~evsys_async._util.kinds.KindRegistry`), e.g.
 ``evaluators[0].params.run_evry (demo_accuracy): unknown field 'run_evry' —
 did you mean 'run_every'?``.
 """

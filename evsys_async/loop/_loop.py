@@ -1,7 +1,7 @@
 """TrainingLoop: the steps, evaluators and checkpoints of one run, published as events.
 
 The loop knows nothing of any particular callback: each callback becomes one
-bus subscriber through :class:`~evsys_async.callbacks.base.CallbackAdapter`.
+bus subscriber through :class:`~evsys_async.callbacks._adapter.CallbackAdapter`.
 The loop waits only for callbacks that ask it to (``controls_loop``, or every
 callback with ``callback_errors="raise"``), after each event they handle, up
 to ``control_timeout``. Everything else runs beside training.

@@ -4,8 +4,8 @@
 loop's arguments and the run's own: the run key it claimed and the step it
 starts at. It is frozen, so no phase changes what another reads; the phases
 take it beside a narrow ``Protocol`` of what they use of the run, never the
-``TrainingLoop`` or the ``Run`` themselves (docs/design.md, "The modules and
-the way imports point").
+``TrainingLoop`` or the ``Run`` themselves (docs/design.md, "A run" and "The
+layers").
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Transports: the event stream out of the process (sinks) and back in (sources).
 
-Transports know only events and their codec. A sink is a ``def`` bus handler
-of envelopes with ``flush()`` (one write per delivered batch) and ``close()``;
-:func:`attach` subscribes one. Sources read envelopes and publish their events
-onto a local bus, from their own thread (``publish`` is thread-safe).
+Transports know events, their codec and the bus they attach to, never a run. A
+sink is a ``def`` bus handler of envelopes with ``flush()`` (one write per
+delivered batch) and ``close()``; :func:`attach` subscribes one. Sources read
+envelopes and publish their events onto a local bus, from their own thread
+(``publish`` is thread-safe).
 Redis Streams (extra ``redis``): docs/distributed.md.
 """
 

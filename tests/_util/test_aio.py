@@ -1,4 +1,4 @@
-"""The async utilities (``_async.py``): is_async_callable, LoopWaker, shielded,
+"""The async utilities (``_util/aio.py``): is_async_callable, LoopWaker, shielded,
 absorb_native_cancel, undo_self_cancel, Deadline.
 
 Each is checked on its own, on asyncio and trio where it applies to both; the

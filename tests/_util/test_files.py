@@ -1,4 +1,4 @@
-"""File writes (``_files.py``): atomic replacement, and async writes on both backends.
+"""File writes (``_util/files.py``): atomic replacement, and async writes on both backends.
 
 An atomic write leaves the old content or the new, never a mix, nothing
 behind on failure, and a failure is raised or logged, never silent. The async

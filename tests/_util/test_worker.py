@@ -1,4 +1,4 @@
-"""DaemonWorker and Outcome (``_worker.py``): one dedicated daemon thread, calls one at a time.
+"""DaemonWorker and Outcome (``_util/worker.py``): one dedicated daemon thread, calls one at a time.
 
 What the module promises: every call runs in the same thread (thread-local
 state stays put), a daemon started in a copy of its creator's contextvars,
