@@ -27,6 +27,7 @@ __all__ = [
     "ArmResult",
     "CallbackHealth",
     "Degraded",
+    "EvalTally",
     "ExperimentResult",
     "LogContext",
     "LoopArtifacts",
@@ -120,6 +121,15 @@ class CallbackHealth(msgspec.Struct, frozen=True):
         return not (lost or self.hook_failures or self.stuck or self.disabled or self.degraded)
 
 
+class EvalTally(msgspec.Struct, frozen=True):
+    """How one evaluator fared over a run: evals run, how many failed (an error, a
+    timeout, an HTTP status), and the first failure's one-line text."""
+
+    runs: int = 0
+    failed: int = 0
+    first_error: str | None = None
+
+
 @dataclass
 class LoopArtifacts:
     """What a run leaves behind; returned by ``TrainingLoop.run()``.
@@ -130,7 +140,9 @@ class LoopArtifacts:
     drain has not happened yet) and filled on the value ``run()`` returns.
     ``error`` is a failed step's one line (``"RuntimeError: nan in grads"``);
     ``traceback`` its traceback, the user's frames only (also in the run dir's
-    ``error.txt``).
+    ``error.txt``). ``evals`` tallies each evaluator's runs and failures, by
+    name. ``start_step`` is where this run began (``> 0``: a resume; the run
+    as a whole has then done ``start_step + steps_completed`` steps).
     """
 
     run_dir: Path
@@ -145,6 +157,8 @@ class LoopArtifacts:
     error: str | None = None
     callback_report: dict[str, CallbackHealth] = field(default_factory=dict)
     traceback: str | None = None
+    evals: dict[str, EvalTally] = field(default_factory=dict)
+    start_step: int = 0
 
 
 @dataclass
