@@ -54,7 +54,7 @@ from .experiment import Arm, ArmResult, Experiment, ExperimentResult, RunResult
 from .loop import TrainingLoop
 from .policies import DropOldest, Latest, Lossless
 from .replay import ReplayReport, read_events, replay
-from .state import CallbackHealth, LogContext, LoopArtifacts, LoopState, StepOutput
+from .state import CallbackHealth, Degraded, LogContext, LoopArtifacts, LoopState, StepOutput
 
 __all__ = [
     "Arm",
@@ -62,6 +62,7 @@ __all__ = [
     "BusClosedError",
     "Callback",
     "CallbackHealth",
+    "Degraded",
     "CallbackSpec",
     "ConfigError",
     "CsvMetricsCallback",

@@ -26,6 +26,8 @@ __all__ = [
     "Arm",
     "ArmResult",
     "CallbackHealth",
+    "Degraded",
+    "EvalTally",
     "ExperimentResult",
     "LogContext",
     "LoopArtifacts",
@@ -66,6 +68,23 @@ class StepOutput:
     batch: Any = None
 
 
+class Degraded(msgspec.Struct, frozen=True):
+    """Why a callback's output is incomplete although it kept running.
+
+    A built-in writer that could not write (a full or read-only disk, a
+    vanished directory, an unreachable tracking server) sets one on itself as
+    ``callback.degraded``; the run's report, ``manifest.json`` (its
+    ``degraded`` list) and the summaries carry it, so lost data is never
+    reported "ok". ``rows_lost`` counts what will never reach the file or
+    service; ``missing_from_step`` is the first step whose rows are missing
+    (``None``: nothing is missing yet, the rows are held for a retry).
+    """
+
+    reason: str
+    rows_lost: int = 0
+    missing_from_step: int | None = None
+
+
 class CallbackHealth(msgspec.Struct, frozen=True):
     """One callback's line in the artifacts' callback report.
 
@@ -75,7 +94,12 @@ class CallbackHealth(msgspec.Struct, frozen=True):
     service refused it sets ``disabled_reason``), or why its own process can
     handle no more (``"process died: SIGKILL"``; it is then ``stuck`` too), else
     ``None``. ``startup_seconds`` is the start of a callback's own process
-    (spawn, imports, ``setup``); 0 for a thread or task.
+    (spawn, imports, ``setup``); 0 for a thread or task. ``hook_failures``
+    counts failed calls of the hooks that are not events, by hook (``setup``,
+    ``flush``, ``teardown``); ``degraded`` says why its output is incomplete
+    (:class:`Degraded`), else ``None``. A callback is "ok" only when nothing
+    failed, nothing was dropped or left pending, and it is neither disabled,
+    stuck nor degraded (:attr:`ok`).
     """
 
     delivered: int
@@ -87,6 +111,23 @@ class CallbackHealth(msgspec.Struct, frozen=True):
     coalesced: int = 0
     disabled: str | None = None
     startup_seconds: float = 0.0
+    hook_failures: dict[str, int] = msgspec.field(default_factory=dict)
+    degraded: Degraded | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every event handled, no hook failed, nothing lost: the report may say "ok"."""
+        lost = self.failed or (self.dropped - self.coalesced) or self.pending
+        return not (lost or self.hook_failures or self.stuck or self.disabled or self.degraded)
+
+
+class EvalTally(msgspec.Struct, frozen=True):
+    """How one evaluator fared over a run: evals run, how many failed (an error, a
+    timeout, an HTTP status), and the first failure's one-line text."""
+
+    runs: int = 0
+    failed: int = 0
+    first_error: str | None = None
 
 
 @dataclass
@@ -99,7 +140,9 @@ class LoopArtifacts:
     drain has not happened yet) and filled on the value ``run()`` returns.
     ``error`` is a failed step's one line (``"RuntimeError: nan in grads"``);
     ``traceback`` its traceback, the user's frames only (also in the run dir's
-    ``error.txt``).
+    ``error.txt``). ``evals`` tallies each evaluator's runs and failures, by
+    name. ``start_step`` is where this run began (``> 0``: a resume; the run
+    as a whole has then done ``start_step + steps_completed`` steps).
     """
 
     run_dir: Path
@@ -114,6 +157,8 @@ class LoopArtifacts:
     error: str | None = None
     callback_report: dict[str, CallbackHealth] = field(default_factory=dict)
     traceback: str | None = None
+    evals: dict[str, EvalTally] = field(default_factory=dict)
+    start_step: int = 0
 
 
 @dataclass

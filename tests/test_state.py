@@ -233,3 +233,54 @@ async def test_publish_from_a_hook_reaches_the_runs_subscribers_stamped_with_its
     [note] = [e for e in events.events if isinstance(e, StateTestNote)]
     assert note.text == "from a hook" and note.run_key == loop.run_key == "noted"
     assert caller.thread is not None and caller.thread != threading.get_ident()  # its thread
+
+
+def test_callback_health_is_ok_only_when_nothing_was_lost() -> None:
+    from evsys_async.state import CallbackHealth, Degraded
+
+    assert CallbackHealth(delivered=5, failed=0, dropped=0, pending=0).ok
+    assert CallbackHealth(delivered=5, failed=0, dropped=3, pending=0, coalesced=3).ok
+    bad = [
+        CallbackHealth(delivered=5, failed=1, dropped=0, pending=0),
+        CallbackHealth(delivered=5, failed=0, dropped=1, pending=0),
+        CallbackHealth(delivered=5, failed=0, dropped=0, pending=1),
+        CallbackHealth(delivered=5, failed=0, dropped=0, pending=0, hook_failures={"setup": 1}),
+        CallbackHealth(delivered=5, failed=0, dropped=0, pending=0, disabled="setup failed"),
+        CallbackHealth(delivered=5, failed=0, dropped=0, pending=0, stuck=True),
+        CallbackHealth(
+            delivered=5, failed=0, dropped=0, pending=0, degraded=Degraded("disk full", 3, 10)
+        ),
+    ]
+    assert not any(h.ok for h in bad)
+
+
+def test_new_event_fields_default_and_round_trip() -> None:
+    from evsys_async.events import CallbackFailed, TrainStarted, decode, encode
+
+    failed = CallbackFailed(subscriber="s", hook="on_step_end", event_type="StepEnded", error="x")
+    assert failed.count == 1
+    many = CallbackFailed(
+        subscriber="s", hook="on_step_end", event_type="StepEnded", error="x", count=40
+    )
+    assert decode(encode(many)) == many
+    started = TrainStarted(num_steps=3, config={"lr": 0.1, "name": "a"})
+    assert decode(encode(started)).config == {"lr": 0.1, "name": "a"}
+    assert TrainStarted(num_steps=3).config == {}
+
+
+@pytest.mark.anyio
+async def test_strict_fails_the_run_at_the_first_callback_error(tmp_path: Path) -> None:
+    class Boom(ev.Callback):
+        def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
+            if step_idx == 2:
+                raise RuntimeError("logger down")
+
+    async def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        return {"loss": 1.0}
+
+    loop = ev.TrainingLoop(step, num_steps=20, output_dir=tmp_path, callbacks=[Boom()], strict=True)
+    with anyio.fail_after(30), pytest.raises(RuntimeError, match="logger down"):
+        await loop.run()
+    assert loop.artifacts is not None
+    assert loop.artifacts.status == "failed"
+    assert loop.artifacts.steps_completed == 3

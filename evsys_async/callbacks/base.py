@@ -23,7 +23,15 @@ from typing import Any, ClassVar, Literal
 
 from ..events import Envelope, Event
 from ..policies import Lossless, Policy
-from ..state import Arm, ExperimentResult, LogContext, LoopArtifacts, LoopState, RunResult
+from ..state import (
+    Arm,
+    Degraded,
+    ExperimentResult,
+    LogContext,
+    LoopArtifacts,
+    LoopState,
+    RunResult,
+)
 
 __all__ = ["Callback"]
 
@@ -46,7 +54,17 @@ class Callback:
     * ``wants_batch`` — ``on_step_end`` gets the live batch (else ``None``);
     * ``isolation`` — ``None`` (a task if every hook is ``async def``, else its
       own thread), ``"thread"``, ``"task"``, or ``"process"``: a child process
-      of its own, for callbacks that compute (``docs/isolation.md``).
+      of its own, for callbacks that compute (``docs/isolation.md``);
+    * ``runs_without_setup`` — ``True`` if the hooks may run although ``setup``
+      raised (by default such a callback is disabled for the run, its events
+      counted as dropped and the reason in the report);
+    * ``max_consecutive_failures`` — switch the callback off after this many
+      failures in a row (``None``, the default: never; failing is cheap).
+
+    A writer whose output is incomplete sets ``self.degraded`` to a
+    :class:`~evsys_async.state.Degraded` (reason, rows lost, first missing
+    step): the report, ``manifest.json`` and the summaries then name it
+    instead of "ok".
 
     Every loop-scope hook gets the run's live :class:`LoopState`, from any
     thread: ``state.request_stop(reason, failed=...)``,
@@ -70,6 +88,15 @@ class Callback:
     wants_batch: ClassVar[bool] = False
     isolation: Literal["task", "thread", "process"] | None = None
     built_from: tuple[str, dict[str, Any]] | None = None
+    #: ``True``: the callback's hooks still run when its ``setup`` raised (it can work
+    #: half-built); by default a callback whose ``setup`` failed is disabled for the run
+    runs_without_setup: ClassVar[bool] = False
+    #: after this many failures in a row the callback is switched off for the run
+    #: (its later events count as dropped, the reason in the report); ``None``: never
+    max_consecutive_failures: ClassVar[int | None] = None
+    #: set by a writer whose output is incomplete (rows it could not write): the
+    #: report, the manifest and the summaries name it instead of "ok"
+    degraded: Degraded | None = None
 
     # Every hook returns ``Any``: a ``def`` override returns ``None``, an ``async def``
     # one a coroutine, and both must type-check as overrides of the same method.

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the run directory <output_dir>/<name>/, emptied first (by default a "
         "run that finds it holding another run's files takes <name>-1, <name>-2, ...)",
     )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail the run (exit 1) for what is otherwise logged and reported: a callback's "
+        "error, a metric that is not a number, a logger that lost data (config: strict)",
+    )
     validate = sub.add_parser(
         "validate",
         parents=[common],

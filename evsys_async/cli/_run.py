@@ -44,6 +44,8 @@ def _load(path: Path | None, args: argparse.Namespace) -> RunConfig | Experiment
         changes["output_dir"] = str(args.output_dir)
     if getattr(args, "overwrite", False):
         changes["overwrite"] = True
+    if getattr(args, "strict", False):
+        changes["strict"] = True
     if getattr(args, "num_steps", None) is not None:
         if args.num_steps < 1:
             raise ConfigError(f"--num-steps must be >= 1, got {args.num_steps}")

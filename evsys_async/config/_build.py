@@ -123,6 +123,7 @@ def _loop_options(config: RunConfig) -> dict[str, Any]:
         "control_timeout": config.control_timeout,
         "drain_timeout": config.drain_timeout,
         "callback_errors": config.callback_errors,
+        "strict": config.strict,
     }
 
 

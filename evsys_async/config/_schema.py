@@ -69,6 +69,8 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``transports`` send every event of the run elsewhere as well (a Redis
     stream: docs/distributed.md); their URLs are recorded redacted.
     ``coordinator`` keeps several ranks of the run in step (docs/distributed.md).
+    ``strict`` fails the run for what is otherwise logged and reported (a
+    callback's error, a non-numeric metric, a logger that lost data).
     The other fields are :class:`TrainingLoop`'s arguments of the same name.
     """
 
@@ -91,6 +93,7 @@ class RunConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drain_timeout: Seconds = 60.0
     callback_errors: Literal["log", "raise"] = "log"
     overwrite: bool = False
+    strict: bool = False
 
 
 #: RunConfig fields an arm may override (the rest are shared by every arm).

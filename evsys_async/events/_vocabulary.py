@@ -53,6 +53,9 @@ class TrainStarted(Event, kw_only=True):
     start_step: int = 0
     output_dir: str = ""
     world_size: int = 1
+    #: the run's hyperparameters (``TrainingLoop(config=...)``, a config file's params
+    #: and settings), secrets redacted: what replay, consumers and loggers record
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class StepEnded(Event, kw_only=True):
@@ -143,6 +146,12 @@ class ExperimentEnded(Event, kw_only=True):
 class CallbackFailed(Event, kw_only=True):
     """A subscriber's handler raised or timed out (``error`` says which, in one line).
 
+    Failures are coalesced: ``count`` is how many failures of this subscriber,
+    hook and exception type the event stands for (1 for the first; later ones
+    are summed and published at growing intervals), and ``error`` is the text
+    of the first of them. The callback report's ``failed`` still counts every
+    failed event.
+
     ``traceback`` is the traceback text of a failure in a subscriber's own
     process (``isolation="process"``), whose frames are not in this one; empty
     otherwise (an in-process failure's traceback is on its WARNING record).
@@ -153,6 +162,7 @@ class CallbackFailed(Event, kw_only=True):
     event_type: str
     error: str
     traceback: str = ""
+    count: int = 1
 
 
 class SubscriberLagged(Event, kw_only=True):

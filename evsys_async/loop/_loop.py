@@ -58,6 +58,10 @@ class TrainingLoop:
     (``start_step > 0``). ``config`` is the run's hyperparameters, a mapping
     hooks and steps read as ``state.ctx.run_config``.
 
+    ``strict=True`` (tests, development; the CLI's ``--strict``) turns what is
+    otherwise logged and reported into a failed run: a callback's error, a
+    metric that is not a number, a logger that lost data.
+
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
     are served at once.
@@ -94,6 +98,7 @@ class TrainingLoop:
         rank: int | None = None,
         world_size: int | None = None,
         coordinator: Coordinator | None = None,
+        strict: bool = False,
     ) -> None:
         check_options(
             step=step,
@@ -137,6 +142,9 @@ class TrainingLoop:
         self.batch_delay = batch_delay
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
+        #: development mode: what is otherwise logged and reported fails the run
+        #: (a callback's error, a non-numeric metric, a degraded logger)
+        self.strict = strict
         self.ctx = ctx
         self.rank, self.world_size = ranks_of(rank, world_size, coordinator)
         #: keeps the ranks in step (a stop on one ends every rank after the same step)
@@ -270,9 +278,11 @@ class TrainingLoop:
             snapshot=self.snapshot,
             control_timeout=self.control_timeout,
             drain_timeout=self.drain_timeout,
-            callback_errors=self.callback_errors,
+            # strict: the first callback error fails the run, as callback_errors="raise"
+            callback_errors="raise" if self.strict else self.callback_errors,
             checkpoint_on_error=self.checkpoint_on_error,
             coordinator=self.coordinator,
+            strict=self.strict,
         )
 
     def _claim_run_dir(self, start_step: int) -> Path:

@@ -56,3 +56,5 @@ class RunSettings:
     checkpoint_on_error: bool
     #: keeps the ranks in step; ``None`` for a single process
     coordinator: Coordinator | None
+    #: what is otherwise logged and reported fails the run (``TrainingLoop(strict=)``)
+    strict: bool = False

@@ -394,3 +394,12 @@ def test_a_coordinator_section_is_checked_with_placed_errors_and_built(tmp_path:
     path.write_text("name: r\nnum_steps: 3\ncoordinator: {kind: mpi}\n")
     with pytest.raises(ev.ConfigError, match="unknown coordinator kind 'mpi'"):
         ev.load_config(path)
+
+
+def test_strict_in_a_config_reaches_the_loop(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("num_steps: 3\nstrict: true\n", encoding="utf-8")
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.strict is True
+    assert build_loop(config).strict is True
