@@ -80,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"evsys-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_parser(sub, common)
+    validate = sub.add_parser(
+        "validate",
+        parents=[common],
+        help="check a config without running it",
+        description="Check CONFIG completely without running it: structure and types, the "
+        "dotted-path imports, every callback's and evaluator's kind and params.",
+    )
+    validate.add_argument("config", type=Path, help="a .yaml/.yml, .toml or .json file")
+    sub.add_parser(
+        "callbacks",
+        parents=[common],
+        help="list the callback kinds with their params",
+        description="List every registered callback kind (built-ins and entry points) "
+        "with its params: name, type and default.",
+    )
+    sub.add_parser(
+        "evaluators",
+        parents=[common],
+        help="list the evaluator kinds with their params",
+        description="List every registered evaluator kind with its params.",
+    )
+    _add_more_parsers(sub, common)
+    return parser
+
+
+def _add_run_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``evsys-async run [CONFIG]`` and its options."""
     run = sub.add_parser(
         "run",
         parents=[common],
@@ -111,29 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail the run (exit 1) for what is otherwise logged and reported: a callback's "
         "error, a metric that is not a number, a logger that lost data (config: strict)",
     )
-    validate = sub.add_parser(
-        "validate",
-        parents=[common],
-        help="check a config without running it",
-        description="Check CONFIG completely without running it: structure and types, the "
-        "dotted-path imports, every callback's and evaluator's kind and params.",
-    )
-    validate.add_argument("config", type=Path, help="a .yaml/.yml, .toml or .json file")
-    sub.add_parser(
-        "callbacks",
-        parents=[common],
-        help="list the callback kinds with their params",
-        description="List every registered callback kind (built-ins and entry points) "
-        "with its params: name, type and default.",
-    )
-    sub.add_parser(
-        "evaluators",
-        parents=[common],
-        help="list the evaluator kinds with their params",
-        description="List every registered evaluator kind with its params.",
-    )
-    _add_more_parsers(sub, common)
-    return parser
 
 
 def _positive(text: str) -> int:
