@@ -39,7 +39,7 @@ from .._util.log import get_logger
 from ..errors import describe
 from ..state import Degraded
 
-__all__ = ["CHECK_SECONDS", "DEFAULT_MAX_HELD_BYTES", "RowWriter", "degraded_of"]
+__all__ = ["CHECK_SECONDS", "DEFAULT_MAX_HELD_BYTES", "RowWriter", "degraded_of", "os_write"]
 
 _log = get_logger()
 
@@ -47,6 +47,10 @@ _log = get_logger()
 DEFAULT_MAX_HELD_BYTES = 8 << 20
 #: how often a writer checks that its file is still there (an ``fstat``)
 CHECK_SECONDS = 1.0
+
+#: the one call that writes: a seam for tests that cannot mount a small filesystem
+#: (they replace it with one that refuses, as a full disk does)
+os_write: Callable[[int, bytes], int] = os.write
 
 #: the steps of a batch's rows, asked for only when some of them are held or lost
 Steps = Callable[[], Sequence[int | None]]
@@ -137,7 +141,7 @@ class RowWriter:
             first = steps()
             self._first_step = first[0] if first else None
         if self._held or self._stale is not None or self._fd is None:
-            self._hold(data, list(steps()))
+            self._hold(data, list(steps()), check=False)
             self._retry()
         elif self._gone():
             self._lose(data.count(b"\n"), steps)
@@ -158,7 +162,7 @@ class RowWriter:
         self._held = [(_fix_lines(chunk, fix), s) for chunk, s in self._held]
         self._held_bytes = sum(len(chunk) for chunk, _ in self._held)
         self._stale = fix
-        self._hold(data, list(steps()) if data else [])
+        self._hold(data, list(steps()) if data else [], check=False)
         self._retry()
 
     def close(self) -> None:
@@ -178,7 +182,7 @@ class RowWriter:
         done = 0
         try:
             while done < len(data):
-                n = os.write(self._fd, data[done:] if done else data)
+                n = os_write(self._fd, data[done:] if done else data)
                 if n <= 0:
                     raise OSError("the file took no bytes")
                 done += n
@@ -249,7 +253,9 @@ class RowWriter:
         self._close_fd()  # the old file's: appends go to the new one
         return self.open()
 
-    def _hold(self, data: bytes, steps: list[int | None]) -> None:
+    def _hold(self, data: bytes, steps: list[int | None], *, check: bool = True) -> None:
+        """Keep rows for a retry; ``check=False`` for rows about to be tried at once
+        (the bound is checked if that fails)."""
         if not data:
             return
         if self._stopped:
@@ -257,7 +263,8 @@ class RowWriter:
             return
         self._held.append((data, steps))
         self._held_bytes += len(data)
-        self._check_bound()
+        if check:
+            self._check_bound()
 
     def _check_bound(self) -> None:
         if self._held_bytes > self.max_held_bytes and not self._stopped:
