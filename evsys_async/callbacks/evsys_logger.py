@@ -11,8 +11,12 @@ callbacks after it.
 As in the original system, it disables itself with one WARNING when the experiment
 already owns the store (``ctx.store.owned_by_experiment``): the records are
 written once. Rows are buffered and appended once per delivered batch
-(``flush()``), in the callback's own thread; record updates are atomic JSON
-rewrites. Rank 0 only.
+(``flush()``), in the callback's own thread, through a ``RowWriter`` per row
+file of a ``LocalStore`` (``_writer.py``: whole rows, refused rows held and
+retried, ``degraded`` past the bound); record updates are atomic JSON
+rewrites, and one the disk refuses at the end makes the callback degraded.
+``store_dir`` expands ``~`` and ``$VAR``; a relative one is under
+``output_dir``. Rank 0 only.
 """
 
 from __future__ import annotations

@@ -208,9 +208,10 @@ def test_the_chart_renders_in_a_real_browser(tmp_path: Path) -> None:
     assert (width, height) == (640, 480)
     pixels = {row[i : i + 3] for row in rows for i in range(0, len(row), 3)}
     blue, red = bytes((0x1F, 0x77, 0xB4)), bytes((0xD6, 0x27, 0x28))  # the two lines
-    near = lambda want: any(
-        sum(abs(p - q) for p, q in zip(px, want, strict=True)) < 60 for px in pixels
-    )  # noqa: E731
+
+    def near(want: bytes) -> bool:
+        return any(sum(abs(p - q) for p, q in zip(px, want, strict=True)) < 60 for px in pixels)
+
     assert near(blue) and near(red), "the lines were not drawn"
     dark = sum(1 for px in pixels if max(px) < 90)
     assert dark > 0, "no text or axes were drawn"
