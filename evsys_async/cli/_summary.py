@@ -94,14 +94,14 @@ def watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
 
 def health_line(h: CallbackHealth) -> str:
     """``ok (212 events)``, ``ok (113 events, 99 coalesced (by design))``, or every
-    problem: ``failed 3``, ``hook failures: setup 1``, ``disabled: <why>``,
+    problem: ``3 failed``, ``hook failures: setup 1``, ``disabled: <why>``,
     ``degraded: <why>; 2,501 rows lost from step 489``, ..."""
     forced_drops = h.dropped - h.coalesced
     hook_failures: dict[str, int] = dict(getattr(h, "hook_failures", None) or {})
     problems = [
         label
         for label, bad in (
-            (f"failed {h.failed}", h.failed),
+            (f"{h.failed} failed", h.failed),
             (f"{forced_drops} dropped", forced_drops),
             (f"{h.pending} left unhandled", h.pending),
             ("stuck", h.stuck),

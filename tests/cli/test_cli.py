@@ -689,7 +689,7 @@ def test_health_lines_name_every_problem() -> None:
         return CallbackHealth(**{"delivered": 50, "failed": 0, "dropped": 0, "pending": 0, **kw})
 
     assert health_line(h()) == "ok (50 events)"
-    assert health_line(h(failed=3)) == "failed 3 (50 events)"
+    assert health_line(h(failed=3)) == "3 failed (50 events)"
     assert health_line(h(hook_failures={"setup": 1, "flush": 2})) == (
         "hook failures: flush 2, setup 1 (50 events)"
     )
