@@ -12,7 +12,9 @@ Layout under ``root`` (by default ``<output_dir>/store``)::
 Records (``experiment.json``, ``run.json``) are written atomically
 (``_util/files.py``'s ``write_atomic``: a temp file beside the target, ``fsync``,
 ``os.replace``), so a reader sees the old record or the new one. Row files
-grow by whole lines, one write per call.
+grow by whole lines, one write per call, all of it or none
+(``append_whole``: a write a full disk refuses raises ``OSError`` and leaves
+no torn line).
 Shared by ``evsys_logger`` and ``Experiment``; ``owned_by_experiment`` says
 the experiment itself writes the records (``evsys_logger`` then stays off).
 Methods block on file I/O: call them from a ``def`` hook or a worker thread.
@@ -32,7 +34,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from ._util.files import write_atomic
+from ._util.files import append_whole, write_atomic
 from ._util.jsonl import encode_json
 from .errors import ConfigError
 
@@ -123,17 +125,23 @@ class LocalStore:
     def append(
         self, experiment_id: str, run_key: str, kind: RowKind, rows: Iterable[Mapping[str, Any]]
     ) -> int:
-        """Append ``rows`` to the run's ``<kind>.jsonl`` in one write; returns how many."""
-        if kind not in _ROW_KINDS:
-            raise ValueError(f"store: kind must be one of {', '.join(_ROW_KINDS)}, got {kind!r}")
+        """Append ``rows`` to the run's ``<kind>.jsonl`` in one write, whole or not at
+        all (a refused write raises ``OSError`` and leaves no torn line); returns how
+        many."""
+        self.rows_path(experiment_id, run_key, kind)  # checks the kind
         lines = [encode_json(row) for row in rows]  # NaN and +-inf kept as strings
         if not lines:
             return 0
-        run_dir = self.run_dir(experiment_id, run_key)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / f"{kind}.jsonl", "ab") as f:
-            f.write(b"\n".join(lines) + b"\n")
+        path = self.rows_path(experiment_id, run_key, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        append_whole(path, b"\n".join(lines) + b"\n")
         return len(lines)
+
+    def rows_path(self, experiment_id: str, run_key: str, kind: RowKind) -> Path:
+        """The file that holds the run's ``kind`` rows (``<run dir>/<kind>.jsonl``)."""
+        if kind not in _ROW_KINDS:
+            raise ValueError(f"store: kind must be one of {', '.join(_ROW_KINDS)}, got {kind!r}")
+        return self.run_dir(experiment_id, run_key) / f"{kind}.jsonl"
 
     def read_rows(self, experiment_id: str, run_key: str, kind: RowKind) -> list[dict[str, Any]]:
         path = self.run_dir(experiment_id, run_key) / f"{kind}.jsonl"

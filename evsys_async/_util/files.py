@@ -9,7 +9,10 @@ temporary one, and is never silent: :func:`write_atomic` logs it at WARNING
 naming the file (or raises it, with ``errors="raise"``); :func:`atomic_writer`
 raises it. Every file evsys-async rewrites goes through them (the manifest,
 ``error.txt``, ``callbacks_state.json``, the store's records, ``metrics.csv``
-when its header widens, ``summary.md``, a resumed run's trimmed logs).
+when its header widens, ``summary.md`` and its chart, a resumed run's trimmed
+logs). :func:`append_whole` appends whole lines or none (the store's rows);
+the built-in loggers' own row files go through ``callbacks/_writer.py``,
+which also holds and retries what a full disk refuses.
 
 aiofiles works on asyncio only (under trio it fails with "no running event
 loop"), so :func:`open_async` picks aiofiles on asyncio and
@@ -36,7 +39,14 @@ import anyio
 from .aio import on_asyncio
 from .log import get_logger
 
-__all__ = ["AsyncFile", "append_bytes", "atomic_writer", "open_async", "write_atomic"]
+__all__ = [
+    "AsyncFile",
+    "append_bytes",
+    "append_whole",
+    "atomic_writer",
+    "open_async",
+    "write_atomic",
+]
 
 _log = get_logger()
 
@@ -100,6 +110,27 @@ def write_atomic(
         _log.warning("could not write file", path=str(path), error=f"{type(exc).__name__}: {exc}")
         return False
     return True
+
+
+def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
+    """Append ``data`` (whole lines) to ``path``, creating it: all of it or none.
+
+    A write the disk refuses part-way (``ENOSPC``, ``EIO``) is cut back off the
+    end of the file before the ``OSError`` propagates, so the file never ends
+    in a torn line. Blocks on file I/O.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(fd, data[done:] if done else data)
+        except OSError:
+            if done:
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - done)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

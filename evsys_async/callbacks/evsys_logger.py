@@ -11,8 +11,12 @@ callbacks after it.
 As in the original system, it disables itself with one WARNING when the experiment
 already owns the store (``ctx.store.owned_by_experiment``): the records are
 written once. Rows are buffered and appended once per delivered batch
-(``flush()``), in the callback's own thread; record updates are atomic JSON
-rewrites. Rank 0 only.
+(``flush()``), in the callback's own thread, through a ``RowWriter`` per row
+file of a ``LocalStore`` (``_writer.py``: whole rows, refused rows held and
+retried, ``degraded`` past the bound); record updates are atomic JSON
+rewrites, and one the disk refuses at the end makes the callback degraded.
+``store_dir`` expands ``~`` and ``$VAR``; a relative one is under
+``output_dir``. Rank 0 only.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ from typing import Any
 
 import msgspec
 
+from .._util.jsonl import encode_json
 from .._util.log import get_logger
-from ..state import LoopArtifacts, LoopState
+from .._util.paths import expand_path
+from ..errors import describe
+from ..state import Degraded, LoopArtifacts, LoopState
 from ..store import LocalStore, RowKind
 from ._values import benchmark_metrics, benchmark_name, json_ready
+from ._writer import RowWriter, degraded_of
 from .base import Callback
 from .registry import register_callback
 
@@ -48,7 +56,9 @@ class EvsysLoggerCallback(Callback):
     def __init__(
         self, store_dir: str | os.PathLike[str] | None = None, experiment: str | None = None
     ) -> None:
-        self.store_dir = Path(store_dir) if store_dir is not None else None
+        self.store_dir = (
+            expand_path(store_dir, what="evsys_logger store_dir") if store_dir is not None else None
+        )
         self.experiment = experiment
         self.store: Any = None
         self.experiment_id: str | None = None
@@ -57,6 +67,8 @@ class EvsysLoggerCallback(Callback):
         self.disabled_reason: str | None = None
         self._run_key: str | None = None
         self._rows: dict[RowKind, list[dict[str, Any]]] = {}
+        self._writers: dict[RowKind, RowWriter] = {}
+        self._trouble: Degraded | None = None
 
     # -- the store ----------------------------------------------------------------
 
@@ -76,6 +88,8 @@ class EvsysLoggerCallback(Callback):
                 self.store = ctx.store
             else:
                 root = self.store_dir or Path(ctx.output_dir) / "store"
+                if not root.is_absolute() and self.store_dir is not None:
+                    root = Path(ctx.output_dir) / root  # relative: under the output dir
                 self.store = LocalStore(root)
                 if ctx.store is None:
                     ctx.store = self.store
@@ -142,8 +156,8 @@ class EvsysLoggerCallback(Callback):
     # -- loop scope ---------------------------------------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self._rows = {}
-        self._run_key = None
+        self._rows, self._writers = {}, {}
+        self._run_key, self._trouble, self.degraded = None, None, None
         if state.rank != 0:
             return
         ctx = state.ctx
@@ -186,24 +200,53 @@ class EvsysLoggerCallback(Callback):
         if self._run_key is None:
             return
         self.flush()
-        self.store.update_run(
-            self.experiment_id,
-            self._run_key,
-            status=artifacts.status,
-            steps_completed=artifacts.steps_completed,
-            stop_reason=artifacts.stop_reason,
-            train_seconds=artifacts.train_seconds,
-            error=artifacts.error,
-            wandb_url=state.ctx.extras.get("wandb_url"),
-        )
+        try:
+            self.store.update_run(
+                self.experiment_id,
+                self._run_key,
+                status=artifacts.status,
+                steps_completed=state.start_step + artifacts.steps_completed,
+                stop_reason=artifacts.stop_reason,
+                train_seconds=artifacts.train_seconds,
+                error=artifacts.error,
+                wandb_url=state.ctx.extras.get("wandb_url"),
+            )
+        except OSError as exc:
+            self._trouble = Degraded(f"run.json not updated: {describe(exc)}")
+            self._update_degraded()
 
     def flush(self) -> None:
+        """Append the batch's rows: one whole write per row file (a ``LocalStore``'s
+        through a ``RowWriter``, which holds what a full disk refuses)."""
         rows, self._rows = self._rows, {}
         if self._run_key is None:
             return
         for kind, batch in rows.items():
-            self.store.append(self.experiment_id, self._run_key, kind, batch)
+            if isinstance(self.store, LocalStore):
+                writer = self._writer(kind)
+                data = b"\n".join([encode_json(r) for r in batch]) + b"\n"
+                writer.write(data, lambda b=batch: [r.get("step") for r in b])  # type: ignore[misc]
+            else:
+                self.store.append(self.experiment_id, self._run_key, kind, batch)
+        self._update_degraded()
+
+    def _writer(self, kind: RowKind) -> RowWriter:
+        writer = self._writers.get(kind)
+        if writer is None:
+            assert self._run_key is not None
+            assert self.experiment_id is not None
+            path = self.store.rows_path(self.experiment_id, self._run_key, kind)
+            writer = self._writers[kind] = RowWriter(path, fresh=False)
+            writer.open()
+        return writer
+
+    def _update_degraded(self) -> None:
+        self.degraded = degraded_of(list(self._writers.values()), self._trouble)
 
     def teardown(self, state: LoopState) -> None:
         self.flush()
+        for writer in self._writers.values():
+            writer.close()
+        self._update_degraded()
+        self._writers = {}
         self._run_key = None

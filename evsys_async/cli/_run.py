@@ -22,7 +22,6 @@ from ..bus import EventBus
 from ..callbacks._format import fmt_value
 from ..config import ExperimentConfig, RunConfig, build_experiment, build_loop, load_config
 from ..errors import ConfigError, describe
-from ..events import EvalEnded
 from ..experiment import ExperimentResult
 from ..state import LoopArtifacts
 from ._stdio import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -75,7 +74,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         # the summary's eval tracker is a plain subscriber of a bus the CLI owns,
         # not one of the run's callbacks: it stays out of the report and the manifest
         async with EventBus(close_timeout=loop.drain_timeout, batch_delay=loop.batch_delay) as bus:
-            bus.subscribe(tracker, events=(EvalEnded,), name="evsys-cli:evals")
+            bus.subscribe(tracker, events=tracker.EVENTS, name="evsys-cli:evals")
             loop.bus = bus
             return await loop.run()
 

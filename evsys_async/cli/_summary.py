@@ -1,68 +1,85 @@
-"""What the command line prints after a run: the summary, the callbacks' health, the best eval.
+"""What the command line prints after a run: the summary, a sparkline per metric, the
+callbacks' health, the evals that failed, the best eval.
 
 What this module promises: :class:`EvalTracker` is a plain ``async`` bus
-handler (no thread, no files) that only records; :func:`health_line` says
-``ok`` only for a callback that lost nothing (a ``Latest`` callback's
-coalesced events are counted apart, as by design); :func:`print_summary`
-writes one block to ``out`` and flushes it. Values print as the progress line
-prints them; steps count from 1.
+handler (no thread, no files) that only records, in flat memory whatever
+the run's length (``callbacks/_picture.py``); :func:`health_line` says
+``ok`` only for a callback that lost nothing (``CallbackHealth.ok``; a
+``Latest`` callback's coalesced events are counted apart, as by design) and
+otherwise names every problem; :func:`print_summary` writes one block to
+``out`` and flushes it. Values print as the progress line prints them;
+steps count from 1. Fields of the report that older runs or other producers
+leave empty are read with their defaults.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TextIO
+from typing import Any, ClassVar, TextIO
 
-from ..callbacks._format import eval_metric_name, fmt_value
+from ..callbacks._chart import sparkline
+from ..callbacks._format import fmt_value, human_step
+from ..callbacks._picture import RunPicture
 from ..config import RunConfig
-from ..events import EvalEnded
-from ..state import CallbackHealth, LoopArtifacts
+from ..events import EvalEnded, Event, StepEnded, TrainStarted
+from ..state import CallbackHealth, EvalTally, LoopArtifacts
 
 __all__ = ["EvalTracker", "health_line", "print_summary", "watched_metric"]
 
+#: the widest sparkline, in characters
+SPARK_WIDTH = 32
+
 
 class EvalTracker:
-    """Records each eval's metrics for the summary (an ``async`` bus handler: no thread)."""
+    """Records the run's metrics for the summary (an ``async`` bus handler: no thread)."""
+
+    #: what to subscribe it to
+    EVENTS: ClassVar[tuple[type[Event], ...]] = (TrainStarted, StepEnded, EvalEnded)
 
     def __init__(self, watched: tuple[str, str, str | None] | None) -> None:
         #: (metric, mode, eval_name) that the summary calls "best"
         self.watched = watched
-        self.best: dict[str, tuple[int, float]] = {}
-        self._keys: dict[str, tuple[str, str]] = {}
+        self.picture = RunPicture(watched)
 
-    async def __call__(self, event: EvalEnded) -> None:
-        for key, value in event.metrics.items():
-            full = eval_metric_name(event.eval_name, key)
-            self._keys[full] = (event.eval_name, key)
-            if math.isnan(value):
-                continue
-            old = self.best.get(full)
-            lower = self._lower_is_better(key)
-            if old is None or (value < old[1] if lower else value > old[1]):
-                self.best[full] = (event.step, value)
-
-    def _lower_is_better(self, key: str) -> bool:
-        if self.watched is not None and self.watched[0] == key:
-            return self.watched[1] == "min"
-        return any(word in key.lower() for word in ("loss", "err", "perplexity"))
+    async def __call__(self, event: Event) -> None:
+        kind = type(event)
+        if kind is StepEnded:
+            self.picture.step(event.step, event.metrics)  # type: ignore[attr-defined]
+        elif kind is EvalEnded:
+            self.picture.eval(event.step, event.eval_name, event.metrics)  # type: ignore[attr-defined]
+        elif kind is TrainStarted and self.watched is None:
+            self.picture.started(event.config)  # type: ignore[attr-defined]
 
     def headline(self) -> str | None:
         """``val/pass_rate = 0.9420 (max, step 120)`` for the watched or first metric:
         named as in the files, the value as the progress line prints it, the step
         counted from 1."""
-        if not self.best:
+        best = self.picture.headline()
+        if best is None:
             return None
-        chosen = next(iter(self.best))
-        if self.watched is not None:
-            metric, _, eval_name = self.watched
-            for full in self.best:
-                e, k = self._keys[full]
-                if k == metric and (eval_name is None or e == eval_name):
-                    chosen = full
-                    break
-        step, value = self.best[chosen]
-        mode = "min" if self._lower_is_better(self._keys[chosen][1]) else "max"
-        return f"{chosen} = {fmt_value(value)} ({mode}, step {step + 1})"
+        name, step, value, mode = best
+        return f"{name} = {fmt_value(value)} ({mode}, step {step + 1})"
+
+    def sparklines(self) -> list[str]:
+        """``loss  ▇▅▃▂▁▁  1.0000 → 0.0100`` per metric (train first, then evals),
+        with the best value of an eval metric."""
+        picture = self.picture
+        series = {**picture.train, **picture.evals}
+        if not series:
+            return []
+        width = max(len(k) for k in series)
+        lines = []
+        for name, s in series.items():
+            values = [v for _, v in s.points]
+            last = picture.last_values.get(name)
+            first = fmt_value(values[0]) if values else "?"
+            end = fmt_value(last[1]) if last is not None else "?"
+            spark = sparkline(values, SPARK_WIDTH)
+            line = f"  {name:<{width}}  {spark:<{SPARK_WIDTH}}  {first} → {end}"
+            if name in picture.best:
+                step, value, _, _ = picture.best[name]
+                line += f" (best {fmt_value(value)} at step {human_step(step)})"
+            lines.append(line)
+        return lines
 
 
 def watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
@@ -76,9 +93,11 @@ def watched_metric(config: RunConfig) -> tuple[str, str, str | None] | None:
 
 
 def health_line(h: CallbackHealth) -> str:
-    """``ok (212 events)``, ``ok (113 events, 99 coalesced (by design))``, ``off: ...``,
-    or what went wrong."""
+    """``ok (212 events)``, ``ok (113 events, 99 coalesced (by design))``, or every
+    problem: ``3 failed``, ``hook failures: setup 1``, ``disabled: <why>``,
+    ``degraded: <why>; 2,501 rows lost from step 489``, ..."""
     forced_drops = h.dropped - h.coalesced
+    hook_failures: dict[str, int] = dict(getattr(h, "hook_failures", None) or {})
     problems = [
         label
         for label, bad in (
@@ -90,24 +109,54 @@ def health_line(h: CallbackHealth) -> str:
         )
         if bad
     ]
+    if hook_failures:
+        hooks = ", ".join(f"{hook} {n}" for hook, n in sorted(hook_failures.items()))
+        problems.append(f"hook failures: {hooks}")
+    degraded = getattr(h, "degraded", None)
+    if degraded is not None:
+        problems.append(f"degraded: {_degraded_text(degraded)}")
+    if h.disabled:
+        problems.insert(0, f"disabled: {h.disabled}")
     counts = f"{h.delivered} events"
     if h.coalesced:
         counts += f", {h.coalesced} coalesced (by design)"  # Latest keeps the newest
-    if h.disabled:
-        problems.insert(0, f"off: {h.disabled}")
     return f"{'; '.join(problems) or 'ok'} ({counts})"
+
+
+def _degraded_text(d: Any) -> str:
+    text = str(getattr(d, "reason", d))
+    lost = int(getattr(d, "rows_lost", 0) or 0)
+    if lost:
+        text += f"; {lost:,} rows lost"
+        missing = getattr(d, "missing_from_step", None)
+        if missing is not None:
+            text += f" from step {human_step(missing)}"
+    return text
+
+
+def eval_lines(evals: dict[str, EvalTally]) -> list[str]:
+    """``val: 2 of 20 evals failed: HTTP 422 ...`` for every evaluator that failed."""
+    lines = []
+    for name, tally in (evals or {}).items():
+        if tally.failed:
+            first = f": {tally.first_error}" if tally.first_error else ""
+            lines.append(f"  {name}: {tally.failed} of {tally.runs} evals failed{first}")
+    return lines
 
 
 def print_summary(
     artifacts: LoopArtifacts, tracker: EvalTracker, out: TextIO, *, requested: str
 ) -> None:
-    """The run's summary on ``out``: status, stop reason, best eval, files (and why the
-    run dir is not ``requested``), one health line per callback."""
+    """The run's summary on ``out``: status (steps of the whole run, a resume
+    included), stop reason, best eval, failed evals, a sparkline per metric, files
+    (and why the run dir is not ``requested``), one health line per callback."""
+    start = int(getattr(artifacts, "start_step", 0) or 0)
+    done = start + artifacts.steps_completed
+    resumed = f" (resumed at step {start + 1})" if start else ""
     lines = [
         "",
-        f"status: {artifacts.status} — {artifacts.steps_completed} of "
-        f"{artifacts.total_requested_steps} steps in {artifacts.train_seconds:.2f} s "
-        f"(shutdown {artifacts.drain_seconds:.2f} s)",
+        f"status: {artifacts.status} — {done} of {artifacts.total_requested_steps} steps"
+        f"{resumed} in {artifacts.train_seconds:.2f} s (shutdown {artifacts.drain_seconds:.2f} s)",
     ]
     if artifacts.stop_reason:
         lines.append(f"stop reason: {artifacts.stop_reason}")
@@ -115,6 +164,12 @@ def print_summary(
         lines.append(f"error: {artifacts.error}")
     headline = tracker.headline()
     lines.append(f"best eval: {headline}" if headline else "best eval: (no evals ran)")
+    failed_evals = eval_lines(getattr(artifacts, "evals", None) or {})
+    if failed_evals:
+        lines += ["evals:", *failed_evals]
+    sparks = tracker.sparklines()
+    if sparks:
+        lines += ["metrics:", *sparks]
     run_dir = artifacts.run_dir
     files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
     lines.append(f"files: {run_dir}/ ({', '.join(files) or 'none'})")

@@ -49,13 +49,18 @@ async def drive(
     *,
     wait_each: bool = False,
     after_each: Any = None,
+    wait_first: int = 0,
 ) -> ev.Subscription:
-    """Subscribe ``cb`` on a real bus, publish ``events``, then ``aclose`` (drain + teardown)."""
+    """Subscribe ``cb`` on a real bus, publish ``events``, then ``aclose`` (drain + teardown).
+
+    ``wait_each``: each event is handled before the next is published (then
+    ``after_each(event)`` runs); ``wait_first=k``: only the first ``k`` are.
+    """
     async with ev.EventBus() as bus:
         adapter = CallbackAdapter(cb, state)
         sub = adapter.subscribe(bus)
-        for event in events:
-            if wait_each:
+        for i, event in enumerate(events):
+            if wait_each or i < wait_first:
                 with anyio.fail_after(10):
                     report = await bus.publish_and_wait(event, timeout=10)
                 assert report.ok, report

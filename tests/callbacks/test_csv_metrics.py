@@ -132,3 +132,81 @@ def test_config() -> None:
         ev.build_callbacks(
             [{"kind": "csv_metrics", "params": {"out_path": "x", "delimiter": ",,"}}]
         )
+    with pytest.raises(ev.ConfigError, match="log_every must be >= 1"):
+        ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "x", "log_every": 0}}])
+
+
+# -- cadence, the header at setup, paths -----------------------------------------------
+
+
+async def test_log_every_writes_every_kth_step_the_last_and_every_eval(tmp_path: Path) -> None:
+    import pandas as pd
+
+    state = make_state(tmp_path, num_steps=10)
+    events = run_events(10, lambda i: {"loss": float(i)}, evals={4: {"acc": 0.5}, 6: {"acc": 0.6}})
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("m.csv", log_every=4), state, events)
+    frame = pd.read_csv(state.run_dir / "m.csv")
+    train = frame[frame["loss"].notna()]
+    assert list(train["step"]) == [3, 7, 9]  # (step + 1) % 4 == 0, and the last step
+    assert list(frame[frame["val/acc"].notna()]["step"]) == [4, 6]  # evals always
+
+
+async def test_a_run_stopped_early_still_writes_its_last_step(tmp_path: Path) -> None:
+    state = make_state(tmp_path, num_steps=100)
+    events = run_events(7, lambda i: {"loss": float(i)})
+    events[-1] = TrainEnded(status="stopped", steps_completed=7, num_steps=100)
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("m.csv", log_every=5), state, events)
+    _, rows = read(state.run_dir / "m.csv")
+    assert [r["step"] for r in rows] == ["4", "6"]
+
+
+def test_the_header_is_on_disk_when_setup_returns(tmp_path: Path) -> None:
+    """pandas can read the file during a long first step (the peers' expectation)."""
+    import pandas as pd
+
+    cb = CsvMetricsCallback("m.csv")
+    state = make_state(tmp_path)
+    cb.setup(state)
+    try:
+        frame = pd.read_csv(state.run_dir / "m.csv")
+        assert list(frame.columns) == ["step"] and len(frame) == 0
+    finally:
+        cb.teardown(state)
+
+
+def test_paths_expand_home_and_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RUNS_AT", str(tmp_path / "elsewhere"))
+    assert CsvMetricsCallback("~/m.csv").out_path == tmp_path / "home" / "m.csv"
+    assert CsvMetricsCallback("$RUNS_AT/m.csv").out_path == tmp_path / "elsewhere" / "m.csv"
+    assert CsvMetricsCallback("${RUNS_AT}/x/m.csv").out_path == tmp_path / "elsewhere/x/m.csv"
+    monkeypatch.delenv("NOT_SET_HERE", raising=False)
+    with pytest.raises(ev.ConfigError, match=r"csv_metrics out_path.*\$NOT_SET_HERE"):
+        CsvMetricsCallback("$NOT_SET_HERE/m.csv")
+    with pytest.raises(ev.ConfigError, match="NOT_SET_HERE"):
+        ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "$NOT_SET_HERE/m"}}])
+
+
+async def test_a_relative_path_is_under_the_run_dir(tmp_path: Path) -> None:
+    state = make_state(tmp_path, num_steps=2)
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("sub/m.csv"), state, run_events(2))
+    assert (tmp_path / "r1" / "sub" / "m.csv").is_file()
+
+
+async def test_numbers_round_trip_and_non_finite_values_survive(tmp_path: Path) -> None:
+    import pandas as pd
+
+    values = [1 / 3, 1e-7, 12345.678901234567, float("nan"), float("inf"), -0.0, 1e300]
+    state = make_state(tmp_path, num_steps=len(values))
+    events = run_events(len(values), lambda i: {"x": values[i]})
+    with anyio.fail_after(WAIT):
+        await drive(CsvMetricsCallback("m.csv"), state, events)
+    _, rows = read(state.run_dir / "m.csv")
+    back = [float(r["x"]) for r in rows]
+    assert back[:3] == values[:3] and back[4:] == values[4:]
+    assert back[3] != back[3]  # nan
+    frame = pd.read_csv(state.run_dir / "m.csv")
+    assert frame["x"].iloc[0] == 1 / 3

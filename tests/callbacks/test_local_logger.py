@@ -79,7 +79,7 @@ async def test_every_file_read_back(tmp_path: Path, capsys: pytest.CaptureFixtur
         "[10/12] eval val: acc=0.5000",
         "[12/12] loss=0.0833",
     ]
-    assert cb._metrics_file is None and cb._events_file is None  # closed in teardown
+    assert cb._metrics is None and cb._events is None  # closed in teardown
 
 
 async def test_predictions_through_dispatch(tmp_path: Path) -> None:

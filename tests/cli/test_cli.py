@@ -66,6 +66,10 @@ def test_run_without_config_is_the_demo(tmp_path: Path) -> None:
     assert last > first + 0.2  # pass_rate visibly rises
     assert "status: completed — 200 of 200 steps" in out
     assert "best eval: val/pass_rate = " in out
+    # a sparkline per metric: the loss falls, the pass rate rises
+    [loss] = [x for x in out.splitlines() if x.startswith("  loss ")]
+    assert "→" in loss and loss.split()[1][0] in "█▇▆" and loss.split()[1][-1] in "▁▂"
+    assert any(x.startswith("  val/pass_rate ") and "(best " in x for x in out.splitlines())
     assert f"files: {Path('runs') / 'demo'}/" in out
     assert "early_stopping  ok" in out
     assert_complete_files(tmp_path / "runs" / "demo", "completed")
@@ -610,7 +614,7 @@ def test_wandb_mode_comes_from_the_environment_and_a_disabled_logger_says_so(
     )
     assert proc.returncode == 0, proc.stderr
     [line] = [x for x in proc.stdout.splitlines() if x.startswith("  wandb_logger")]
-    assert "off: wandb init failed: " in line and " ok " not in line, line
+    assert "disabled: wandb init failed: " in line and " ok " not in line, line
     run_dir = tmp_path / "runs" / "wb-1"
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["callback_report"]["wandb_logger"]["disabled"].startswith("wandb init failed")
@@ -672,3 +676,71 @@ def test_rerunning_a_config_is_a_new_run_and_overwrite_reuses_the_dir(tmp_path: 
     assert f"files: {Path('runs') / 'mine'}/ " in third.stdout
     assert not (tmp_path / "runs" / "mine" / "stale.txt").exists()  # started afresh
     assert not (tmp_path / "runs" / "mine-2").exists()
+
+
+# -- the end-of-run summary, as printed ---------------------------------------------------
+
+
+def test_health_lines_name_every_problem() -> None:
+    from evsys_async.cli._summary import health_line
+    from evsys_async.state import CallbackHealth, Degraded
+
+    def h(**kw: Any) -> CallbackHealth:
+        return CallbackHealth(**{"delivered": 50, "failed": 0, "dropped": 0, "pending": 0, **kw})
+
+    assert health_line(h()) == "ok (50 events)"
+    assert health_line(h(failed=3)) == "3 failed (50 events)"
+    assert health_line(h(hook_failures={"setup": 1, "flush": 2})) == (
+        "hook failures: flush 2, setup 1 (50 events)"
+    )
+    line = health_line(h(disabled="setup failed: ConnectionError: refused", dropped=50))
+    assert line.startswith("disabled: setup failed: ConnectionError: refused; 50 dropped")
+    lost = Degraded("metrics.csv: OSError: [Errno 28] No space left", 2501, 488)
+    assert health_line(h(degraded=lost)) == (
+        "degraded: metrics.csv: OSError: [Errno 28] No space left; 2,501 rows lost from step 489"
+        " (50 events)"
+    )
+    assert " ok" not in health_line(h(degraded=Degraded("summary.md not written")))
+
+
+def test_the_summary_prints_sparklines_failed_evals_and_the_whole_run(tmp_path: Path) -> None:
+    import io
+
+    import anyio
+
+    from evsys_async.cli._summary import EvalTracker, print_summary
+    from evsys_async.events import EvalEnded, StepEnded, TrainStarted
+    from evsys_async.state import EvalTally, LoopArtifacts
+
+    tracker = EvalTracker(None)
+
+    async def feed() -> None:
+        await tracker(TrainStarted(num_steps=50, start_step=30))
+        for i in range(30, 50):
+            await tracker(StepEnded(step=i, num_steps=50, metrics={"loss": 1.0 / (i + 1)}))
+        for i in (39, 49):
+            await tracker(EvalEnded(step=i, eval_name="val", metrics={"acc": i / 100}))
+
+    anyio.run(feed)
+    artifacts = LoopArtifacts(
+        run_dir=tmp_path,
+        total_requested_steps=50,
+        steps_completed=20,
+        start_step=30,
+        status="completed",
+        evals={
+            "val": EvalTally(runs=2, failed=0),
+            "remote": EvalTally(runs=20, failed=2, first_error="HTTP 422: bad payload"),
+        },
+    )
+    out = io.StringIO()
+    print_summary(artifacts, tracker, out, requested=tmp_path.name)
+    text = out.getvalue()
+    assert "status: completed — 50 of 50 steps (resumed at step 31)" in text
+    assert "best eval: val/acc = 0.4900 (max, step 50)" in text
+    assert "  remote: 2 of 20 evals failed: HTTP 422: bad payload" in text
+    assert "  val:" not in text  # no failures, no line
+    [loss] = [x for x in text.splitlines() if x.startswith("  loss ")]
+    assert "█" in loss and "▁" in loss and "0.0323 → 0.0200" in loss
+    [acc] = [x for x in text.splitlines() if x.startswith("  val/acc")]
+    assert "(best 0.4900 at step 50)" in acc
