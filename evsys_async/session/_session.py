@@ -159,6 +159,12 @@ class Session:
         self._state = "new"  # new -> starting -> open -> ended
 
     @property
+    def stop_rank(self) -> int | None:
+        """With ranks: the rank whose stop request (or failure) ended every rank, once
+        the ranks agreed (``TrainEnded.stop_rank``); else ``None``."""
+        return None if self._run is None else self._run.stop_rank
+
+    @property
     def run_dir(self) -> Path:
         """Where the run's files go: ``<output_dir>/<run_key>``."""
         return self.state.run_dir
@@ -447,8 +453,8 @@ class Session:
         )
 
     def _status(self, exc: BaseException | None, cancelled: bool) -> Status:
-        """How the run ended: the block's exception, else the stop check's verdict, else
-        a steering callback's error, else completed."""
+        """How the run ended: the block's exception, else a hook's interrupt, else a
+        steering callback's error, else the stop check's verdict, else completed."""
         run, artifacts = self._run, self.artifacts
         assert run is not None
         assert artifacts is not None
@@ -460,12 +466,10 @@ class Session:
             return "failed"
         if run.interrupted is not None:
             return "cancelled"
-        if self._verdict is not None:
-            return self._verdict
         if run.barrier.callback_error is not None:
             artifacts.error = describe(run.barrier.callback_error)
             return "failed"
-        return "completed"
+        return self._verdict or "completed"
 
     def _raise_after(self, exc: BaseException | None) -> None:
         """After the end: what the run raises when the block itself raised nothing."""
