@@ -79,7 +79,9 @@ def test_events_reach_the_callbacks_in_order_and_the_files_are_a_runs(
     assert all(ev.CallbackHealth(**h).ok for h in data["callback_report"].values())
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,val/acc" and len(rows) == 7
-    (ckpt,) = (json.loads(line) for line in (run_dir / "checkpoints.jsonl").read_text().splitlines())
+    (ckpt,) = (
+        json.loads(line) for line in (run_dir / "checkpoints.jsonl").read_text().splitlines()
+    )
     assert (ckpt["name"], ckpt["steps_completed"]) == ("last", 5)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     started = next(e for e in events[1:] if e["event"]["type"] == "TrainStarted")
@@ -153,10 +155,12 @@ def test_a_failing_callback_is_counted_and_the_trainer_goes_on(tmp_path: Path) -
 
 
 def test_strict_fails_the_run_with_the_callbacks_error(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="hostile at 0"):  # noqa: PT012
-        with ev.Session([Failing()], output_dir=tmp_path, strict=True) as session:
-            session.step_ended(0)
-            assert session.should_stop  # the steering check saw the failure
+    with (  # noqa: PT012
+        pytest.raises(RuntimeError, match="hostile at 0"),
+        ev.Session([Failing()], output_dir=tmp_path, strict=True) as session,
+    ):
+        session.step_ended(0)
+        assert session.should_stop  # the steering check saw the failure
     assert session.artifacts is not None
     assert (session.artifacts.status, session.artifacts.error) == (
         "failed",
@@ -182,9 +186,8 @@ def test_a_hanging_callback_is_left_behind_at_drain_timeout(tmp_path: Path) -> N
 
 def test_an_exception_in_the_block_fails_the_run_and_propagates(tmp_path: Path) -> None:
     rec = Recorder()
-    with pytest.raises(ValueError, match="nan loss"):  # noqa: PT012
-        with ev.Session([rec], output_dir=tmp_path):
-            raise ValueError("nan loss")
+    with pytest.raises(ValueError, match="nan loss"), ev.Session([rec], output_dir=tmp_path):
+        raise ValueError("nan loss")
     assert rec.calls[-1] == ("end", "failed")
     data = manifest(tmp_path / "run")
     assert (data["status"], data["error"]) == ("failed", "ValueError: nan loss")
@@ -192,9 +195,8 @@ def test_an_exception_in_the_block_fails_the_run_and_propagates(tmp_path: Path) 
 
 
 def test_keyboard_interrupt_ends_the_run_cancelled(tmp_path: Path) -> None:
-    with pytest.raises(KeyboardInterrupt):  # noqa: PT012
-        with ev.Session(output_dir=tmp_path) as session:
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), ev.Session(output_dir=tmp_path) as session:
+        raise KeyboardInterrupt
     assert session.artifacts is not None and session.artifacts.status == "cancelled"
 
 
@@ -220,9 +222,8 @@ def test_misuse_is_a_clear_error(tmp_path: Path) -> None:
     session = ev.Session(output_dir=tmp_path)
     with pytest.raises(RuntimeError, match=r"step_ended\(\) was called before `with session:`"):
         session.step_ended(0)
-    with session:
-        with pytest.raises(TypeError, match="metric 'loss'"):
-            session.step_ended(0, {"loss": "nan?"})
+    with session, pytest.raises(TypeError, match="metric 'loss'"):
+        session.step_ended(0, {"loss": "nan?"})
     with pytest.raises(RuntimeError, match="after the session ended"):
         _ = session.should_stop
     with pytest.raises(RuntimeError, match="a Session runs once"), session:
@@ -245,7 +246,7 @@ async def test_async_with_runs_on_the_callers_loop(tmp_path: Path) -> None:
         async with ev.Session([stopper, rec, csv()], output_dir=tmp_path) as session:
             for i in range(10):
                 session.step_ended(i, {"loss": float(i)})
-                with pytest.raises(RuntimeError, match="await session.check_stop"):
+                with pytest.raises(RuntimeError, match=r"await session\.check_stop"):
                     _ = session.should_stop
                 if await session.check_stop():
                     break

@@ -66,9 +66,7 @@ def _session(
     return {"status": a.status, "reason": a.stop_reason, "stop_rank": session.stop_rank}
 
 
-def _loop(
-    rank: int, out: str, coordinator: Any, callbacks: list[ev.Callback]
-) -> dict[str, Any]:
+def _loop(rank: int, out: str, coordinator: Any, callbacks: list[ev.Callback]) -> dict[str, Any]:
     def step(state: ev.LoopState, step_idx: int) -> dict[str, float]:
         _pace(rank, step_idx, "loop")
         return {"loss": float(step_idx)}
