@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import import_extra
 from ..session import Session
+from ._values import plain, scalars
 
 __all__ = ["EvsysCallback"]
 
@@ -77,7 +78,7 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         options = dict(self.session_options)
         if "config" not in options:
-            options["config"] = _plain(getattr(pl_module, "hparams", None) or {})
+            options["config"] = plain(getattr(pl_module, "hparams", None) or {})
         if trainer.world_size > 1 and options.get("coordinator") is None:
             from ..transports.torch_coordinator import TorchDistributedCoordinator
 
@@ -124,7 +125,7 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
             return
         self._last_step = step
         metrics = self._logged(trainer.callback_metrics)
-        for key, value in _scalars(_outputs(outputs)).items():
+        for key, value in scalars(_outputs(outputs)).items():
             metrics.setdefault(key, value)
         session.step_ended(step, metrics, batch=batch)
         if session.should_stop:
@@ -157,7 +158,7 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
         seen = self._seen
         new = {k: v for k, v in current.items() if seen.get(k) is not v}
         seen.update(current)
-        return _scalars(new)
+        return scalars(new)
 
 
 def _outputs(outputs: Any) -> Mapping[str, Any]:
@@ -165,22 +166,3 @@ def _outputs(outputs: Any) -> Mapping[str, Any]:
     if isinstance(outputs, Mapping):
         return outputs
     return {} if outputs is None else {"loss": outputs}
-
-
-def _scalars(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries that are one number: ints, floats, one-element tensors (left as they
-    are: the session converts them)."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        numel = getattr(value, "numel", None)
-        if (callable(numel) and numel() == 1) or (
-            isinstance(value, int | float) and not isinstance(value, bool)
-        ):
-            out[str(key)] = value
-    return out
-
-
-def _plain(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The module's hyperparameters as plain values (others as their ``repr``)."""
-    plain = (str, int, float, bool, type(None))
-    return {str(k): v if isinstance(v, plain) else repr(v) for k, v in hparams.items()}
