@@ -10,6 +10,8 @@ stops the trainer; the run dir, ``manifest.json`` and the report are a loop run'
 from __future__ import annotations
 
 import json
+import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -283,3 +285,16 @@ def test_a_crashing_process_callback_never_stops_the_trainer(tmp_path: Path) -> 
     crashed = session.artifacts.callback_report["Crashing"]
     assert crashed.disabled is not None and "process died" in crashed.disabled
     assert session.artifacts.status == "completed"
+
+
+def test_the_pages_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "trainers.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    cwd = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(example, "docs/trainers.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert capsys.readouterr().out.splitlines()[-1] == "completed runs/mnist"
+    assert len((tmp_path / "runs" / "mnist" / "metrics.csv").read_text().splitlines()) == 111
