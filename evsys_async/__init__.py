@@ -54,6 +54,7 @@ from .experiment import Arm, ArmResult, Experiment, ExperimentResult, RunResult
 from .loop import TrainingLoop
 from .policies import DropOldest, Latest, Lossless
 from .replay import ReplayReport, read_events, replay
+from .session import Session
 from .state import CallbackHealth, Degraded, LogContext, LoopArtifacts, LoopState, StepOutput
 
 __all__ = [
@@ -91,6 +92,7 @@ __all__ = [
     "ReplayReport",
     "RunConfig",
     "RunResult",
+    "Session",
     "SinkCallback",
     "StepOutput",
     "SubscriberStats",

@@ -5,7 +5,8 @@ sink is a ``def`` bus handler of envelopes with ``flush()`` (one write per
 delivered batch) and ``close()``; :func:`attach` subscribes one. Sources read
 envelopes and publish their events onto a local bus, from their own thread
 (``publish`` is thread-safe).
-Redis Streams (extra ``redis``): docs/distributed.md.
+Redis Streams (extra ``redis``): docs/distributed.md. ``TorchDistributedCoordinator``
+(extra ``torch``) keeps a ``torch.distributed`` job's ranks in step: docs/trainers.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .redis import (
     RedisUnavailableError,
     ResumePoint,
 )
+from .torch_coordinator import TorchDistributedCoordinator
 
 __all__ = [
     "EnvelopeSink",
@@ -35,6 +37,7 @@ __all__ = [
     "RedisUnavailableError",
     "ResumePoint",
     "SkippedLine",
+    "TorchDistributedCoordinator",
     "attach",
     "log_header",
     "read_jsonl",
