@@ -77,7 +77,7 @@ def test_events_reach_the_callbacks_in_order_and_the_files_are_a_runs(
     run_dir = tmp_path / "hand"
     data = manifest(run_dir)
     assert (data["status"], data["steps_completed"], data["run_key"]) == ("completed", 5, "hand")
-    assert data["callback_report"]["csv_metrics"]["delivered"] == 6  # 5 steps, 1 eval
+    assert data["callback_report"]["csv_metrics"]["delivered"] == 7  # 5 steps, 1 eval, TrainEnded
     assert all(ev.CallbackHealth(**h).ok for h in data["callback_report"].values())
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,val/acc" and len(rows) == 7
