@@ -336,7 +336,7 @@ def test_imports_point_one_way_in_the_order_of_the_layer_table() -> None:
 #: the modules of ``callbacks/`` that are not built-ins (nor its private runtime)
 CALLBACK_FRAMEWORK = ("base", "registry")
 #: what a built-in may use of its own package, beside ``base`` and ``registry``
-BUILTIN_HELPERS = ("_format", "_hparams", "_tfevents", "_values")
+BUILTIN_HELPERS = ("_format", "_hparams", "_mlflow", "_tfevents", "_values")
 
 
 def builtins() -> list[str]:

@@ -32,10 +32,12 @@ the run dir (:func:`logger_path`), for a live run, a replay and a consumer alike
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from ..errors import ConfigError, describe
@@ -49,6 +51,8 @@ __all__ = [
     "claim_logger_dir",
     "claim_run_dir",
     "logger_path",
+    "read_claim",
+    "record_claim",
 ]
 
 #: a run key's longest form in UTF-8 bytes: a directory name holds 255, and the key
@@ -56,6 +60,8 @@ __all__ = [
 MAX_KEY_BYTES = 200
 #: where a run dir records the directories its loggers claimed outside it
 CLAIMS_FILE = "claims.json"
+#: one writer of a claims file at a time in this process (two loggers of one run)
+_CLAIMS_LOCK = threading.Lock()
 
 
 def check_run_key(run_key: str, output_dir: Path) -> None:
@@ -213,8 +219,7 @@ def claim_logger_dir(
     check_run_key(run_key, root)
     ident = os.path.normpath(os.path.abspath(root))
     try:
-        claims = _read_claims(run_dir)
-        earlier = claims.get(ident)
+        earlier = read_claim(run_dir, ident)
         if resume:
             path = Path(earlier) if earlier else root / run_key
             path.mkdir(parents=True, exist_ok=True)
@@ -226,10 +231,26 @@ def claim_logger_dir(
             path = _next_free(root, run_key)[1]
     except OSError as exc:
         raise _dir_error(what, root, exc, f"another {what}") from None
-    claims[ident] = str(path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CLAIMS_FILE, json.dumps(claims, indent=2, sort_keys=True) + "\n")
+    record_claim(run_dir, ident, str(path))
     return path
+
+
+def read_claim(run_dir: Path, name: str) -> str | None:
+    """What this run's logger ``name`` claimed, as :func:`record_claim` kept it."""
+    return _read_claims(run_dir).get(name)
+
+
+def record_claim(run_dir: Path, name: str, value: str) -> bool:
+    """Keep in ``run_dir``'s :data:`CLAIMS_FILE` that logger ``name`` claimed ``value``
+    (a directory, a tracking server's run id), so a resume finds it; written
+    atomically, one writer at a time. ``False`` (and a WARNING) if it could not be."""
+    with _CLAIMS_LOCK:
+        claims = _read_claims(run_dir)
+        claims[name] = value
+        with contextlib.suppress(OSError):  # write_atomic then says why
+            run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(claims, indent=2, sort_keys=True) + "\n"
+        return write_atomic(run_dir / CLAIMS_FILE, text)
 
 
 def _read_claims(run_dir: Path) -> dict[str, str]:

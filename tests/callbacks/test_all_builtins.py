@@ -192,13 +192,13 @@ def test_every_original_name_is_registered() -> None:
 def test_builtins_import_no_bus_loop_or_sibling() -> None:
     """Imports point one way: a built-in imports only the utilities (``_util``), events,
     state, errors, policies (its class attribute), store, ``Callback`` and the registry,
-    the built-ins' helpers (``_format``, ``_hparams``, ``_tfevents``, ``_values``), and a transport (``transports.jsonl``:
+    the built-ins' helpers (``_format``, ``_hparams``, ``_mlflow``, ``_tfevents``, ``_values``), the version, and a transport (``transports.jsonl``:
     the event log's header line) -- never the bus, the loop or another built-in."""
     import ast
 
-    allowed_tops = {"_util", "events", "state", "errors", "policies", "store"}
+    allowed_tops = {"_util", "_version", "events", "state", "errors", "policies", "store"}
     allowed = {"callbacks.base", "callbacks.registry", "callbacks._format", "callbacks._values"}
-    allowed |= {"callbacks._hparams", "callbacks._tfevents"}
+    allowed |= {"callbacks._hparams", "callbacks._mlflow", "callbacks._tfevents"}
     allowed |= {"transports.jsonl"}
     pkg = Path(ev.__file__).parent / "callbacks"
     for name in (
