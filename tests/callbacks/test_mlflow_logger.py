@@ -225,6 +225,26 @@ async def test_an_unreachable_server_never_blocks_and_is_reported_degraded(
     assert cb.degraded.reason.startswith("12 metrics not sent")
 
 
+async def test_a_replay_keeps_the_recorded_times(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replayed points carry the recorded events' times, not the replay's."""
+    from evsys_async.events import Envelope, encode
+
+    log = out.parent / "events.jsonl"
+    lines = [ev.transports.log_header(run_key="made")]
+    lines += [encode(Envelope("bus", i, e)) for i, e in enumerate(timed_events(6, lr=0.5))]
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    with anyio.fail_after(WAIT):
+        report = await ev.replay(log, [MlflowLoggerCallback()], output_dir=out.parent / "again")
+    assert report.run_dir is not None
+    run = runs_of(out / "mlflow.db", "again")["made"]
+    got = history(out / "mlflow.db", run, "loss")
+    assert [(s, t) for s, _, t in got] == [(i, 1_000_000_000 + (i + 1) * 1000) for i in range(6)]
+    assert run.data.params == {"lr": "0.5"}
+
+
 # -- the real server, stopped and started again (slow: two processes) -----------------
 
 

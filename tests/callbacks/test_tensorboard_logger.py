@@ -227,6 +227,22 @@ async def test_only_rank_zero_writes(tmp_path: Path) -> None:
     assert not (tmp_path / "r1").exists()
 
 
+async def test_a_replay_keeps_the_recorded_times(tmp_path: Path) -> None:
+    """Replayed points carry the recorded events' times, not the replay's."""
+    from evsys_async.events import Envelope, encode
+
+    log = tmp_path / "events.jsonl"
+    lines = [ev.transports.log_header(run_key="made")]
+    lines += [encode(Envelope("bus", i, e)) for i, e in enumerate(timed_events(6, lr=0.5))]
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    with anyio.fail_after(WAIT):
+        report = await ev.replay(log, [TensorBoardLoggerCallback()], output_dir=tmp_path / "again")
+    assert report.run_dir is not None
+    got = points(report.run_dir / "tensorboard")
+    assert [(s, w) for s, _, w in got["loss"]] == [(i, 1_000_000.0 + i + 1) for i in range(6)]
+    assert [w for _, _, w in got["val/acc"]] == [1_000_004.5]
+
+
 # -- writes checked, on a real file system that fills up ------------------------------
 
 
