@@ -84,7 +84,7 @@ class MlflowLoggerCallback(Callback):
     class Config(msgspec.Struct, forbid_unknown_fields=True):
         tracking_uri: str | None = None
         experiment: str | None = None
-        tags: dict[str, str] = msgspec.field(default_factory=dict)
+        tags: dict[str, str] | None = None
         log_every: int = 1
         prefix: str = ""
         max_buffered: int = 100_000
