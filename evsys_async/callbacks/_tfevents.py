@@ -22,8 +22,9 @@ protobufs) and writes them here, in the callback's own thread:
 The file's name is tensorboardX's (``events.out.tfevents.<second>.<host>``)
 plus ``.<sequence>.<pid>``: TensorBoard reads a directory's files in name
 order, so a resume's file opened in the same second as the first segment's
-sorts after it instead of replacing it. Not thread-safe: one callback's
-thread owns a file. No method raises ``OSError`` but :meth:`EventFile.open`.
+sorts after it instead of replacing it. One callback's thread owns a file;
+:meth:`EventFile.add` may also be called from another thread. No method
+raises ``OSError`` but :meth:`EventFile.open`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from time import monotonic
@@ -75,7 +77,9 @@ class EventFile:
         self.path: Path | None = None
         self._fd: int | None = None
         self._size = 0  # bytes on disk, every one in a whole record
-        self._queued: list[tuple[bytes, int | None]] = []
+        # a deque: records added from another thread (a benchmark hook run by dispatch)
+        # while a write drains it are taken by this write or the next, never lost
+        self._queued: deque[tuple[bytes, int | None]] = deque()
         self._held: list[tuple[bytes, int | None]] = []
         self._written = 0  # records in the file
         self._first_step: int | None = None
@@ -115,7 +119,8 @@ class EventFile:
 
     def write(self) -> None:
         """Write what is held, then what is queued, in order; whole records or none."""
-        queued, self._queued = self._queued, []
+        queue = self._queued
+        queued = [queue.popleft() for _ in range(len(queue))]
         if self._stopped:
             self._lose(queued)
             return

@@ -41,6 +41,7 @@ import importlib.util
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ class MlflowLoggerCallback(Callback):
         #: the tracking URI this run logs to, credentials masked (set in ``setup``)
         self.location: str | None = None
         self._sender: Sender | None = None
-        self._points: list[Point] = []
+        # a deque: a benchmark hook run by dispatch in another thread adds to it too
+        self._points: deque[Point] = deque()
         self._unlogged: StepEnded | None = None
         self._status = "FINISHED"
         self._renamed: dict[str, str] = {}
@@ -125,7 +127,8 @@ class MlflowLoggerCallback(Callback):
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self._sender, self._points, self._unlogged, self._status = None, [], None, "FINISHED"
+        self._sender, self._unlogged, self._status = None, None, "FINISHED"
+        self._points.clear()
         self.degraded = None
         if state.rank != 0:
             return
@@ -181,16 +184,18 @@ class MlflowLoggerCallback(Callback):
         if sender is None:
             return
         self._take_unlogged()
-        sender.put(self._points)
-        self._points = []
+        sender.put(self._drain())
         self.degraded = sender.finish(self._status, self.finish_timeout)
 
     def flush(self) -> None:
         sender = self._sender
         if sender is not None:
-            points, self._points = self._points, []
-            sender.put(points)
+            sender.put(self._drain())
             self.degraded = sender.degraded()
+
+    def _drain(self) -> list[Point]:
+        points = self._points
+        return [points.popleft() for _ in range(len(points))]
 
     # -- events -------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ class TensorBoardLoggerCallback(Callback):
         self._log_unlogged(events)
         events.close()
         self.degraded = events.degraded
+        self._protos = None  # modules: the callback pickles again for a next run
 
     def flush(self) -> None:
         events = self._file
