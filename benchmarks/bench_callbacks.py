@@ -32,6 +32,7 @@ from evsys_async.callbacks.debug_logger import DebugLoggerCallback
 from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
 from evsys_async.callbacks.evsys_logger import EvsysLoggerCallback
 from evsys_async.callbacks.local_logger import LocalLoggerCallback
+from evsys_async.callbacks.mlflow_logger import MlflowLoggerCallback
 from evsys_async.callbacks.print_progress import PrintProgressCallback
 from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
 from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
@@ -61,6 +62,7 @@ CASES: dict[str, Callable[[], ev.Callback]] = {
     "tensorboard_logger": TensorBoardLoggerCallback,
     "wandb_logger (offline)": lambda: WandbLoggerCallback(mode="offline"),
     "evsys_logger (local store)": EvsysLoggerCallback,
+    "mlflow (SQLite; the hooks, not the sender)": MlflowLoggerCallback,
 }
 
 

@@ -187,6 +187,9 @@ class LoopState:
     eval_names: tuple[str, ...] = ()
     #: the step this run began at: > 0 for a resume (writers drop their rows from it on)
     start_step: int = 0
+    #: the run was asked to start its directories afresh (``overwrite=True``): a logger
+    #: with a directory of its own empties and reuses it rather than claiming the next
+    overwrite: bool = False
     _publish: Callable[[Event], object] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _checkpoint_requests: list[str] = field(default_factory=list, repr=False)

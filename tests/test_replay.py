@@ -183,16 +183,16 @@ async def test_default_output_is_a_new_run_dir_beside_nothing_of_the_source(
 
 @pytest.fixture(params=["one_second", "a_second_each"])
 def event_file_clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The clock tensorboardX names an event file by (``events.out.tfevents.<second>...``):
+    """The clock an event file is named by (``events.out.tfevents.<second>...``):
     stopped, so every file opens in one second (as a quick resume or a replay opens
     them), or a second later at each reading. The test no longer depends on where the
     wall clock's seconds fall."""
-    import tensorboardX.event_file_writer
+    from evsys_async.callbacks import _tfevents
 
     tick = 0.0 if request.param == "one_second" else 1.0
-    readings = itertools.count()  # next() is atomic: the writer's thread reads it too
+    readings = itertools.count()
     clock = SimpleNamespace(time=lambda: 1_700_000_000.0 + tick * next(readings))
-    monkeypatch.setattr(tensorboardX.event_file_writer, "time", clock)
+    monkeypatch.setattr(_tfevents, "time", clock)
     return str(request.param)
 
 

@@ -1,4 +1,4 @@
-"""Callbacks: the base class, ``dispatch``, the registry, the eight built-ins and
+"""Callbacks: the base class, ``dispatch``, the registry, the nine built-ins and
 ``SinkCallback``.
 
 Every name of the original system's callbacks module imports from here (and
@@ -8,7 +8,7 @@ from ``evsys_async``)::
 
 Importing this package registers the built-ins under their kind names
 (``print_progress``, ``csv_metrics``, ...). Optional extras (tensorboardX,
-wandb) are imported when those callbacks are constructed, never here.
+wandb, mlflow) are imported when those callbacks are built or set up, never here.
 
 The modules: ``base`` (``Callback``, each hook documented), ``registry``, one
 module per built-in; the runtime's side is private — ``_hooks`` (the hooks as
@@ -28,6 +28,7 @@ from .debug_logger import DebugLoggerCallback
 from .early_stopping import EarlyStoppingCallback
 from .evsys_logger import EvsysLoggerCallback
 from .local_logger import LocalLoggerCallback
+from .mlflow_logger import MlflowLoggerCallback
 from .print_progress import PrintProgressCallback
 from .registry import (
     CallbackSpec,
@@ -50,6 +51,7 @@ __all__ = [
     "LocalLoggerCallback",
     "LogContext",
     "LoopState",
+    "MlflowLoggerCallback",
     "PrintProgressCallback",
     "SinkCallback",
     "TensorBoardLoggerCallback",

@@ -90,6 +90,7 @@ _BUILTINS = {
         "wandb_logger": "WandbLoggerCallback",
     }.items()
 }
+_BUILTINS["mlflow"] = "evsys_async.callbacks.mlflow_logger:MlflowLoggerCallback"
 
 
 def _built(cb: Callback, kind: str, params: dict[str, Any], options: dict[str, Any]) -> None:

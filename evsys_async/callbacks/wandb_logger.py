@@ -1,13 +1,16 @@
-"""``wandb_logger``: metrics and predictions to Weights & Biases.
+"""``wandb_logger``: metrics, hyperparameters and predictions to Weights & Biases.
 
 One W&B run per training run: ``wandb.init`` in ``setup``, ``run.log`` in the
 hooks, ``run.finish`` in ``teardown`` — all in the callback's own thread
 (``def`` hooks), so a slow network never stalls training. Train metrics are
 logged after step ``i`` when ``(i + 1) % log_every == 0`` (the rule of every
-cadence) at ``step=step_idx``; eval metrics as ``val/<key>`` (eval ``val``) or
-``val/<eval_name>/<key>`` at the eval's step; benchmark evals (through
-``dispatch``) as ``eval/<name>/<key>`` plus a ``wandb.Table`` of at most
-``max_pred_rows`` predictions.
+cadence) and for the last step that ran, at ``step=step_idx``; eval metrics
+as ``val/<key>`` (eval ``val``) or ``val/<eval_name>/<key>`` at the eval's
+step, every one; benchmark evals (through ``dispatch``) as
+``eval/<name>/<key>`` plus a ``wandb.Table`` of at most ``max_pred_rows``
+predictions; each name behind ``prefix/`` when a ``prefix`` is given. The
+run's config is its hyperparameters: ``ctx.run_config`` at ``init``, then
+``TrainStarted.config`` (what the loop recorded, secrets redacted).
 
 W&B's own environment variables keep their meaning: without ``mode`` the
 mode comes from ``WANDB_MODE`` (``offline``, ``disabled``; W&B's default is
@@ -16,9 +19,12 @@ experiment's name, else ``evsys-async``), the entity from ``WANDB_ENTITY``.
 The run's URL goes to ``state.ctx.extras["wandb_url"]`` (``None`` offline)
 for the callbacks after it. A failing ``wandb.init`` disables the callback
 for that run with one WARNING and sets ``disabled_reason``, so the run's
-callback report and the CLI's summary say it was off: training goes on. ``finish`` runs in a daemon
-thread joined for at most ``finish_timeout`` seconds, so a hung upload cannot
-hold the run's shutdown (the thread is abandoned, with a WARNING).
+callback report and the CLI's summary say it was off: training goes on. A
+``run.log`` that raises (wandb's service gone) is counted, and the callback
+is ``degraded`` ("N metrics not sent"), never "ok". ``finish`` runs in a
+daemon thread joined for at most ``finish_timeout`` seconds, so a hung upload
+cannot hold the run's shutdown (the thread is abandoned, with a WARNING, and
+the callback is degraded: what was logged may not all be synced).
 
 wandb is the optional extra ``wandb``, imported when the callback is built.
 Rank 0 only.
@@ -29,14 +35,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Literal
 
 import msgspec
 
 from .._util.log import get_logger
 from ..errors import describe, import_extra
-from ..state import LoopState
+from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
+from ..state import Degraded, LoopState
 from ._format import due, eval_metric_name
+from ._hparams import hparams_of
 from ._values import benchmark_metrics, benchmark_name, table_cell
 from .base import Callback
 from .registry import register_callback
@@ -56,6 +65,7 @@ class WandbLoggerCallback(Callback):
         name: str | None = None
         mode: Literal["online", "offline", "disabled", "shared"] | None = None
         log_every: int = 1
+        prefix: str = ""
         max_pred_rows: int = 100
         finish_timeout: float = 60.0
 
@@ -66,12 +76,13 @@ class WandbLoggerCallback(Callback):
         name: str | None = None,
         mode: Literal["online", "offline", "disabled", "shared"] | None = None,
         log_every: int = 1,
+        prefix: str = "",
         max_pred_rows: int = 100,
         finish_timeout: float = 60.0,
     ) -> None:
         self._wandb = import_extra("wandb", "wandb", "wandb_logger")
         if log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {log_every}")
+            raise ValueError(f"wandb_logger: log_every must be >= 1, got {log_every}")
         if finish_timeout <= 0:
             raise ValueError(f"finish_timeout must be > 0 seconds, got {finish_timeout}")
         self.project = project
@@ -82,18 +93,24 @@ class WandbLoggerCallback(Callback):
         self.max_pred_rows = max(0, max_pred_rows)
         self.finish_timeout = finish_timeout
         self.run: Any = None
+        self.prefix = prefix.strip("/")
         #: why the callback is off for the current run (``None``: it is on)
         self.disabled_reason: str | None = None
+        self._unlogged: StepEnded | None = None
+        self._lost = self._unsent = 0
+        self._missing_from: int | None = None
 
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
         self.run = None
         self.disabled_reason = None
+        self.degraded, self._unlogged, self._missing_from = None, None, None
+        self._lost = self._unsent = 0
         if state.rank != 0:
             return
         ctx = state.ctx
-        config = dict(ctx.run_config) if ctx.run_config else dict(ctx.config or {})
+        config = hparams_of({}, state) or dict(ctx.config or {})
         options: dict[str, Any] = {}
         if self.mode is not None:  # else W&B reads WANDB_MODE
             options["mode"] = self.mode
@@ -135,6 +152,7 @@ class WandbLoggerCallback(Callback):
             except BaseException as exc:  # reported below, from the callback's thread
                 errors.append(exc)
 
+        self._log_unlogged(run)
         thread = threading.Thread(target=finish, name="evsys-wandb-finish", daemon=True)
         thread.start()
         thread.join(self.finish_timeout)
@@ -144,24 +162,40 @@ class WandbLoggerCallback(Callback):
                 callback=type(self).__name__,
                 finish_timeout=self.finish_timeout,
             )
+            self.degraded = self.degraded or Degraded(
+                f"wandb finish did not return within {self.finish_timeout}s: "
+                "what was logged may not all be synced"
+            )
         elif errors:
             raise errors[0]
 
-    # -- hooks --------------------------------------------------------------------
+    # -- events --------------------------------------------------------------------
 
-    def on_step_end(
-        self, state: LoopState, step_idx: int, batch: Any, metrics: dict[str, float]
-    ) -> None:
+    def on_envelope(self, state: LoopState, envelope: Envelope) -> None:
         run = self.run
-        if run is not None and due(step_idx, self.log_every) and metrics:
-            run.log(dict(metrics), step=step_idx)
-
-    def on_eval(
-        self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
-    ) -> None:
-        run = self.run
-        if run is not None and metrics:
-            run.log({eval_metric_name(eval_name, k): v for k, v in metrics.items()}, step=step_idx)
+        if run is None:
+            return
+        event = envelope.event
+        kind = type(event)
+        if kind is StepEnded:
+            assert isinstance(event, StepEnded)
+            if due(event.step, self.log_every) or event.step + 1 >= event.num_steps:
+                self._unlogged = None
+                self._log(run, event.step, event.metrics.items())
+            else:
+                self._unlogged = event
+        elif kind is EvalEnded:
+            assert isinstance(event, EvalEnded)
+            named = ((eval_metric_name(event.eval_name, k), v) for k, v in event.metrics.items())
+            self._log(run, event.step, named)
+        elif kind is TrainStarted:
+            assert isinstance(event, TrainStarted)
+            if event.config:  # the run's hyperparameters as the loop recorded them
+                config = hparams_of(event.config, state)
+                update = partial(run.config.update, config, allow_val_change=True)
+                self._send("config", update)
+        elif kind is TrainEnded:
+            self._log_unlogged(run)
 
     def on_benchmark_eval(
         self, ctx: Any, eval_result: Any, predictions: Any, *, step: int | None = None
@@ -171,7 +205,7 @@ class WandbLoggerCallback(Callback):
             return
         name = benchmark_name(eval_result)
         payload: dict[str, Any] = {
-            f"eval/{name}/{k}": float(v)
+            self._name(f"eval/{name}/{k}"): float(v)
             for k, v in benchmark_metrics(eval_result).items()
             if isinstance(v, int | float)
         }
@@ -181,6 +215,47 @@ class WandbLoggerCallback(Callback):
             table = self._wandb.Table(
                 columns=columns, data=[[table_cell(r.get(c)) for c in columns] for r in rows]
             )
-            payload[f"eval/{name}/predictions"] = table
+            payload[self._name(f"eval/{name}/predictions")] = table
         if payload:
-            run.log(payload, **({"step": step} if step is not None else {}))
+            step_kw = {"step": step} if step is not None else {}
+            self._send(f"{len(payload)} values", partial(run.log, payload, **step_kw), step)
+
+    def _name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _log(self, run: Any, step: int, items: Any) -> None:
+        data = {self._name(k): v for k, v in items}
+        if data:
+            self._send(f"{len(data)} metrics", partial(run.log, data, step=step), step, len(data))
+
+    def _log_unlogged(self, run: Any) -> None:
+        """The last step that ran is logged whatever the cadence."""
+        last, self._unlogged = self._unlogged, None
+        if last is not None:
+            self._log(run, last.step, last.metrics.items())
+
+    def _send(self, what: str, call: Any, step: int | None = None, count: int = 0) -> None:
+        """``call`` (a ``run.log``): what it could not hand to wandb is counted, and
+        the callback is degraded, never "ok"."""
+        try:
+            call()
+        except Exception as exc:
+            if not self._lost and not self._unsent:
+                _log.warning(
+                    "wandb did not take what was logged; counted as lost",
+                    callback=type(self).__name__,
+                    what=what,
+                    error=describe(exc),
+                )
+            self._lost += count
+            self._unsent += 0 if count else 1
+            if step is not None and (self._missing_from is None or step < self._missing_from):
+                self._missing_from = step
+            lost = f"{self._lost} metrics not sent" + (
+                f", {self._unsent} other records" if self._unsent else ""
+            )
+            self.degraded = Degraded(
+                f"{lost}: {describe(exc)}",
+                rows_lost=self._lost,
+                missing_from_step=self._missing_from,
+            )

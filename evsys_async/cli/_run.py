@@ -96,6 +96,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         code = 130
     except SystemExit as exc:  # likewise: its code, after the shutdown
         code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+    except ConfigError as exc:
+        if loop.artifacts is None:  # before the run began (its output dir, its key): exit 2
+            raise
+        failure, code = exc, EXIT_FAILED
     except Exception as exc:
         failure = exc
         code = EXIT_FAILED

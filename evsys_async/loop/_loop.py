@@ -225,6 +225,7 @@ class TrainingLoop:
             ctx=self.ctx,
             rank=self.rank,
             world_size=self.world_size,
+            overwrite=self.overwrite,
         )
         self.state = state
         run_dir = self._claim_run_dir(start_step)

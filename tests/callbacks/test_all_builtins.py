@@ -25,6 +25,7 @@ from evsys_async.callbacks.debug_logger import DebugLoggerCallback
 from evsys_async.callbacks.early_stopping import EarlyStoppingCallback
 from evsys_async.callbacks.evsys_logger import EvsysLoggerCallback
 from evsys_async.callbacks.local_logger import LocalLoggerCallback
+from evsys_async.callbacks.mlflow_logger import MlflowLoggerCallback
 from evsys_async.callbacks.print_progress import PrintProgressCallback
 from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
 from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
@@ -91,6 +92,7 @@ async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
         TensorBoardLoggerCallback(),
         WandbLoggerCallback(project="all", mode="offline"),
         EvsysLoggerCallback(experiment="all"),
+        MlflowLoggerCallback(),
         Failing(),
         blocking,
     ]
@@ -165,6 +167,17 @@ async def test_all_builtins_in_one_run(tmp_path: Path, wandb_env: Path) -> None:
     assert [h["_step"] for h in history if "val/acc" in h] == EVAL_STEPS
     assert "wandb_url" in loop.ctx.extras
 
+    # mlflow, its SQLite store in the output dir, read back with MLflow's client
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tmp_path.name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == steps
+    evals = client.get_metric_history(run.info.run_id, "val/acc")
+    assert sorted(m.step for m in evals) == EVAL_STEPS
+
     # evsys_logger
     store = LocalStore(tmp_path / "store")
     eid = loop.ctx.ids["experiment_id"]
@@ -186,19 +199,32 @@ def test_every_original_name_is_registered() -> None:
         "tensorboard_logger",
         "wandb_logger",
         "evsys_logger",
+        "mlflow",
     }
 
 
 def test_builtins_import_no_bus_loop_or_sibling() -> None:
     """Imports point one way: a built-in imports only the utilities (``_util``), events,
     state, errors, policies (its class attribute), store, ``Callback`` and the registry,
-    the built-ins' helpers (``_format``, ``_values``), and a transport (``transports.jsonl``:
+    the built-ins' helpers (``_format``, ``_hparams``, ``_mlflow``, ``_tfevents``, ``_values``), the version, and a transport (``transports.jsonl``:
     the event log's header line) -- never the bus, the loop or another built-in."""
     import ast
 
-    allowed_tops = {"_util", "events", "state", "errors", "policies", "store"}
+    allowed_tops = {"_util", "_version", "events", "state", "errors", "policies", "store"}
     allowed = {"callbacks.base", "callbacks.registry"}
-    allowed |= {f"callbacks.{m}" for m in ("_chart", "_format", "_picture", "_values", "_writer")}
+    allowed |= {
+        f"callbacks.{m}"
+        for m in (
+            "_chart",
+            "_format",
+            "_hparams",
+            "_mlflow",
+            "_picture",
+            "_tfevents",
+            "_values",
+            "_writer",
+        )
+    }
     allowed |= {"transports.jsonl"}
     pkg = Path(ev.__file__).parent / "callbacks"
     for name in (
@@ -210,6 +236,7 @@ def test_builtins_import_no_bus_loop_or_sibling() -> None:
         "tensorboard_logger",
         "wandb_logger",
         "evsys_logger",
+        "mlflow_logger",
     ):
         tree = ast.parse((pkg / f"{name}.py").read_text())
         for node in ast.walk(tree):

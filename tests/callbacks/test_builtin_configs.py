@@ -35,6 +35,7 @@ def test_every_builtin_is_checked() -> None:
         "early_stopping",
         "evsys_logger",
         "local_logger",
+        "mlflow",
         "print_progress",
         "tensorboard_logger",
         "wandb_logger",
