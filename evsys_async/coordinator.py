@@ -27,8 +27,16 @@ boundary that follows a proposal waits. An implementation over
 ``torch.distributed`` (an all-reduce of the stop flag at each boundary, as
 Lightning does) fits the same protocol.
 
-``rank`` and ``world_size`` default from the environment launchers set
-(:func:`launch_env`).
+**Ranks.** ``rank`` and ``world_size`` are given once: to the loop or to the
+coordinator (the same value to both is fine; two different ones are refused).
+A coordinator given neither takes the loop's, and the environment launchers set
+(:func:`launch_env`) fills only what neither gives (:func:`settle_ranks`). A
+coordinator says what it was given through an optional method,
+``bind_ranks(rank, world_size)``: ``TrainingLoop`` calls it once, before the
+run, with what the loop was given (``None`` where nothing), and reads
+``rank`` and ``world_size`` back; it raises ``ValueError`` for a contradiction.
+A coordinator without it keeps its own ``rank`` and ``world_size``, and the
+loop must agree with them.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "StopDecision",
     "StopRequest",
     "launch_env",
+    "settle_ranks",
 ]
 
 
@@ -150,3 +159,34 @@ def launch_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
             )
         return rank, size
     return 0, 1
+
+
+def settle_ranks(
+    loop: tuple[int | None, int | None],
+    coordinator: tuple[int | None, int | None] = (None, None),
+    *,
+    env: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """The run's ``(rank, world_size)``: each as given to the loop or to the
+    coordinator (``None``: not given), else from the launcher's environment
+    (``env``, by default :func:`launch_env`, read only when needed).
+
+    Raises ``ValueError`` naming a value given to both that differs, or a rank
+    outside ``[0, world_size)``.
+    """
+    settled: list[int | None] = []
+    for name, mine, its in zip(("rank", "world_size"), loop, coordinator, strict=True):
+        if mine is not None and its is not None and mine != its:
+            raise ValueError(
+                f"{name}={mine} given to the loop contradicts {name}={its} given to the "
+                f"coordinator; give it once, to either (the other takes it)"
+            )
+        settled.append(mine if mine is not None else its)
+    rank, size = settled
+    if rank is None or size is None:
+        env_rank, env_size = launch_env() if env is None else env
+        rank = env_rank if rank is None else rank
+        size = env_size if size is None else size
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={size}")
+    return rank, size

@@ -143,6 +143,9 @@ class LoopArtifacts:
     ``error.txt``). ``evals`` tallies each evaluator's runs and failures, by
     name. ``start_step`` is where this run began (``> 0``: a resume; the run
     as a whole has then done ``start_step + steps_completed`` steps).
+    ``manifest_error`` is why ``manifest.json`` (or ``error.txt``) could not be
+    written (``"OSError: [Errno 28] No space left on device"``), else ``None``:
+    the run's own record is then missing, and whoever reports the run says so.
     """
 
     run_dir: Path
@@ -159,6 +162,7 @@ class LoopArtifacts:
     traceback: str | None = None
     evals: dict[str, EvalTally] = field(default_factory=dict)
     start_step: int = 0
+    manifest_error: str | None = None
 
 
 @dataclass
@@ -198,9 +202,12 @@ class LoopState:
     @property
     def run_dir(self) -> Path:
         """Where this run's files go: ``output_dir/<run_key>``, or ``output_dir``
-        when the run has no key."""
+        when the run has no key. A rank other than 0 has a directory of its own
+        inside it, ``<run_key>/rank-<rank>``, so ranks never write one file between
+        them (docs/distributed.md, "Ranks")."""
         key = self.ctx.run_key
-        return Path(self.output_dir) / key if key else Path(self.output_dir)
+        path = Path(self.output_dir) / key if key else Path(self.output_dir)
+        return path / f"rank-{self.rank}" if self.rank > 0 else path
 
     def request_stop(self, reason: str | None = None, *, failed: bool = False) -> None:
         """End the run after the current step: status ``stopped`` (``failed`` if asked).

@@ -75,6 +75,7 @@ def test_events_reach_the_callbacks_in_order_and_the_files_are_a_runs(
     assert (artifacts.status, artifacts.steps_completed) == ("completed", 5)
     assert artifacts.checkpoints[0]["epoch"] == 1
     run_dir = tmp_path / "hand"
+    assert (run_dir / "hparams.yaml").read_text(encoding="utf-8") == "lr: 0.1\n"
     data = manifest(run_dir)
     assert (data["status"], data["steps_completed"], data["run_key"]) == ("completed", 5, "hand")
     assert data["callback_report"]["csv_metrics"]["delivered"] == 7  # 5 steps, 1 eval, TrainEnded
@@ -298,3 +299,14 @@ def test_the_pages_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
         os.chdir(cwd)
     assert capsys.readouterr().out.splitlines()[-1] == "completed runs/mnist"
     assert len((tmp_path / "runs" / "mnist" / "metrics.csv").read_text().splitlines()) == 111
+
+
+def test_a_sessions_hyperparameters_are_recorded_with_credentials_masked(tmp_path: Path) -> None:
+    url = "redis://:hunter2-secret@127.0.0.1:6379/0"
+    config = {"lr": 0.1, "store": url, "api_key": "sk-hunter2-secret"}
+    with ev.Session(output_dir=tmp_path, run_key="masked", config=config) as session:
+        session.step_ended(0, {"loss": 1.0})
+    for path in (tmp_path / "masked").rglob("*"):
+        if path.is_file():
+            assert "hunter2" not in path.read_text(encoding="utf-8", errors="replace"), path
+    assert "lr: 0.1" in (tmp_path / "masked" / "hparams.yaml").read_text(encoding="utf-8")

@@ -12,7 +12,8 @@ Two exceptions: ``overwrite=True`` reuses ``<run_key>/``, emptied first, and a
 resumed run (``start_step > 0``) reuses it as it is. With several ranks
 (``world_size > 1``) the key is never changed — every rank must agree on it —
 so rank 0 refuses a directory that holds files unless ``overwrite`` or a
-resume says otherwise.
+resume says otherwise (the empty ``rank-<n>`` directories other ranks of the
+run may have made first do not count).
 
 A run key is printable text, at most :data:`MAX_KEY_BYTES` bytes in UTF-8 (a
 directory name holds 255, and the key needs room for a ``-N``); ``/``
@@ -97,6 +98,15 @@ def check_run_key(run_key: str, output_dir: Path) -> None:
         )
 
 
+def _rank_dir_made_now(path: Path) -> bool:
+    """An empty ``rank-<n>`` directory: another rank of this run got here first (each
+    rank other than 0 has its own inside the run's; docs/distributed.md, "Ranks")."""
+    name = path.name
+    if not (name.startswith("rank-") and name[5:].isdigit() and path.is_dir()):
+        return False
+    return not any(path.iterdir())
+
+
 def claim_run_dir(
     output_dir: Path,
     run_key: str,
@@ -132,7 +142,7 @@ def _claim(
         _empty(path)
         return run_key, path
     if fixed:
-        if path.is_dir() and any(path.iterdir()):
+        if path.is_dir() and any(not _rank_dir_made_now(p) for p in path.iterdir()):
             raise ConfigError(
                 f"run directory {str(path)!r} holds another run's files, and with several "
                 "ranks the run key cannot change; pass overwrite=True (CLI: --overwrite) "

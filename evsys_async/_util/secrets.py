@@ -5,7 +5,9 @@ first: :func:`redact_url` replaces the password in ``user:pw@host`` (or a
 bare token in ``token@host``) and the values of credential-like query
 parameters with ``***``; :func:`secrets_of` lists the strings that must never
 be shown, and :func:`scrub` removes them from any text (a server's reply, a
-third-party log record).
+third-party log record). :func:`redact_config` is a run's config as it is
+recorded (``TrainStarted.config``, ``hparams.yaml``): plain data, with the
+values of credential-like keys, header values and URLs' credentials masked.
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ import base64
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-__all__ = ["MASK", "ScrubFilter", "redact_headers", "redact_url", "scrub", "secrets_of"]
+__all__ = [
+    "MASK",
+    "ScrubFilter",
+    "is_secret_name",
+    "redact_config",
+    "redact_headers",
+    "redact_url",
+    "scrub",
+    "secrets_of",
+]
 
 MASK = "***"
 
@@ -130,3 +142,91 @@ class ScrubFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+# -- configs as recorded ---------------------------------------------------------------
+
+#: a config key is a credential when one of its words is one of these ...
+_SECRET_WORDS = frozenset(
+    {
+        "apikey",
+        "auth",
+        "authorization",
+        "cookie",
+        "cookies",
+        "credential",
+        "credentials",
+        "passphrase",
+        "passwd",
+        "password",
+        "pwd",
+        "secret",
+        "token",
+    }
+)
+#: ... or when it is ``<one of these>_key`` (``api_key``, ``accessKey``), not any ``key``
+#: (``run_key``, ``monitor_key`` and ``keys`` are names, not credentials)
+_KEY_QUALIFIERS = frozenset(
+    {"access", "api", "auth", "client", "encryption", "license", "master", "private", "signing"}
+)
+_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+def is_secret_name(name: str) -> bool:
+    """True if a config key named ``name`` holds a credential (``api_key``,
+    ``hf_token``, ``dbPassword``, ``Authorization``), judged by its words."""
+    words = [w.lower() for w in _WORD.findall(name)]
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return any(
+        w == "key" and i > 0 and words[i - 1] in _KEY_QUALIFIERS for i, w in enumerate(words)
+    )
+
+
+def redact_config(value: Any) -> Any:
+    """``value`` as plain data to record, with its credentials masked (``***``).
+
+    Mappings become dicts with string keys, sequences lists; numbers, strings,
+    booleans and ``None`` stay; anything else becomes plain data through
+    msgspec (a Struct, a dataclass) or its ``str()``. Masked: every value under a
+    credential-like key (:func:`is_secret_name`), every header value (a mapping
+    under ``headers``), and the credentials in any string that is a URL
+    (:func:`redact_url`). Never raises; the caller's value is not changed.
+    """
+    return _redact(value, secret=False, depth=0)
+
+
+def _redact(value: Any, *, secret: bool, depth: int) -> Any:
+    if depth > 64:  # a config is not that deep: a cycle, or data that is not a config
+        return MASK if secret else "..."
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if secret:
+            return MASK
+        return redact_url(value) if "://" in value else value
+    if isinstance(value, int | float):
+        return MASK if secret else value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key)
+            hide = secret or is_secret_name(name) or (name.lower() == "headers")
+            out[name] = _redact(item, secret=hide, depth=depth + 1)
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return [_redact(item, secret=secret, depth=depth + 1) for item in items]
+    if isinstance(value, bytes | bytearray):
+        return MASK if secret else f"<{len(value)} bytes>"
+    return _redact(_plain(value), secret=secret, depth=depth + 1)
+
+
+def _plain(value: Any) -> Any:
+    """A value of no plain type as plain data: msgspec's view of it, else its text."""
+    import msgspec
+
+    try:
+        return msgspec.to_builtins(value, str_keys=True, enc_hook=str)
+    except Exception:  # any object: record its text rather than fail the run
+        return str(value)

@@ -13,13 +13,19 @@ one run and its phases, each module one concept (docs/design.md, "A run" and
   step boundary;
 * ``_boundary``: whether a step boundary has work (``Plan``), and passing it;
 * ``_steps``: ``TrainStarted`` and the steps, ``async def`` or in the step thread;
+* ``_runfiles``: what a run writes itself (``hparams.yaml``, ``manifest.json``,
+  ``error.txt``);
 * ``_shutdown``: the one way every run ends, its phases one function each;
+* ``_subscribers``, ``_control``: the loop's subscribers, and its stop, cancel
+  and subscribers reachable from any thread around its runs;
 * ``_run``: ``Run``, what the phases share, which each sees through a narrow
   ``Protocol`` of what it uses;
+* ``_host``: a run on an event loop of its own (``run(own_thread=True)``);
 * ``_arguments``, ``_loop``: the facade's argument checks, and the facade.
 """
 
 from ._loop import TrainingLoop
 from ._settings import CheckpointFn, StepFn
+from ._subscribers import LoopSubscription
 
-__all__ = ["CheckpointFn", "StepFn", "TrainingLoop"]
+__all__ = ["CheckpointFn", "LoopSubscription", "StepFn", "TrainingLoop"]

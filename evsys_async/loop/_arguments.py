@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..callbacks.base import Callback
-from ..coordinator import Coordinator, launch_env
+from ..coordinator import Coordinator, settle_ranks
 from ..evaluators import Evaluator
 from ..state import LogContext
 
@@ -118,28 +118,23 @@ def check_options(
 def ranks_of(
     rank: int | None, world_size: int | None, coordinator: Coordinator | None
 ) -> tuple[int, int]:
-    """This process's rank and the world size: as given, else the coordinator's, else
-    from the launcher's environment (``RANK``/``WORLD_SIZE``, ``SLURM_*``)."""
-    env_rank, env_size = launch_env()
-    if coordinator is not None:
-        env_rank, env_size = coordinator.rank, coordinator.world_size
-        for name, given, its in (
-            ("rank", rank, env_rank),
-            ("world_size", world_size, env_size),
-        ):
-            if given is not None and given != its:
-                raise ValueError(
-                    f"TrainingLoop: {name}={given} contradicts the coordinator's {name}={its}; "
-                    "give it once (the coordinator's is enough)"
-                )
-    rank = env_rank if rank is None else rank
-    world_size = env_size if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"TrainingLoop: rank must be in [0, world_size), got rank={rank}, "
-            f"world_size={world_size}"
-        )
-    return rank, world_size
+    """This process's rank and the world size, each given once: to the loop or to the
+    coordinator (a coordinator given neither takes the loop's), else from the
+    launcher's environment (``RANK``/``WORLD_SIZE``, ``SLURM_*``). A coordinator
+    with ``bind_ranks`` is told the loop's (docs/distributed.md, "Ranks").
+
+    Raises ``ValueError`` for a contradiction or a rank outside the world.
+    """
+    try:
+        if coordinator is None:
+            return settle_ranks((rank, world_size))
+        bind = getattr(coordinator, "bind_ranks", None)
+        if not callable(bind):  # its rank and world size are its own: agree with them
+            return settle_ranks((rank, world_size), (coordinator.rank, coordinator.world_size))
+        bind(rank, world_size)
+        return coordinator.rank, coordinator.world_size
+    except ValueError as exc:
+        raise ValueError(f"TrainingLoop: {exc}") from None
 
 
 def _check_instance(place: str, obj: object, builder: str) -> None:

@@ -7,9 +7,11 @@ callback with ``callback_errors="raise"``), after each event they handle, up
 to ``control_timeout``. Everything else runs beside training.
 
 This module is the facade: the arguments (checked in ``_arguments.py``), run
-directories, the run key, and the entry points ``run()`` and ``run_sync()``.
-Each ``run()`` fixes its settings in one frozen
-:class:`~evsys_async.loop._settings.RunSettings` and hands over to a
+directories, the run key, the entry points ``run()`` (on the caller's event
+loop, or on one of its own: ``_host.py``) and ``run_sync()``, and what a
+service reaches from any thread: ``subscribe``, ``request_stop``, ``cancel``
+and ``publish`` (through ``_control.py``). Each ``run()`` fixes its settings in
+one frozen :class:`~evsys_async.loop._settings.RunSettings` and hands over to a
 :class:`~evsys_async.loop._run.Run` (``_run.py``), whose phases live beside
 it (docs/design.md, "A run" and "The shutdown").
 """
@@ -35,14 +37,17 @@ from ..evaluators import Evaluator
 from ..state import LogContext, LoopArtifacts, LoopState
 from ._arguments import check_distinct, check_options, check_steps, context_of, ranks_of
 from ._checkpoints import check_state_keys
+from ._control import RunControl, RunHandle
+from ._host import run_on_own_loop
 from ._run import Run
+from ._runfiles import hparams_of
 from ._settings import CheckpointFn, RunSettings, StepFn
 from ._step_thread import StepThread
 
 __all__ = ["TrainingLoop"]
 
 
-class TrainingLoop:
+class TrainingLoop(RunHandle):
     """Runs ``step(state, step_idx)`` ``num_steps`` times and publishes what happens.
 
     ``step`` may be ``async def`` (awaited) or ``def`` (run in one dedicated
@@ -61,6 +66,12 @@ class TrainingLoop:
     ``strict=True`` (tests, development; the CLI's ``--strict``) turns what is
     otherwise logged and reported into a failed run: a callback's error, a
     metric that is not a number, a logger that lost data.
+
+    ``subscribers`` are handlers subscribed to every run of this loop, with
+    :meth:`subscribe`'s defaults (all events, ``Lossless``); :meth:`subscribe`
+    takes options. A service stops or cancels a run from any thread with
+    :meth:`request_stop` and :meth:`cancel`, and gives the run an event loop of
+    its own with ``await loop.run(own_thread=True)`` (docs/guide.md).
 
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
@@ -99,6 +110,7 @@ class TrainingLoop:
         world_size: int | None = None,
         coordinator: Coordinator | None = None,
         strict: bool = False,
+        subscribers: Sequence[Callable[[Any], Any]] | None = None,
     ) -> None:
         check_options(
             step=step,
@@ -153,6 +165,12 @@ class TrainingLoop:
         self.artifacts: LoopArtifacts | None = None
         self.state: LoopState | None = None
         self._running = False
+        #: stop, cancel and subscribers, from any thread, around the runs
+        self._control = RunControl()
+        #: the run dir ``claim()`` took for the next run
+        self._claimed: Path | None = None
+        for handler in subscribers or ():
+            self.subscribe(handler)
 
     # -- entry points ------------------------------------------------------------
 
@@ -184,24 +202,58 @@ class TrainingLoop:
         )
         return artifacts
 
-    async def run(self, num_steps: int | None = None, start_step: int = 0) -> LoopArtifacts:
+    async def run(
+        self, num_steps: int | None = None, start_step: int = 0, *, own_thread: bool = False
+    ) -> LoopArtifacts:
         """Run the loop; return the artifacts after the shutdown.
 
         Re-raises a step's exception, a callback's (``callback_errors="raise"``)
         or an outer cancellation after the shutdown; ``self.artifacts`` then
         holds the report. ``KeyboardInterrupt``/``SystemExit`` raised by the
         step or by an ``async def`` hook end the run as ``cancelled`` through the
-        same shutdown, then leave ``run()`` unwrapped. Never returns ``None``.
+        same shutdown, then leave ``run()`` unwrapped. A run ended by
+        :meth:`cancel` returns its artifacts (status ``cancelled``). Never
+        returns ``None``.
+
+        ``own_thread=True`` runs it on an event loop of its own, in a daemon
+        thread the loop owns, on this loop's backend, while this task awaits the
+        result without blocking its loop: no work on the caller's loop slows the
+        steps (docs/guide.md, "A run on an event loop of its own"). Cancelling
+        the awaiting task cancels the run and waits for its shutdown.
 
         Raises ``RuntimeError`` if this loop is already running, and
         ``ValueError`` if a run with the same key is active on the shared ``bus``
-        (both before the first step).
+        or ``own_thread`` is asked with a shared ``bus`` (all before the first
+        step).
         """
-        return await self._run_checked(num_steps, start_step, None)
+        if own_thread and self.bus is not None:
+            raise ValueError(
+                "TrainingLoop.run(own_thread=True) runs on an event loop of its own, with a "
+                "bus of its own; drop bus= and follow the run with loop.subscribe(...)"
+            )
+        total = self._begin(num_steps, start_step)
+        try:
+            if not own_thread:
+                return await self._run_claimed(total, start_step, None)
+            return await run_on_own_loop(
+                lambda: self._run_claimed(total, start_step, None, own_thread=True),
+                name=f"evsys-run:{self._asked_key}",
+                on_cancel=lambda: self.cancel("the task awaiting run() was cancelled"),
+            )
+        finally:
+            self._end()
 
     async def _run_checked(
         self, num_steps: int | None, start_step: int, worker: DaemonWorker | None
     ) -> LoopArtifacts:
+        total = self._begin(num_steps, start_step)
+        try:
+            return await self._run_claimed(total, start_step, worker)
+        finally:
+            self._end()
+
+    def _begin(self, num_steps: int | None, start_step: int) -> int:
+        """The checks before any run; this loop is running from here on."""
         total = self.num_steps if num_steps is None else num_steps
         check_steps(total, start_step)
         check_distinct(self.callbacks)
@@ -210,14 +262,33 @@ class TrainingLoop:
                 "TrainingLoop.run() is already running for this loop; await the first "
                 "run, or build a second TrainingLoop for a concurrent run"
             )
+        if start_step > 0 and self._claimed is not None:
+            raise ValueError(
+                f"TrainingLoop: claim() took a new run dir ({str(self._claimed)!r}), but "
+                f"start_step={start_step} resumes the existing one; resume without claim()"
+            )
         self._running = True
-        try:
-            with _claim_run_key(self.bus, self._asked_key):
-                return await self._run(total, start_step, worker)
-        finally:
-            self._running = False
+        self._control.begin()
+        return total
 
-    async def _run(self, total: int, start_step: int, worker: DaemonWorker | None) -> LoopArtifacts:
+    def _end(self) -> None:
+        self._running = False
+        self._control.detach()  # also when the run never started (a refused key)
+
+    async def _run_claimed(
+        self,
+        total: int,
+        start_step: int,
+        worker: DaemonWorker | None,
+        *,
+        own_thread: bool = False,
+    ) -> LoopArtifacts:
+        with _claim_run_key(self.bus, self._asked_key):
+            return await self._run(total, start_step, worker, own_thread)
+
+    async def _run(
+        self, total: int, start_step: int, worker: DaemonWorker | None, own_thread: bool
+    ) -> LoopArtifacts:
         state = LoopState(
             num_steps=total,
             output_dir=self.output_dir,
@@ -228,7 +299,8 @@ class TrainingLoop:
             overwrite=self.overwrite,
         )
         self.state = state
-        run_dir = self._claim_run_dir(start_step)
+        self._take_run_dir(start_step)
+        run_dir = state.run_dir  # a rank's own, inside the run's
         adapters = [CallbackAdapter(cb, state) for cb in self.callbacks]  # checks hooks
         check_state_keys(self.callbacks)
         artifacts = LoopArtifacts(
@@ -236,6 +308,7 @@ class TrainingLoop:
             manifest_path=run_dir / "manifest.json",
             total_requested_steps=total,
             steps_completed=0,
+            start_step=start_step,
         )
         self.artifacts = artifacts
         settings = self._settings(start_step)
@@ -253,6 +326,8 @@ class TrainingLoop:
                 bus,
                 owns_bus=owns_bus,
                 step_thread=step_thread,
+                control=self._control,
+                own_thread=own_thread,
             )
 
         if self.bus is not None:
@@ -284,7 +359,33 @@ class TrainingLoop:
             checkpoint_on_error=self.checkpoint_on_error,
             coordinator=self.coordinator,
             strict=self.strict,
+            hparams=hparams_of(self.ctx),
         )
+
+    # -- the run directory ------------------------------------------------------------
+
+    def claim(self) -> str:
+        """Claim the next run's directory now and return its key (what ``loop.run_key``
+        and every event of the run will say), so a service can answer with the key
+        before the run starts. ``run()`` then uses that directory; a resume
+        (``start_step > 0``) is refused after a claim. Blocks on a ``mkdir``; a
+        second call returns the same key. Raises ``RuntimeError`` while running, and
+        ``ValueError`` as ``run()`` does for a key that escapes ``output_dir``."""
+        if self._running:
+            raise RuntimeError("TrainingLoop.claim() while the loop runs: claim before run()")
+        if self._claimed is None:
+            self._claimed = self._claim_run_dir(0)
+        return self.run_key
+
+    def _take_run_dir(self, start_step: int) -> Path:
+        """The run's dir: the one ``claim()`` took, else claimed now; a rank other than
+        0 also makes its own inside it (``state.run_dir``)."""
+        run_dir, self._claimed = self._claimed, None
+        if run_dir is None:
+            run_dir = self._claim_run_dir(start_step)
+        if self.rank > 0:
+            (run_dir / f"rank-{self.rank}").mkdir(parents=True, exist_ok=True)
+        return run_dir
 
     def _claim_run_dir(self, start_step: int) -> Path:
         """Claim the run dir (every run is a new run); the claimed key is the run key."""

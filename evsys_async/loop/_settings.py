@@ -11,7 +11,7 @@ layers").
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..coordinator import Coordinator
@@ -58,3 +58,6 @@ class RunSettings:
     coordinator: Coordinator | None
     #: what is otherwise logged and reported fails the run (``TrainingLoop(strict=)``)
     strict: bool = False
+    #: the run's hyperparameters as recorded, credentials masked (``_runfiles.hparams_of``):
+    #: ``TrainStarted.config`` and ``hparams.yaml``
+    hparams: dict[str, Any] = field(default_factory=dict)

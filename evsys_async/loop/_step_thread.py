@@ -23,6 +23,9 @@ class StepThread:
         #: where ``def`` steps run; ``None`` until a call needs one (an ``async def`` step)
         self.worker = worker
         self._owned = owned
+        #: the shutdown gave up on a call that never returned (a hung ``def`` step):
+        #: it runs on in its thread, and its result is dropped
+        self.abandoned = False
 
     @classmethod
     def for_run(cls, name: str, caller: DaemonWorker | None, *, def_step: bool) -> StepThread:
@@ -47,6 +50,18 @@ class StepThread:
         """
         if self.worker is not None:
             await self.worker.wait_idle()
+
+    @property
+    def busy(self) -> bool:
+        """A call (a ``def`` step, a checkpoint function) is in progress."""
+        return self.worker is not None and self.worker.busy
+
+    def abandon(self) -> None:
+        """Give up on the call in progress (loop thread): it runs on in its thread,
+        which ends after it; a later call gets a thread of its own. Never blocks."""
+        self.abandoned = True
+        self.close()
+        self.worker, self._owned = None, True
 
     def close(self) -> None:
         """The run is done with its step thread: it ends after the calls already

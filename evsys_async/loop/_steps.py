@@ -81,6 +81,7 @@ async def train(run: StepsRun, settings: RunSettings) -> Status:
         start_step=settings.start_step,
         output_dir=str(state.run_dir),
         world_size=state.world_size,
+        config=settings.hparams,
     )
     await run.barrier.wait(seq, TrainStarted)
     if run.barrier.callback_error is not None:  # callback_errors="raise": before step 0
@@ -235,12 +236,15 @@ def _steps_in_thread(run: StepsRun, settings: RunSettings, gate: Gate) -> Status
     batch_takers = _batch_takers(run)
     publish, run_key, rank = run.bus.publish, settings.run_key, state.rank
     num_steps = state.num_steps
+    step_thread = run.step_thread
     for step_idx in range(start, num_steps):
         state.step = step_idx
         try:
             metrics, batch = metrics_of(step(state, step_idx), step_idx)
         except Exception as exc:
             raise StepFailed(exc) from exc
+        if step_thread.abandoned:  # the run ended without this step ("The shutdown")
+            return "cancelled"
         artifacts.steps_completed = step_idx + 1 - start
         for adapter in batch_takers:
             adapter.offer_batch(step_idx, batch)

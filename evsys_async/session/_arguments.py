@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._util.secrets import redact_config
 from ..callbacks.base import Callback
 from ..callbacks.registry import build_callbacks
 from ..coordinator import Coordinator, launch_env
@@ -111,9 +112,7 @@ def ranks_of(
 
 
 def hparams(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What ``TrainStarted.config`` carries for the run's ``config=``: a plain copy.
-
-    The one place a session turns its hyperparameters into the event's field, so
-    the loop's rule for a run's config (secrets redacted) plugs in here.
-    """
-    return dict(config) if config is not None else {}
+    """What ``TrainStarted.config`` and ``hparams.yaml`` carry for the session's
+    ``config=``: a plain copy with credentials masked, as for a loop run."""
+    plain = redact_config(dict(config) if config is not None else {})
+    return plain if isinstance(plain, dict) else {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import msgspec
 
 from .._util.aio import Deadline, shielded
@@ -36,6 +37,7 @@ from ..events import Event, StepEnded, TrainStarted
 from ..loop._barrier import ControlBarrier
 from ..loop._boundary import Boundary, Plan
 from ..loop._checkpoints import Checkpoints
+from ..loop._control import Cancel
 from ..loop._evals import Evals
 from ..loop._settings import RunSettings
 from ..loop._shutdown import shutdown
@@ -84,6 +86,9 @@ class SessionRun:
         #: KeyboardInterrupt/SystemExit from one of the session's ``async def`` hooks
         self.interrupted: BaseException | None = None
         self._config = config
+        #: the shutdown's view of a cancel (a session is never cancelled by loop.cancel)
+        self.cancelling = anyio.Event()
+        self.cancel_request: Cancel | None = None
         # both need the watched callbacks: made in start()
         self.plan: Plan | None = None
         self._boundary: Boundary | None = None
@@ -150,6 +155,10 @@ class SessionRun:
         if verdict is None and self.interrupted is not None:
             return "cancelled"
         return verdict
+
+    def end_loop_subscriptions(self) -> list[Subscription]:
+        """The shutdown's teardown: a session has no loop subscribers."""
+        return []
 
     def steers(self, event_type: type[Event]) -> bool:
         """A steering callback handles ``event_type`` (fixed once started)."""

@@ -45,6 +45,7 @@ from ..errors import describe
 from ..events import CheckpointSaved, EvalEnded, Event, StepEnded
 from ..loop._checkpoints import check_state_keys
 from ..loop._metrics import floats
+from ..loop._runfiles import write_hparams
 from ..loop._settings import RunSettings
 from ..state import LogContext, LoopArtifacts, LoopState, Status
 from ._arguments import callbacks_of, check_options, hparams, ranks_of
@@ -409,13 +410,16 @@ class Session:
         self._loop_ident = threading.get_ident()
         self._token = anyio.lowlevel.current_token()
         self._jobs = LoopJobs()
+        config = hparams(self.config)
+        if self.state.rank == 0:  # on disk before the first event, as for a loop run
+            write_hparams(self.state.run_dir, config)
         run = SessionRun(
             self._settings(),
             self.state,
             self.artifacts,
             self._adapters,
             bus,
-            config=hparams(self.config),
+            config=config,
         )
         await run.start()
         self._run = run

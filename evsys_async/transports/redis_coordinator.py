@@ -37,7 +37,7 @@ from typing import Any
 
 from .._util.log import get_logger
 from .._util.worker import in_daemon_thread
-from ..coordinator import CoordinatorError, StopDecision, StopRequest, launch_env
+from ..coordinator import CoordinatorError, StopDecision, StopRequest, settle_ranks
 from . import _redis
 
 __all__ = ["RedisCoordinator"]
@@ -53,7 +53,8 @@ def _field(fields: dict[bytes, bytes], name: str, default: str = "") -> str:
 class RedisCoordinator:
     """Coordinates the ranks of run ``run_key`` through Redis (see the module docstring).
 
-    ``rank`` and ``world_size`` default from the launcher's environment
+    ``rank`` and ``world_size``, when not given here, come from the loop it is
+    given to (``bind_ranks``), else from the launcher's environment
     (``RANK``/``WORLD_SIZE``, else ``SLURM_PROCID``/``SLURM_NTASKS``).
     ``heartbeat`` is the period of this rank's heartbeats, ``timeout`` how long
     a silent rank lives, ``join_timeout`` how long :meth:`start` waits for the
@@ -74,14 +75,17 @@ class RedisCoordinator:
         maxlen: int = 100_000,
         client: Any = None,
     ) -> None:
-        env_rank, env_size = launch_env()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_size if world_size is None else world_size
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(
-                f"RedisCoordinator: rank must be in [0, world_size), got rank={self.rank}, "
-                f"world_size={self.world_size}"
-            )
+        #: what this coordinator was given (``None``: not given); the loop's fill the rest
+        self._given = (rank, world_size)
+        #: why the ranks do not add up yet (a loop's may still: ``bind_ranks``)
+        self._unsettled: ValueError | None = None
+        try:
+            self.rank, self.world_size = settle_ranks((None, None), self._given)
+        except ValueError as exc:
+            if None not in self._given:  # both given, and they contradict each other
+                raise ValueError(f"RedisCoordinator: {exc}") from None
+            self.rank, self.world_size = rank or 0, world_size or 1
+            self._unsettled = ValueError(f"RedisCoordinator: {exc}")
         if not 0 < heartbeat < timeout or poll <= 0 or join_timeout <= 0:
             raise ValueError(
                 "RedisCoordinator: need 0 < heartbeat < timeout and poll, join_timeout > 0, got "
@@ -120,12 +124,22 @@ class RedisCoordinator:
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    def bind_ranks(self, rank: int | None, world_size: int | None) -> None:
+        """What the loop was given (``None``: nothing): it fills what this coordinator
+        was not given; the environment fills what neither was. Called once by
+        ``TrainingLoop``, before :meth:`start`. Raises ``ValueError`` for a value
+        given to both that differs."""
+        self.rank, self.world_size = settle_ranks((rank, world_size), self._given)
+        self._unsettled = None
+
     def start(self) -> None:
         """Join the run's ranks: blocks until every rank has been seen (or raises
         :class:`CoordinatorError` after ``join_timeout``, or when a rank's world size
         differs or two processes claim one rank)."""
         if self._thread is not None:
             raise RuntimeError("RedisCoordinator.start() was called already; one start per run")
+        if self._unsettled is not None:  # given only one of rank, world_size; none came
+            raise self._unsettled
         try:
             join_id = self._client.xadd(
                 self.stream,

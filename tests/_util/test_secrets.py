@@ -6,7 +6,15 @@ import logging
 
 import pytest
 
-from evsys_async._util.secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
+from evsys_async._util.secrets import (
+    ScrubFilter,
+    is_secret_name,
+    redact_config,
+    redact_headers,
+    redact_url,
+    scrub,
+    secrets_of,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,3 +56,53 @@ def test_scrub_filter_rewrites_third_party_records(caplog: pytest.LogCaptureFixt
     finally:
         logger.removeFilter(flt)
     assert caplog.records[0].getMessage() == "GET http://u:***@h/"
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("api_key", True),
+        ("hf_token", True),
+        ("dbPassword", True),
+        ("Authorization", True),
+        ("X-Api-Key", True),
+        ("accessKey", True),
+        ("client_secret", True),
+        ("run_key", False),  # names, not credentials
+        ("monitor_key", False),
+        ("keys", False),
+        ("max_tokens", False),
+        ("tokenizer", False),
+        ("lr", False),
+    ],
+)
+def test_is_secret_name(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
+
+
+def test_redact_config_masks_credentials_and_keeps_the_rest_plain() -> None:
+    from pathlib import Path
+
+    config = {
+        "lr": 0.1,
+        "api_key": "k",
+        "auth": {"user": "me", "password": "pw"},
+        "headers": {"X-Trace": "abc"},
+        "db": "redis://:pw@h:6379/0",
+        "tags": {"b", "a"},
+        "where": Path("/data"),
+        "run_key": "exp1",
+        "steps": (1, 2),
+    }
+    assert redact_config(config) == {
+        "lr": 0.1,
+        "api_key": "***",
+        "auth": {"user": "***", "password": "***"},
+        "headers": {"X-Trace": "***"},
+        "db": "redis://:***@h:6379/0",
+        "tags": ["a", "b"],
+        "where": "/data",
+        "run_key": "exp1",
+        "steps": [1, 2],
+    }
+    assert config["api_key"] == "k"  # the caller's value is untouched

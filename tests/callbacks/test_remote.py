@@ -106,15 +106,12 @@ async def test_every_hook_runs_in_the_child_with_the_runs_state(tmp_path: Path) 
     evals = [g for g in got if g["hook"] == "on_eval"]  # async def, on the child's loop
     assert [(g["step"], g["name"]) for g in evals] == [(2, "val"), (5, "val"), (8, "val")]
     assert [g["state_step"] for g in evals] == [2, 5, 8]  # its state follows the events
-    assert [g["name"] for g in got if g["hook"] == "on_checkpoint"] == [
-        "step_5",
-        "step_10",
-        "final",
-    ]
+    # one save per step: no "final" again after step_10
+    assert [g["name"] for g in got if g["hook"] == "on_checkpoint"] == ["step_5", "step_10"]
     assert [g["status"] for g in got if g["hook"] == "on_train_end"] == ["completed"]
     assert "ChildPing" in [g.get("type") for g in got if g["hook"] == "on_event"]
     seqs = [g["seq"] for g in got if g["hook"] == "on_envelope"]
-    assert seqs == sorted(seqs) and len(seqs) == len(steps) + len(evals) + 3 + 1 + 1 + 1
+    assert seqs == sorted(seqs) and len(seqs) == len(steps) + len(evals) + 2 + 1 + 1 + 1
     assert got[-1]["step"] == 9  # teardown sees the last step's state
     h = artifacts.callback_report["Everything"]
     assert (h.failed, h.dropped, h.pending, h.stuck, h.disabled) == (0, 0, 0, False, None)

@@ -156,6 +156,28 @@ async def test_resume_writes_each_step_once(tmp_path: Path) -> None:
     assert [(c["name"], c["step"]) for c in checkpoints] == [
         ("step_10", 9),
         ("step_20", 19),
-        ("step_30", 29),
-        ("final", 29),
+        ("step_30", 29),  # one save per step: no "final" again after step_30
     ]
+
+
+@pytest.mark.parametrize(("num_steps", "names"), [
+    (10, ["step_5", "step_10"]),  # the cadence saved after the last step: once
+    (12, ["step_5", "step_10", "final"]),  # it did not: the shutdown saves "final"
+])  # fmt: skip
+async def test_one_save_per_step(tmp_path: Path, num_steps: int, names: list[str]) -> None:
+    saved: list[tuple[int, str]] = []
+
+    def checkpoint(state: ev.LoopState, name: str) -> None:
+        saved.append((state.step, name))
+
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=num_steps, output_dir=tmp_path, run_key="o",
+        save_every=5, checkpoint=checkpoint,
+    )  # fmt: skip
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    rows = [json.loads(x) for x in (tmp_path / "o" / "checkpoints.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == [n for _, n in saved] == names
+    steps = [r["step"] for r in rows]
+    assert len(set(steps)) == len(steps) and steps[-1] == num_steps - 1  # one row a step
+    assert [r["name"] for r in artifacts.checkpoints] == names

@@ -237,3 +237,60 @@ async def test_native_asyncio_cancels_do_not_skip_the_shutdown(tmp_path: Path) -
             assert slow.steps == list(range(loop.artifacts.steps_completed))
             assert slow.torn_down
             assert loop.artifacts.callback_report is not None
+
+
+class Degrades(ev.Callback):
+    """A writer that loses rows from step 4 on (a full disk), and says so."""
+
+    def __init__(self) -> None:
+        self.ended: str | None = None
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+        if step_idx == 4 and self.degraded is None:
+            self.degraded = ev.Degraded("disk full", rows_lost=6, missing_from_step=4)
+
+    def on_train_end(self, state: ev.LoopState, artifacts: ev.LoopArtifacts) -> None:
+        self.ended = artifacts.status
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_degraded_callback_fails_the_run_only_under_strict(
+    tmp_path: Path, strict: bool
+) -> None:
+    cb = Degrades()
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=10, output_dir=tmp_path, callbacks=[cb], strict=strict
+    )
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()  # training itself went well: nothing is raised
+    assert artifacts.steps_completed == 10
+    manifest = (artifacts.run_dir / "manifest.json").read_text()
+    if not strict:
+        assert artifacts.status == cb.ended == "completed" and artifacts.error is None
+        assert '"status": "completed"' in manifest
+        return
+    assert artifacts.status == cb.ended == "failed"  # TrainEnded said so too
+    assert artifacts.error == (
+        "strict: callback 'Degrades' is degraded: disk full, 6 rows lost from step 4"
+    )
+    assert '"status": "failed"' in manifest
+
+
+async def test_strict_fails_a_run_whose_callback_setup_failed(tmp_path: Path) -> None:
+    class NoSetup(ev.Callback):
+        def setup(self, state: ev.LoopState) -> None:
+            raise ConnectionError("tracking server down")
+
+        def on_step_end(self, state: ev.LoopState, step_idx: int, b: Any, m: Any) -> None:
+            pass
+
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=5, output_dir=tmp_path, callbacks=[NoSetup()], strict=True
+    )
+    with anyio.fail_after(WAIT), pytest.raises(ConnectionError, match="server down"):
+        await loop.run()  # strict: the callback's error, re-raised after the shutdown
+    artifacts = loop.artifacts
+    assert artifacts is not None and artifacts.status == "failed"
+    health = artifacts.callback_report["NoSetup"]
+    assert sum(health.hook_failures.values()) == 1 and not health.ok
+    assert artifacts.error == ("callback 'NoSetup' failed: ConnectionError: tracking server down")
