@@ -35,6 +35,7 @@ from ..evaluators import Evaluator
 from ..state import LogContext, LoopArtifacts, LoopState
 from ._arguments import check_distinct, check_options, check_steps, context_of, ranks_of
 from ._checkpoints import check_state_keys
+from ._context import StepContext, ThreadContext, check_step_context
 from ._run import Run
 from ._settings import CheckpointFn, RunSettings, StepFn
 from ._step_thread import StepThread
@@ -61,6 +62,12 @@ class TrainingLoop:
     ``strict=True`` (tests, development; the CLI's ``--strict``) turns what is
     otherwise logged and reported into a failed run: a callback's error, a
     metric that is not a number, a logger that lost data.
+
+    ``step_context`` is a zero-argument callable returning a context manager
+    (``lambda: torch.autocast("cuda")``): it is entered, for the whole run, in
+    each thread that runs the steps, ``def`` evaluators or a ``def``
+    checkpoint function, after the caller's torch state captured at
+    ``run()``/``run_sync()`` (docs/guide.md, "Framework state and devices").
 
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
@@ -99,6 +106,7 @@ class TrainingLoop:
         world_size: int | None = None,
         coordinator: Coordinator | None = None,
         strict: bool = False,
+        step_context: StepContext | None = None,
     ) -> None:
         check_options(
             step=step,
@@ -115,6 +123,7 @@ class TrainingLoop:
             callbacks=callbacks or (),
             evaluators=evaluators or (),
         )
+        check_step_context(step_context)
         ctx, out_dir, key = context_of(ctx, output_dir, run_key, config)
         self.step = step
         self.num_steps = num_steps
@@ -145,6 +154,8 @@ class TrainingLoop:
         #: development mode: what is otherwise logged and reported fails the run
         #: (a callback's error, a non-numeric metric, a degraded logger)
         self.strict = strict
+        #: entered in each thread that runs the run's code (docs/guide.md)
+        self.step_context = step_context
         self.ctx = ctx
         self.rank, self.world_size = ranks_of(rank, world_size, coordinator)
         #: keeps the ranks in step (a stop on one ends every rank after the same step)
@@ -177,10 +188,12 @@ class TrainingLoop:
         """
         from .._util.signals import run_beside
 
+        context = ThreadContext.capture(self.step_context)  # here, in the caller's thread
         artifacts: LoopArtifacts = run_beside(
-            lambda worker: self._run_checked(num_steps, start_step, worker),
+            lambda worker: self._run_checked(num_steps, start_step, worker, context),
             backend=backend,
             name=f"evsys-step:{self._asked_key}",
+            enter=context.entered,
         )
         return artifacts
 
@@ -197,10 +210,15 @@ class TrainingLoop:
         ``ValueError`` if a run with the same key is active on the shared ``bus``
         (both before the first step).
         """
-        return await self._run_checked(num_steps, start_step, None)
+        context = ThreadContext.capture(self.step_context)
+        return await self._run_checked(num_steps, start_step, None, context)
 
     async def _run_checked(
-        self, num_steps: int | None, start_step: int, worker: DaemonWorker | None
+        self,
+        num_steps: int | None,
+        start_step: int,
+        worker: DaemonWorker | None,
+        context: ThreadContext,
     ) -> LoopArtifacts:
         total = self.num_steps if num_steps is None else num_steps
         check_steps(total, start_step)
@@ -212,12 +230,15 @@ class TrainingLoop:
             )
         self._running = True
         try:
-            with _claim_run_key(self.bus, self._asked_key):
-                return await self._run(total, start_step, worker)
+            # the event loop's thread runs def evaluators (and async steps) for the run
+            with _claim_run_key(self.bus, self._asked_key), context.entered():
+                return await self._run(total, start_step, worker, context)
         finally:
             self._running = False
 
-    async def _run(self, total: int, start_step: int, worker: DaemonWorker | None) -> LoopArtifacts:
+    async def _run(
+        self, total: int, start_step: int, worker: DaemonWorker | None, context: ThreadContext
+    ) -> LoopArtifacts:
         state = LoopState(
             num_steps=total,
             output_dir=self.output_dir,
@@ -240,7 +261,10 @@ class TrainingLoop:
         settings = self._settings(start_step)
         # one thread for every step of the run, started with the caller's contextvars
         step_thread = StepThread.for_run(
-            f"evsys-step:{self.run_key}", worker, def_step=not is_async_callable(self.step)
+            f"evsys-step:{self.run_key}",
+            worker,
+            def_step=not is_async_callable(self.step),
+            context=context,
         )
 
         def make(bus: EventBus, owns_bus: bool) -> Run:

@@ -1,0 +1,166 @@
+"""The converter: a run's device metrics become floats off the training thread.
+
+A step that returns a value on a device (a CUDA tensor) must not wait for that
+device: ``float()`` there would wait for every kernel queued before it, once a
+step. ``_metrics.py`` copies such a value on its device (that does not block)
+and hands the step's metrics over as a :class:`~._metrics.Pending`;
+:class:`Converter` converts them here, in **one daemon thread**
+(``evsys-convert:<run_key>``, started at the first such value: a run whose
+metrics are all on the CPU never has one), in step order, and publishes each
+step's ``StepEnded`` once its floats are known (docs/design.md, "A run").
+
+Order. Each step's ``StepEnded`` is published once, in step order:
+
+* while the converter has work queued, every later step queues behind it
+  (:attr:`Converter.pending`), device values or not;
+* a boundary with work (an eval or checkpoint due, a request, a steering
+  callback) waits for the conversions first (:meth:`Converter.converted`), so
+  the events of a step (``EvalEnded``, ``CheckpointSaved``, ``StopRequested``)
+  follow its ``StepEnded``; with a ``controls_loop`` callback on ``StepEnded``
+  every boundary has work, so every step with device values waits for its
+  conversion there: the cost of deciding a stop at every step;
+* the shutdown waits for the queue (``StepThread.wait_idle``) before the last
+  checkpoint and ``TrainEnded``.
+
+Cancellation. A step that ran is published even when the wait for its
+conversion is cancelled: the converter then publishes it itself.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import anyio
+
+from .._util.aio import LoopWaker
+from .._util.log import get_logger
+from ..events import Event
+from ..events._frozen import FrozenDict
+from ._metrics import Pending, resolve
+
+__all__ = ["Converter", "StepEndedOf"]
+
+_log = get_logger()
+
+#: ``make(step_idx, metrics)``: the run's ``StepEnded`` for a step
+StepEndedOf = Callable[[int, dict[str, float]], Event]
+Metrics = dict[str, float] | Pending
+
+
+class _Handback:
+    """A conversion the loop awaits (:meth:`Converter.converted`). If the waiting task
+    is cancelled first, the converter publishes the step's ``StepEnded`` itself."""
+
+    __slots__ = ("abandoned", "done", "event", "lock", "metrics", "step_idx", "value", "waker")
+
+    def __init__(self, metrics: Metrics | None, step_idx: int | None) -> None:
+        self.metrics = metrics
+        self.step_idx = step_idx
+        self.value: dict[str, float] | None = None
+        self.done = False
+        self.abandoned = False
+        self.lock = threading.Lock()
+        self.event = anyio.Event()  # made on the loop, by the task that awaits it
+        self.waker = LoopWaker()
+
+    def abandon(self) -> bool:
+        """The waiter is gone: ``True`` if the converter will publish the step, ``False``
+        if it already handed the value back (the waiter publishes it)."""
+        with self.lock:
+            self.abandoned = not self.done
+            return self.abandoned
+
+
+class Converter:
+    """The converter of one run (see the module docstring). ``publish`` is the bus's
+    (safe from any thread), ``make`` builds a step's ``StepEnded``."""
+
+    def __init__(self, name: str, publish: Callable[[Event], object], make: StepEndedOf) -> None:
+        self.name = name
+        self._publish = publish
+        self._make = make
+        self._queue: queue.SimpleQueue[tuple[Metrics, int] | _Handback | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        #: conversions queued and not yet done (read without the lock from any thread:
+        #: 0 means every step queued so far has been published)
+        self.pending = 0
+
+    def publish_later(self, step_idx: int, metrics: Metrics) -> None:
+        """Queue ``step_idx``'s ``StepEnded``: published from the converter's thread
+        once its floats are known, after every step queued before it. Never blocks."""
+        self._put((metrics, step_idx))
+
+    def publish_step(self, step_idx: int, metrics: Metrics) -> None:
+        """Publish ``step_idx``'s ``StepEnded`` now, or queued behind the conversions in
+        progress (any thread). Never blocks."""
+        if self.pending or isinstance(metrics, Pending):
+            self._put((metrics, step_idx))
+        else:
+            self._publish(self._make(step_idx, metrics))
+
+    async def converted(self, metrics: Metrics, step_idx: int | None = None) -> dict[str, float]:
+        """``metrics`` as floats, once every conversion queued before them is done (on
+        the loop). Cancelled, the step ``step_idx`` (if given) is still published."""
+        job = _Handback(metrics, step_idx)
+        self._put(job)
+        try:
+            await job.event.wait()
+        except BaseException:  # cancelled: the step ran, so its event goes out anyway
+            if not job.abandon() and step_idx is not None and job.value is not None:
+                self._publish(self._make(step_idx, job.value))
+            raise
+        assert job.value is not None
+        return job.value
+
+    async def idle(self) -> None:
+        """Wait until every conversion queued so far is done and published (on the loop).
+        Cancellable: the conversions go on."""
+        if not self.pending:
+            return
+        job = _Handback(None, None)
+        self._put(job)
+        try:
+            await job.event.wait()
+        except BaseException:
+            job.abandon()
+            raise
+
+    def close(self) -> None:
+        """The thread ends after what is queued. Never blocks."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+
+    def _put(self, job: tuple[Metrics, int] | _Handback) -> None:
+        with self._lock:
+            self.pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+
+    def _serve(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                self._run(job)
+            except Exception:  # pragma: no cover - a bug: said, and the next step goes on
+                _log.exception("converter failed on a step's metrics", converter=self.name)
+            with self._lock:
+                self.pending -= 1
+
+    def _run(self, job: tuple[Metrics, int] | _Handback) -> None:
+        if not isinstance(job, _Handback):
+            metrics, step_idx = job
+            self._publish(self._make(step_idx, resolve(metrics)))
+            return
+        value = None if job.metrics is None else resolve(job.metrics)
+        with job.lock:
+            if not job.abandoned:
+                job.value, job.done = FrozenDict() if value is None else value, True
+                job.waker.soon(job.event.set)
+                return
+        if job.step_idx is not None and value is not None:  # its waiter was cancelled
+            self._publish(self._make(job.step_idx, value))
