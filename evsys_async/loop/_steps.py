@@ -157,6 +157,7 @@ async def _thread_steps(run: StepsRun, settings: RunSettings, steps: _Steps) -> 
     the run's task (so they are cancelled with the run)."""
     worker = run.step_thread.worker
     assert worker is not None  # made for a def step before the run starts
+    await worker.call(_up)  # raises what entering its framework context raised
     gate = Gate(steps, worker)
     converter = steps.converter
     outcome = worker.submit(_drive, run, settings, steps, gate)
@@ -239,6 +240,10 @@ class Gate:
         self._stop = True
         self._answered = True
         self._worker.nudge()
+
+
+def _up() -> None:
+    """Nothing: a call that returns once the step thread is up, inside its context."""
 
 
 def _drive(run: StepsRun, settings: RunSettings, steps: _Steps, gate: Gate) -> Status:

@@ -265,7 +265,7 @@ async def test_a_device_value_of_several_elements_is_not_a_number(
     loop = ev.TrainingLoop(step, num_steps=5, output_dir=tmp_path, callbacks=[log], strict=strict)
     with anyio.fail_after(WAIT):
         if strict:
-            with pytest.raises(TypeError, match="'logits' = .*which is not a number"):
+            with pytest.raises(TypeError, match=r"'logits' = .*which is not a number"):
                 await loop.run()
             return
         await loop.run()
