@@ -22,6 +22,13 @@ Order. Each step's ``StepEnded`` is published once, in step order:
 * the shutdown waits for the queue (``StepThread.wait_idle``) before the last
   checkpoint and ``TrainEnded``.
 
+Who publishes. For a ``def`` step the converter publishes from its thread (the
+step thread publishes from a thread too). For an ``async def`` step the loop
+publishes the converted steps as it passes (:meth:`Converter.take_ready`, at
+each step): a publish from another thread wakes the loop and the bus's pump,
+once a step, which costs a fast step a few percent; when the loop has not
+come by within ``grace`` (a long step), the converter publishes them itself.
+
 Cancellation. A step that ran is published even when the wait for its
 conversion is cancelled: the converter then publishes it itself.
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -73,45 +81,77 @@ class _Handback:
             return self.abandoned
 
 
+#: ``(metrics, step_idx, on_loop)``: a step to publish; or a conversion the loop awaits
+_Job = tuple[Metrics, int, bool] | _Handback
+_Jobs = queue.SimpleQueue[_Job | None]
+#: the loop has not come by for the converted steps within grace
+_FLUSH: Any = object()
+
+
 class Converter:
     """The converter of one run (see the module docstring). ``publish`` is the bus's
-    (safe from any thread), ``make`` builds a step's ``StepEnded``."""
+    (safe from any thread), ``make`` builds a step's ``StepEnded``; ``grace`` is how
+    long a converted step waits for the loop to publish it (:meth:`take_ready`)
+    before the converter publishes it itself."""
 
-    def __init__(self, name: str, publish: Callable[[Event], object], make: StepEndedOf) -> None:
+    def __init__(
+        self,
+        name: str,
+        publish: Callable[[Event], object],
+        make: StepEndedOf,
+        *,
+        grace: float = 0.02,
+    ) -> None:
         self.name = name
         self._publish = publish
         self._make = make
-        self._queue: queue.SimpleQueue[tuple[Metrics, int] | _Handback | None] = queue.SimpleQueue()
+        self._grace = grace
+        self._queue: _Jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        #: conversions queued and not yet done (read without the lock from any thread:
-        #: 0 means every step queued so far has been published)
+        #: converted ``StepEnded`` events the loop publishes at its next step (cheaper
+        #: than a wake of the loop from this thread per step), in step order
+        self._ready: list[Event] = []
+        #: conversions queued and not yet published or handed back (read without the
+        #: lock from any thread: 0 means every step queued so far has been published)
         self.pending = 0
 
-    def publish_later(self, step_idx: int, metrics: Metrics) -> None:
-        """Queue ``step_idx``'s ``StepEnded``: published from the converter's thread
-        once its floats are known, after every step queued before it. Never blocks."""
-        self._put((metrics, step_idx))
+    def publish_later(self, step_idx: int, metrics: Metrics, *, on_loop: bool = False) -> None:
+        """Queue ``step_idx``'s ``StepEnded``, published once its floats are known, after
+        every step queued before it. ``on_loop`` (the caller is the event loop, which
+        calls :meth:`take_ready` at each step): the loop publishes it, or this thread
+        if the loop has not come by within ``grace``. Never blocks."""
+        self._put((metrics, step_idx, on_loop))
 
     def publish_step(self, step_idx: int, metrics: Metrics) -> None:
         """Publish ``step_idx``'s ``StepEnded`` now, or queued behind the conversions in
         progress (any thread). Never blocks."""
         if self.pending or isinstance(metrics, Pending):
-            self._put((metrics, step_idx))
+            self._put((metrics, step_idx, False))
         else:
             self._publish(self._make(step_idx, metrics))
 
+    def take_ready(self) -> None:
+        """Publish the converted steps waiting for the loop, in order (on the loop)."""
+        if self._ready:
+            with self._lock:
+                self._flush_ready()
+
     async def converted(self, metrics: Metrics, step_idx: int | None = None) -> dict[str, float]:
-        """``metrics`` as floats, once every conversion queued before them is done (on
-        the loop). Cancelled, the step ``step_idx`` (if given) is still published."""
+        """``metrics`` as floats, once every conversion queued before them is done and
+        published (on the loop). Cancelled, the step ``step_idx`` (if given) is still
+        published."""
         job = _Handback(metrics, step_idx)
         self._put(job)
         try:
             await job.event.wait()
         except BaseException:  # cancelled: the step ran, so its event goes out anyway
-            if not job.abandon() and step_idx is not None and job.value is not None:
-                self._publish(self._make(step_idx, job.value))
+            if not job.abandon():
+                self.take_ready()
+                if step_idx is not None and job.value is not None:
+                    self._publish(self._make(step_idx, job.value))
             raise
+        self.take_ready()
         assert job.value is not None
         return job.value
 
@@ -120,47 +160,70 @@ class Converter:
         Cancellable: the conversions go on."""
         if not self.pending:
             return
-        job = _Handback(None, None)
-        self._put(job)
-        try:
-            await job.event.wait()
-        except BaseException:
-            job.abandon()
-            raise
+        await self.converted(FrozenDict())
 
     def close(self) -> None:
-        """The thread ends after what is queued. Never blocks."""
+        """The thread ends after what is queued (a conversion queued later starts
+        another). Never blocks."""
         with self._lock:
             if self._thread is not None:
                 self._queue.put(None)
+                self._thread, self._queue = None, queue.SimpleQueue()
 
-    def _put(self, job: tuple[Metrics, int] | _Handback) -> None:
+    def _put(self, job: _Job) -> None:
         with self._lock:
             self.pending += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self._queue,), name=self.name, daemon=True
+                )
                 self._thread.start()
-        self._queue.put(job)
+            self._queue.put(job)
 
-    def _serve(self) -> None:
-        while (job := self._queue.get()) is not None:
+    def _serve(self, jobs: _Jobs) -> None:
+        while True:
+            try:  # converted steps wait for the loop, but not longer than grace
+                job = jobs.get(timeout=self._grace) if self._ready else jobs.get()
+            except queue.Empty:
+                job = _FLUSH
+            if job is None or job is _FLUSH:
+                with self._lock:
+                    self._flush_ready()
+                if job is None:
+                    return
+                continue
             try:
                 self._run(job)
             except Exception:  # pragma: no cover - a bug: said, and the next step goes on
                 _log.exception("converter failed on a step's metrics", converter=self.name)
-            with self._lock:
-                self.pending -= 1
 
-    def _run(self, job: tuple[Metrics, int] | _Handback) -> None:
+    def _run(self, job: _Job) -> None:
         if not isinstance(job, _Handback):
-            metrics, step_idx = job
-            self._publish(self._make(step_idx, resolve(metrics)))
+            metrics, step_idx, on_loop = job
+            event = self._make(step_idx, resolve(metrics))
+            with self._lock:
+                if on_loop:
+                    self._ready.append(event)
+                else:
+                    self._flush_ready()
+                    self._publish(event)
+                    self.pending -= 1
             return
         value = None if job.metrics is None else resolve(job.metrics)
         with job.lock:
             if not job.abandoned:
                 job.value, job.done = FrozenDict() if value is None else value, True
                 job.waker.soon(job.event.set)
-                return
-        if job.step_idx is not None and value is not None:  # its waiter was cancelled
-            self._publish(self._make(job.step_idx, value))
+        with self._lock:
+            self.pending -= 1
+            if job.abandoned:  # its waiter was cancelled: publish what it would have
+                self._flush_ready()
+                if job.step_idx is not None and value is not None:
+                    self._publish(self._make(job.step_idx, value))
+
+    def _flush_ready(self) -> None:
+        """Publish the converted steps waiting (under the lock, so in order)."""
+        for event in self._ready:
+            self._publish(event)
+        self.pending -= len(self._ready)
+        self._ready.clear()

@@ -137,9 +137,11 @@ async def _async_steps(run: StepsRun, settings: RunSettings, steps: _Steps) -> S
         for adapter in batch_takers:
             adapter.offer_batch(step_idx, batch)
         needed = plan.needed(step_idx)
-        if converter.pending or isinstance(metrics, Pending):  # values on a device
+        if converter.pending:  # earlier steps' values on a device: publish those converted
+            converter.take_ready()
+        if converter.pending or isinstance(metrics, Pending):  # still converting: queue
             if not needed:
-                converter.publish_later(step_idx, metrics)
+                converter.publish_later(step_idx, metrics, on_loop=True)
                 await anyio.lowlevel.checkpoint()
                 continue
             metrics = await converter.converted(metrics, step_idx)  # the boundary waits

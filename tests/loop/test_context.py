@@ -12,6 +12,7 @@ backend.
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -276,3 +277,23 @@ def test_a_run_never_imports_torch(tmp_path: Path) -> None:
         check=True,
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def guide_blocks() -> list[str]:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guide.md").read_text()
+    section = guide.split("## Framework state and devices", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_guides_examples_run(
+    index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    block = guide_blocks()[index]
+    if "import torch" in block:
+        pytest.importorskip("torch", reason=INSTALL)
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(block, f"docs/guide.md block {index}", "exec"), scope)
+    artifacts = scope["artifacts"]
+    assert artifacts.status == "completed" and artifacts.steps_completed == scope["loop"].num_steps

@@ -325,3 +325,28 @@ async def test_an_evaluators_device_values_are_converted_off_the_loop(
     assert evals == [(1, {"acc": 0.1}), (3, {"acc": 0.3}), (5, {"acc": 0.5})]
     assert len(conversions.threads) == 9
     assert set(conversions.threads) == {f"evsys-convert:{loop.run_key}"}
+
+
+@pytest.mark.anyio
+async def test_a_converted_step_is_published_while_the_next_step_still_runs(
+    tmp_path: Path,
+) -> None:
+    """The loop publishes converted steps as it passes (cheaper than a wake per step);
+    when a step takes long, the converter publishes the one before it by itself."""
+    conversions = Conversions()
+    seen: dict[int, anyio.Event] = {i: anyio.Event() for i in range(6)}
+
+    class Seen(ev.Callback):
+        async def on_step_end(self, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            seen[i].set()
+
+    async def step(state: ev.LoopState, step_idx: int) -> dict[str, Any]:
+        if step_idx > 0:
+            await seen[step_idx - 1].wait()  # never set unless step_idx - 1 goes out now
+        return {"loss": OnDevice(float(step_idx), conversions)}
+
+    log = Log()
+    loop = ev.TrainingLoop(step, num_steps=6, output_dir=tmp_path, callbacks=[Seen(), log])
+    with anyio.fail_after(WAIT):
+        assert (await loop.run()).status == "completed"
+    assert log.metrics() == [(i, {"loss": float(i)}) for i in range(6)]
