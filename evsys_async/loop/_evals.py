@@ -28,13 +28,12 @@ from anyio.abc import TaskGroup
 
 from .._util.aio import Deadline
 from .._util.log import get_logger
-from .._util.worker import in_daemon_thread
 from ..errors import describe
 from ..evaluators import Evaluator
 from ..events import EvalEnded, EvalFailed, Event
 from ..state import EvalTally, LoopArtifacts, LoopState
 from ._barrier import ControlBarrier
-from ._metrics import MetricReader, Pending, resolve
+from ._metrics import MetricReader, Pending
 from ._settings import RunSettings
 from ._step_thread import StepThread
 
@@ -179,12 +178,8 @@ class Evals:
 
     async def _converted(self, metrics: Pending) -> dict[str, float]:
         converter = self.run.step_thread.converter
-        if converter is not None:
-            return await converter.converted(metrics)
-        converted: dict[str, float] = await in_daemon_thread(  # pragma: no cover - no steps yet
-            resolve, metrics, name="evsys-convert"
-        )
-        return converted
+        assert converter is not None  # made when the steps start, before any eval
+        return await converter.converted(metrics)
 
     def _publish(self, ev: Evaluator, step_idx: int, result: Result) -> int | None:
         run = self.run
