@@ -225,8 +225,11 @@ def test_misuse_is_a_clear_error(tmp_path: Path) -> None:
     session = ev.Session(output_dir=tmp_path)
     with pytest.raises(RuntimeError, match=r"step_ended\(\) was called before `with session:`"):
         session.step_ended(0)
-    with session, pytest.raises(TypeError, match="metric 'loss'"):
-        session.step_ended(0, {"loss": "nan?"})
+    with session:
+        session.step_ended(0, {"loss": "nan?"})  # skipped, one WARNING: the loop's rule
+    strict = ev.Session(output_dir=tmp_path, run_key="strict", strict=True)
+    with strict, pytest.raises(TypeError, match="metric 'loss'"):
+        strict.step_ended(0, {"loss": "nan?"})
     with pytest.raises(RuntimeError, match="after the session ended"):
         _ = session.should_stop
     with pytest.raises(RuntimeError, match="a Session runs once"), session:
@@ -310,3 +313,24 @@ def test_a_sessions_hyperparameters_are_recorded_with_credentials_masked(tmp_pat
         if path.is_file():
             assert "hunter2" not in path.read_text(encoding="utf-8", errors="replace"), path
     assert "lr: 0.1" in (tmp_path / "masked" / "hparams.yaml").read_text(encoding="utf-8")
+
+
+def test_device_metrics_are_converted_off_the_callers_thread_in_order(tmp_path: Path) -> None:
+    from tests.loop.devices import Conversions, OnDevice
+
+    conversions = Conversions()
+    rec = Recorder()
+    caller = threading.current_thread().name
+    with ev.Session(callbacks=[rec], output_dir=tmp_path, run_key="gpu") as session:
+        for i in range(20):
+            session.step_ended(i, {"loss": OnDevice(float(i), conversions), "lr": 0.1})
+            if i == 9:
+                session.eval_ended(i, "val", {"acc": OnDevice(0.5, conversions)})
+                session.checkpoint_saved(i, "mid")
+    assert len(conversions.threads) == 21
+    assert caller not in conversions.threads
+    assert rec.steps() == {i: {"loss": float(i), "lr": 0.1} for i in range(20)}
+    kinds = rec.kinds()
+    assert kinds[:11] == ["start", *["step"] * 10]
+    assert kinds[11:13] == ["eval", "ckpt"]
+    assert kinds[13:] == [*["step"] * 10, "end"]

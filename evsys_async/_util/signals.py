@@ -157,9 +157,12 @@ def run_beside(
     *,
     backend: str = "asyncio",
     name: str = "evsys-step",
+    enter: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> T:
     """Run ``main(worker)`` on an event loop in a background thread, while *this*
     thread serves ``worker``'s calls (a ``def`` step runs here); return its value.
+    ``enter()``, when given, is entered in this thread around it all (the run's
+    ``step_context``); what entering it raises is raised before anything starts.
 
     So a plain script keeps its thread: thread-local state set around the call
     (``torch.no_grad()``, ``torch.device``) applies inside the step, and it
@@ -207,9 +210,10 @@ def run_beside(
         previous = {s: signal.signal(s, on_signal) for s in handled_signals()}
     thread = threading.Thread(target=loop_thread, name="evsys-loop", daemon=True)
     try:
-        thread.start()
-        worker.serve()
-        thread.join()
+        with contextlib.nullcontext() if enter is None else enter():
+            thread.start()
+            worker.serve()
+            thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

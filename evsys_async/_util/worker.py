@@ -12,6 +12,7 @@ import contextvars
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -64,7 +65,9 @@ class DaemonWorker:
     """One thread that runs calls; :meth:`call` runs ``fn(*args)`` there and awaits it.
 
     By default the thread is a daemon of its own, started in a copy of the
-    creator's contextvars. With ``start=False`` no thread is started: the
+    creator's contextvars; ``enter()``, when given, is entered there around
+    every call for the thread's life (if entering raises, every call raises
+    that). With ``start=False`` no thread is started: the
     caller's thread serves the calls by running :meth:`serve` (``run_sync()``
     keeps a plain script's steps on its main thread that way).
 
@@ -73,16 +76,41 @@ class DaemonWorker:
     dropped, and the next call starts after it.
     """
 
-    def __init__(self, name: str, *, start: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        start: bool = True,
+        enter: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self.name = name
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._last: Outcome | None = None
         self._waker: LoopWaker | None = None
+        #: what entering ``enter()`` raised: every call then raises it
+        self._broken: BaseException | None = None
         if start:
             context = contextvars.copy_context()
-            thread = threading.Thread(target=context.run, args=(self.serve,), name=name)
+            thread = threading.Thread(target=context.run, args=(self._live, enter), name=name)
             thread.daemon = True
             thread.start()
+
+    def _live(self, enter: Callable[[], AbstractContextManager[Any]] | None) -> None:
+        """The thread's life: ``enter()`` entered around every call (``start=True``)."""
+        if enter is None:
+            self.serve()
+            return
+        try:
+            entered = enter()
+            entered.__enter__()
+        except BaseException as exc:  # handed to every call instead
+            self._broken = exc
+            self.serve()
+            return
+        try:
+            self.serve()
+        finally:
+            entered.__exit__(None, None, None)
 
     def serve(self, until: Callable[[], bool] | None = None) -> bool:
         """Run the calls as they come (in the serving thread), until :meth:`close`
@@ -96,7 +124,10 @@ class DaemonWorker:
                 return False
             if job is not _NUDGE:
                 fn, args, outcome = job
-                outcome.settle(fn, *args)
+                if self._broken is not None:
+                    outcome.settle(_reraise, self._broken)
+                else:
+                    outcome.settle(fn, *args)
             if until is not None and until():
                 return True
 
@@ -131,6 +162,10 @@ class DaemonWorker:
     def close(self) -> None:
         """Let the thread end after the calls already submitted. Never blocks."""
         self._queue.put(None)
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 async def in_daemon_thread(fn: Callable[..., Any], *args: Any, name: str = "evsys-call") -> Any:

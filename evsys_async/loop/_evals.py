@@ -5,10 +5,15 @@ concurrently and the loop awaits them all before the next step. Background:
 training goes on while they run, at most ``max_evals_in_flight`` at a time;
 each reads a view of the state (``snapshot(state)`` for the model, never the
 moving one) and its ``EvalEnded`` carries the step it evaluated. Either way
-each runs under ``eval_timeout``; a failure or a timeout is a WARNING and an
-``EvalFailed`` event, and training goes on. Background evals still in flight
-at the end are part of the shutdown (docs/design.md, "A run" and "The
-shutdown").
+each runs under ``eval_timeout``; a failure or a timeout (an exception, an
+HTTP status, ``eval_timeout``) is expected: one WARNING line naming the
+evaluator, the step and the error (its traceback at DEBUG), an ``EvalFailed``
+event, and training goes on. Each evaluator's runs and failures are tallied
+in ``artifacts.evals`` (``EvalTally``) for the report and the summary. Its
+metrics are read as a step's are (``_metrics.py``: flattened, non-numbers
+skipped with one WARNING per key; values on a device converted off the loop,
+by the run's converter). Background evals still in flight at the end are
+part of the shutdown (docs/design.md, "A run" and "The shutdown").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 from anyio.abc import TaskGroup
 
 from .._util.aio import Deadline
@@ -25,10 +31,11 @@ from .._util.log import get_logger
 from ..errors import describe
 from ..evaluators import Evaluator
 from ..events import EvalEnded, EvalFailed, Event
-from ..state import LoopState
+from ..state import EvalTally, LoopArtifacts, LoopState
 from ._barrier import ControlBarrier
-from ._metrics import floats
+from ._metrics import MetricReader, Pending
 from ._settings import RunSettings
+from ._step_thread import StepThread
 
 __all__ = ["Evals", "EvalsRun"]
 
@@ -45,6 +52,12 @@ class EvalsRun(Protocol):
 
     @property
     def barrier(self) -> ControlBarrier: ...
+
+    @property
+    def artifacts(self) -> LoopArtifacts: ...
+
+    @property
+    def step_thread(self) -> StepThread: ...
 
     def emit(self, cls: type[Event], **fields: Any) -> int | None: ...
 
@@ -64,6 +77,9 @@ class Evals:
         self.task_group: TaskGroup | None = None
         self.in_flight = 0
         self._slot = anyio.Event()  # set when a background eval finishes
+        self._strict = settings.strict
+        #: each evaluator's metric reader (its own once-per-key warnings), by name
+        self._readers: dict[str, MetricReader] = {}
 
     def due(self, step_idx: int, *, force: bool = False) -> list[Evaluator]:
         """The evaluators that fire after ``step_idx``: ``(step_idx + 1) % run_every == 0``."""
@@ -146,21 +162,49 @@ class Evals:
                 out: object = ev.evaluate(state, step_idx)
                 if isinstance(out, Awaitable):
                     out = await out
-            return floats(out, f"evaluator {ev.name!r}")
+                metrics = self._reader(ev).read(out, step_idx)
+                if isinstance(metrics, Pending):  # values on a device: converted off the loop
+                    return await self._converted(metrics)
+                return metrics
         except Exception as exc:
             return exc
 
+    def _reader(self, ev: Evaluator) -> MetricReader:
+        name = str(ev.name)
+        reader = self._readers.get(name)
+        if reader is None:
+            reader = self._readers[name] = MetricReader(f"evaluator {name!r}", strict=self._strict)
+        return reader
+
+    async def _converted(self, metrics: Pending) -> dict[str, float]:
+        converter = self.run.step_thread.converter
+        assert converter is not None  # made when the steps start, before any eval
+        return await converter.converted(metrics)
+
     def _publish(self, ev: Evaluator, step_idx: int, result: Result) -> int | None:
         run = self.run
-        if isinstance(result, BaseException):
-            error = describe(result, timeout=self.timeout)
-            _log.warning(
-                "evaluator failed; training goes on",
-                evaluator=ev.name,
-                step=step_idx,
-                error=error,
-                # a timeout is one line: its traceback is the runtime's cancellation
-                exc_info=None if isinstance(result, TimeoutError) else result,
+        name = str(ev.name)
+        error = None if isinstance(result, Mapping) else describe(result, timeout=self.timeout)
+        self._tally(name, error)
+        if error is None:
+            return run.emit(EvalEnded, step=step_idx, eval_name=name, metrics=result)
+        # expected (a server down, an HTTP status, a timeout): one line; the traceback
+        # only at DEBUG (a timeout's is the runtime's cancellation: none at all)
+        _log.warning(
+            "evaluator failed; training goes on", evaluator=name, step=step_idx, error=error
+        )
+        if isinstance(result, BaseException) and not isinstance(result, TimeoutError):
+            _log.debug(
+                "evaluator failure traceback", evaluator=name, step=step_idx, exc_info=result
             )
-            return run.emit(EvalFailed, step=step_idx, eval_name=ev.name, error=error)
-        return run.emit(EvalEnded, step=step_idx, eval_name=ev.name, metrics=result)
+        return run.emit(EvalFailed, step=step_idx, eval_name=name, error=error)
+
+    def _tally(self, name: str, error: str | None) -> None:
+        evals = self.run.artifacts.evals
+        tally = evals.get(name) or EvalTally()
+        evals[name] = msgspec.structs.replace(
+            tally,
+            runs=tally.runs + 1,
+            failed=tally.failed + (error is not None),
+            first_error=tally.first_error or error,
+        )

@@ -37,6 +37,7 @@ from ..evaluators import Evaluator
 from ..state import LogContext, LoopArtifacts, LoopState
 from ._arguments import check_distinct, check_options, check_steps, context_of, ranks_of
 from ._checkpoints import check_state_keys
+from ._context import StepContext, ThreadContext, check_step_context
 from ._control import RunControl, RunHandle
 from ._host import run_on_own_loop
 from ._run import Run
@@ -72,6 +73,12 @@ class TrainingLoop(RunHandle):
     takes options. A service stops or cancels a run from any thread with
     :meth:`request_stop` and :meth:`cancel`, and gives the run an event loop of
     its own with ``await loop.run(own_thread=True)`` (docs/guide.md).
+
+    ``step_context`` is a zero-argument callable returning a context manager
+    (``lambda: torch.autocast("cuda")``): it is entered, for the whole run, in
+    each thread that runs the steps, ``def`` evaluators or a ``def``
+    checkpoint function, after the caller's torch state captured at
+    ``run()``/``run_sync()`` (docs/guide.md, "Framework state and devices").
 
     ``batch_delay`` (20 ms) bounds how long a callback's events wait to be handed
     over as one batch while steps flow; barriers and ``controls_loop`` callbacks
@@ -110,6 +117,7 @@ class TrainingLoop(RunHandle):
         world_size: int | None = None,
         coordinator: Coordinator | None = None,
         strict: bool = False,
+        step_context: StepContext | None = None,
         subscribers: Sequence[Callable[[Any], Any]] | None = None,
     ) -> None:
         check_options(
@@ -127,6 +135,7 @@ class TrainingLoop(RunHandle):
             callbacks=callbacks or (),
             evaluators=evaluators or (),
         )
+        check_step_context(step_context)
         ctx, out_dir, key = context_of(ctx, output_dir, run_key, config)
         self.step = step
         self.num_steps = num_steps
@@ -146,17 +155,16 @@ class TrainingLoop(RunHandle):
         self.snapshot = snapshot
         self.control_timeout = control_timeout
         self.drain_timeout = drain_timeout
-        #: how long a callback's events may wait to be handed over as one batch while
-        #: steps flow (barriers, controls_loop and a lone event on an idle bus go at
-        #: once); only for the bus the loop owns. 20 ms, not the bus's 5: each wake of
-        #: a subscriber costs the loop ~6-10 us, and on a sleeping step every
-        #: microsecond of loop work adds to the step (docs/performance.md)
+        #: how long a callback's events may wait to be handed over as one batch (the
+        #: loop's own bus; 20 ms, not 5: each wake costs the step, docs/performance.md)
         self.batch_delay = batch_delay
         self.callback_errors = callback_errors
         self.checkpoint_on_error = checkpoint_on_error
         #: development mode: what is otherwise logged and reported fails the run
         #: (a callback's error, a non-numeric metric, a degraded logger)
         self.strict = strict
+        #: entered in each thread that runs the run's code (docs/guide.md)
+        self.step_context = step_context
         self.ctx = ctx
         self.rank, self.world_size = ranks_of(rank, world_size, coordinator)
         #: keeps the ranks in step (a stop on one ends every rank after the same step)
@@ -195,10 +203,12 @@ class TrainingLoop(RunHandle):
         """
         from .._util.signals import run_beside
 
+        context = ThreadContext.capture(self.step_context)  # here, in the caller's thread
         artifacts: LoopArtifacts = run_beside(
-            lambda worker: self._run_checked(num_steps, start_step, worker),
+            lambda worker: self._run_checked(num_steps, start_step, worker, context),
             backend=backend,
             name=f"evsys-step:{self._asked_key}",
+            enter=context.entered,
         )
         return artifacts
 
@@ -231,12 +241,13 @@ class TrainingLoop(RunHandle):
                 "TrainingLoop.run(own_thread=True) runs on an event loop of its own, with a "
                 "bus of its own; drop bus= and follow the run with loop.subscribe(...)"
             )
+        context = ThreadContext.capture(self.step_context)  # here, in the caller's thread
         total = self._begin(num_steps, start_step)
         try:
             if not own_thread:
-                return await self._run_claimed(total, start_step, None)
+                return await self._run_claimed(total, start_step, None, context)
             return await run_on_own_loop(
-                lambda: self._run_claimed(total, start_step, None, own_thread=True),
+                lambda: self._run_claimed(total, start_step, None, context, own_thread=True),
                 name=f"evsys-run:{self._asked_key}",
                 on_cancel=lambda: self.cancel("the task awaiting run() was cancelled"),
             )
@@ -244,11 +255,15 @@ class TrainingLoop(RunHandle):
             self._end()
 
     async def _run_checked(
-        self, num_steps: int | None, start_step: int, worker: DaemonWorker | None
+        self,
+        num_steps: int | None,
+        start_step: int,
+        worker: DaemonWorker | None,
+        context: ThreadContext,
     ) -> LoopArtifacts:
         total = self._begin(num_steps, start_step)
         try:
-            return await self._run_claimed(total, start_step, worker)
+            return await self._run_claimed(total, start_step, worker, context)
         finally:
             self._end()
 
@@ -280,14 +295,21 @@ class TrainingLoop(RunHandle):
         total: int,
         start_step: int,
         worker: DaemonWorker | None,
+        context: ThreadContext,
         *,
         own_thread: bool = False,
     ) -> LoopArtifacts:
-        with _claim_run_key(self.bus, self._asked_key):
-            return await self._run(total, start_step, worker, own_thread)
+        # the event loop's thread runs def evaluators (and async steps) for the run
+        with _claim_run_key(self.bus, self._asked_key), context.entered():
+            return await self._run(total, start_step, worker, context, own_thread)
 
     async def _run(
-        self, total: int, start_step: int, worker: DaemonWorker | None, own_thread: bool
+        self,
+        total: int,
+        start_step: int,
+        worker: DaemonWorker | None,
+        context: ThreadContext,
+        own_thread: bool,
     ) -> LoopArtifacts:
         state = LoopState(
             num_steps=total,
@@ -296,7 +318,6 @@ class TrainingLoop(RunHandle):
             ctx=self.ctx,
             rank=self.rank,
             world_size=self.world_size,
-            overwrite=self.overwrite,
         )
         self.state = state
         self._take_run_dir(start_step)
@@ -314,7 +335,10 @@ class TrainingLoop(RunHandle):
         settings = self._settings(start_step)
         # one thread for every step of the run, started with the caller's contextvars
         step_thread = StepThread.for_run(
-            f"evsys-step:{self.run_key}", worker, def_step=not is_async_callable(self.step)
+            f"evsys-step:{self.run_key}",
+            worker,
+            def_step=not is_async_callable(self.step),
+            context=context,
         )
 
         def make(bus: EventBus, owns_bus: bool) -> Run:

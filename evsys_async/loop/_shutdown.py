@@ -129,7 +129,9 @@ async def _finish_step(run: ShutdownRun, deadline: Deadline) -> None:
     """1. A ``def`` step cannot be cancelled: await it until the deadline, or until
     ``grace`` seconds after ``loop.cancel``; then abandon it in its thread."""
     thread = run.step_thread
-    if not thread.busy:
+    if not thread.busy:  # no call in progress: only the conversions still queued
+        with anyio.move_on_after(deadline.left()):
+            await thread.wait_idle()
         return
 
     async def give_up_after_grace(scope: anyio.CancelScope) -> None:

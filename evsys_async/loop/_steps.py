@@ -11,6 +11,11 @@ by its ``StepEnded`` and, where it has work, the step boundary (``_boundary.py``
   callback, a stop. Two thread hand-offs per step would cost more than the
   step itself for a fast one.
 
+Either way a step's metrics are read on the thread that ran it
+(``_metrics.py``); values on a device are copied there and converted by the
+run's converter (``_convert.py``), which publishes their ``StepEnded`` in
+step order, so the training thread never waits for the device.
+
 This is the hot path (docs/design.md, "A run"; docs/performance.md): each
 loop below reads what it needs once, before the first step.
 """
@@ -31,11 +36,14 @@ from ..callbacks._adapter import CallbackAdapter
 from ..events import StepEnded, TrainStarted
 from ..state import LoopArtifacts, Status
 from ._boundary import Boundary, BoundaryRun, Plan
-from ._metrics import metrics_of
+from ._convert import Converter
+from ._metrics import MetricReader, Pending
 from ._settings import RunSettings
 from ._step_thread import StepThread
 
 __all__ = ["StepFailed", "StepsRun", "train"]
+
+Metrics = dict[str, float] | Pending
 
 
 class StepsRun(BoundaryRun, Protocol):
@@ -88,32 +96,58 @@ async def train(run: StepsRun, settings: RunSettings) -> Status:
         return "failed"
     started = time.perf_counter()
     try:
-        plan = Plan(state, run.barrier, settings)
-        boundary = Boundary(run, settings)
+        steps = _Steps(run, settings)
         if is_async_callable(settings.step):
-            return await _async_steps(run, settings, plan, boundary)
-        return await _thread_steps(run, settings, plan, boundary)
+            return await _async_steps(run, settings, steps)
+        return await _thread_steps(run, settings, steps)
     finally:
         run.artifacts.train_seconds = time.perf_counter() - started
 
 
-async def _async_steps(
-    run: StepsRun, settings: RunSettings, plan: Plan, boundary: Boundary
-) -> Status:
+class _Steps:
+    """What both ways of running steps share, made once per run."""
+
+    def __init__(self, run: StepsRun, settings: RunSettings) -> None:
+        self.plan = Plan(run.state, run.barrier, settings)
+        self.boundary = Boundary(run, settings)
+        self.reader = MetricReader("step", strict=settings.strict)
+        run_key, rank, num_steps = settings.run_key, run.state.rank, run.state.num_steps
+
+        def step_ended(step_idx: int, metrics: dict[str, float]) -> StepEnded:
+            return StepEnded(
+                run_key=run_key, rank=rank, step=step_idx, num_steps=num_steps, metrics=metrics
+            )
+
+        self.step_ended = step_ended
+        self.num_steps = num_steps
+        self.converter: Converter = run.step_thread.converter_for(run.bus.publish, step_ended)
+
+
+async def _async_steps(run: StepsRun, settings: RunSettings, steps: _Steps) -> Status:
     state, step, start = run.state, settings.step, settings.start_step
-    artifacts, emit = run.artifacts, run.emit
+    artifacts, emit, plan, boundary = run.artifacts, run.emit, steps.plan, steps.boundary
+    read, converter = steps.reader.step_output, steps.converter
     batch_takers = _batch_takers(run)
     for step_idx in range(start, state.num_steps):
         state.step = step_idx
         try:
-            metrics, batch = metrics_of(await step(state, step_idx), step_idx)
+            metrics, batch = read(await step(state, step_idx), step_idx)
         except Exception as exc:
             raise StepFailed(exc) from exc
         artifacts.steps_completed = step_idx + 1 - start
         for adapter in batch_takers:
             adapter.offer_batch(step_idx, batch)
+        needed = plan.needed(step_idx)
+        if converter.pending:  # earlier steps' values on a device: publish those converted
+            converter.take_ready()
+        if converter.pending or isinstance(metrics, Pending):  # still converting: queue
+            if not needed:
+                converter.publish_later(step_idx, metrics, on_loop=True)
+                await anyio.lowlevel.checkpoint()
+                continue
+            metrics = await converter.converted(metrics, step_idx)  # the boundary waits
         seq = emit(StepEnded, step=step_idx, num_steps=state.num_steps, metrics=metrics)
-        if plan.needed(step_idx):
+        if needed:
             ended = await boundary.after(step_idx, seq)
             if ended is not None:
                 return ended
@@ -121,23 +155,25 @@ async def _async_steps(
     return "completed"
 
 
-async def _thread_steps(
-    run: StepsRun, settings: RunSettings, plan: Plan, boundary: Boundary
-) -> Status:
+async def _thread_steps(run: StepsRun, settings: RunSettings, steps: _Steps) -> Status:
     """Run the steps in the step thread, serving the boundaries it asks for here, in
     the run's task (so they are cancelled with the run)."""
     worker = run.step_thread.worker
     assert worker is not None  # made for a def step before the run starts
-    gate = Gate(run, settings, plan, worker)
-    outcome = worker.submit(_drive, run, settings, gate)
+    await worker.call(_up)  # raises what entering its framework context raised
+    gate = Gate(steps, worker)
+    converter = steps.converter
+    outcome = worker.submit(_drive, run, settings, steps, gate)
     try:
         while not gate.finished:
             await gate.wait()
             asked = gate.take()
             if asked is not None:
                 step_idx, metrics = asked
+                if converter.pending or isinstance(metrics, Pending):  # the boundary waits
+                    metrics = await converter.converted(metrics, step_idx)
                 seq = run.emit(StepEnded, step=step_idx, num_steps=gate.num_steps, metrics=metrics)
-                gate.answer(await boundary.after(step_idx, seq))
+                gate.answer(await steps.boundary.after(step_idx, seq))
         status: Status = await outcome.result()
         return status
     finally:
@@ -150,18 +186,14 @@ class Gate:
     step thread serves its worker's calls (a ``def`` checkpoint function runs
     there, in the step thread, as it would between two steps)."""
 
-    def __init__(
-        self, run: StepsRun, settings: RunSettings, plan: Plan, worker: DaemonWorker
-    ) -> None:
-        self._publish = run.bus.publish
-        self._run_key = settings.run_key
-        self._rank = run.state.rank
+    def __init__(self, steps: _Steps, worker: DaemonWorker) -> None:
+        self._publish_step = steps.converter.publish_step
         self._worker = worker
-        self._plan = plan
-        self.num_steps = run.state.num_steps
+        self._plan = steps.plan
+        self.num_steps = steps.num_steps
         self.finished = False
         self._stop = False  # the run's task is gone (cancelled): end now
-        self._asked: tuple[int, dict[str, float]] | None = None
+        self._asked: tuple[int, Metrics] | None = None
         self._answer: Status | None = None
         self._answered = False
         self._bell = anyio.Event()
@@ -173,7 +205,7 @@ class Gate:
         """The boundary after ``step_idx`` has work for the event loop (cheap)."""
         return self._stop or self._plan.needed(step_idx)
 
-    def ask(self, step_idx: int, metrics: dict[str, float]) -> Status | None:
+    def ask(self, step_idx: int, metrics: Metrics) -> Status | None:
         """Have the run's task publish ``StepEnded`` and pass the boundary; its verdict.
         Once the run's task is gone the step is published from here: it ran."""
         self._answered = False
@@ -182,21 +214,12 @@ class Gate:
             self._waker.soon(self._ring)
             self._worker.serve(until=lambda: self._answered)
         if self._stop and self.take() is not None:  # not taken: publish it from here
-            self._publish(self._step_ended(step_idx, metrics))
+            self._publish_step(step_idx, metrics)
         return "cancelled" if self._stop else self._answer
 
     def done(self) -> None:
         self.finished = True
         self._waker.soon(self._ring)
-
-    def _step_ended(self, step_idx: int, metrics: dict[str, float]) -> StepEnded:
-        return StepEnded(
-            run_key=self._run_key,
-            rank=self._rank,
-            step=step_idx,
-            num_steps=self.num_steps,
-            metrics=metrics,
-        )
 
     # -- the run's task's side ---------------------------------------------------
 
@@ -207,7 +230,7 @@ class Gate:
         await self._bell.wait()
         self._bell = anyio.Event()
 
-    def take(self) -> tuple[int, dict[str, float]] | None:
+    def take(self) -> tuple[int, Metrics] | None:
         asked, self._asked = self._asked, None
         return asked
 
@@ -222,25 +245,29 @@ class Gate:
         self._worker.nudge()
 
 
-def _drive(run: StepsRun, settings: RunSettings, gate: Gate) -> Status:
+def _up() -> None:
+    """Nothing: a call that returns once the step thread is up, inside its context."""
+
+
+def _drive(run: StepsRun, settings: RunSettings, steps: _Steps, gate: Gate) -> Status:
     """The steps, back to back, in the step thread (see the module docstring)."""
     try:
-        return _steps_in_thread(run, settings, gate)
+        return _steps_in_thread(run, settings, steps, gate)
     finally:
         gate.done()
 
 
-def _steps_in_thread(run: StepsRun, settings: RunSettings, gate: Gate) -> Status:
+def _steps_in_thread(run: StepsRun, settings: RunSettings, steps: _Steps, gate: Gate) -> Status:
     state, step, start = run.state, settings.step, settings.start_step
     artifacts = run.artifacts
     batch_takers = _batch_takers(run)
-    publish, run_key, rank = run.bus.publish, settings.run_key, state.rank
-    num_steps = state.num_steps
+    publish, read, converter = run.bus.publish, steps.reader.step_output, steps.converter
+    run_key, rank, num_steps = settings.run_key, state.rank, state.num_steps
     step_thread = run.step_thread
     for step_idx in range(start, num_steps):
         state.step = step_idx
         try:
-            metrics, batch = metrics_of(step(state, step_idx), step_idx)
+            metrics, batch = read(step(state, step_idx), step_idx)
         except Exception as exc:
             raise StepFailed(exc) from exc
         if step_thread.abandoned:  # the run ended without this step ("The shutdown")
@@ -252,6 +279,8 @@ def _steps_in_thread(run: StepsRun, settings: RunSettings, gate: Gate) -> Status
             ended = gate.ask(step_idx, metrics)
             if ended is not None:
                 return ended
+        elif converter.pending or isinstance(metrics, Pending):  # values on a device
+            converter.publish_later(step_idx, metrics)
         else:
             publish(
                 StepEnded(

@@ -38,6 +38,7 @@ from ..loop._barrier import ControlBarrier
 from ..loop._boundary import Boundary, Plan
 from ..loop._checkpoints import Checkpoints
 from ..loop._control import Cancel
+from ..loop._convert import Converter
 from ..loop._evals import Evals
 from ..loop._settings import RunSettings
 from ..loop._shutdown import shutdown
@@ -85,6 +86,14 @@ class SessionRun:
         self.stop_rank: int | None = None
         #: KeyboardInterrupt/SystemExit from one of the session's ``async def`` hooks
         self.interrupted: BaseException | None = None
+        #: device metrics to floats off the caller's thread, every event in step order
+        self.converter = Converter(
+            f"evsys-convert:{settings.run_key}",
+            bus.publish,
+            lambda step, metrics: self.make(
+                StepEnded, step=step, num_steps=state.num_steps, metrics=metrics
+            ),
+        )
         self._config = config
         #: the shutdown's view of a cancel (a session is never cancelled by loop.cancel)
         self.cancelling = anyio.Event()
@@ -95,9 +104,13 @@ class SessionRun:
 
     # -- what the phases call ------------------------------------------------------
 
+    def make(self, cls: type[Event], **fields: Any) -> Event:
+        """One of the run's own events, stamped with its run key and rank."""
+        return cls(run_key=self.settings.run_key, rank=self.state.rank, **fields)
+
     def emit(self, cls: type[Event], **fields: Any) -> int | None:
         """Publish one of the run's own events, stamped with its run key and rank."""
-        return self.bus.publish(cls(run_key=self.settings.run_key, rank=self.state.rank, **fields))
+        return self.bus.publish(self.make(cls, **fields))
 
     def publish(self, event: Event) -> int | None:
         """``state.publish``: a callback's event, stamped with the run key and rank."""
@@ -147,6 +160,7 @@ class SessionRun:
         steering callbacks of ``steered`` (event types published since the last
         boundary besides ``StepEnded``) to handle it."""
         assert self._boundary is not None  # started
+        await self.converter.idle()  # the steps still on a device are published first
         self.bus.stats()  # on the loop thread: takes in what other threads published
         seq = self.bus.last_seq
         for event_type in steered:
@@ -168,7 +182,13 @@ class SessionRun:
         """The loop's shutdown, shielded, under ``drain_timeout``: ``TrainEnded``, the
         drain, teardowns, the report and ``manifest.json``. Never raises for a callback."""
         deadline = Deadline(self.settings.drain_timeout)
-        await shielded(shutdown(self, self.settings, status, deadline))
+        await shielded(self._end(status, deadline))
+
+    async def _end(self, status: Status, deadline: Deadline) -> None:
+        with anyio.move_on_after(deadline.left()):
+            await self.converter.idle()  # every step published before TrainEnded
+        self.converter.close()
+        await shutdown(self, self.settings, status, deadline)
 
     def record_checkpoint(self, row: dict[str, Any]) -> None:
         """A checkpoint the trainer saved: its row in the artifacts and, on rank 0, in

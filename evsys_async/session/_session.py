@@ -42,9 +42,10 @@ from ..bus import EventBus
 from ..callbacks._adapter import CallbackAdapter
 from ..coordinator import Coordinator
 from ..errors import describe
-from ..events import CheckpointSaved, EvalEnded, Event, StepEnded
+from ..events import CheckpointSaved, EvalEnded, Event
+from ..events._frozen import FrozenDict
 from ..loop._checkpoints import check_state_keys
-from ..loop._metrics import floats
+from ..loop._metrics import MetricReader, Pending
 from ..loop._runfiles import write_hparams
 from ..loop._settings import RunSettings
 from ..state import LogContext, LoopArtifacts, LoopState, Status
@@ -157,6 +158,9 @@ class Session:
         self._steered: set[type[Event]] = set()
         self._verdict: Status | None = None
         self._check_lock = threading.Lock()
+        #: the step metrics' reader and each evaluation's (the loop's rule)
+        self._reader = MetricReader("Session.step_ended", strict=strict)
+        self._eval_readers: dict[str, MetricReader] = {}
         self._state = "new"  # new -> starting -> open -> ended
 
     @property
@@ -183,7 +187,7 @@ class Session:
         number (nothing is published then) and ``RuntimeError`` outside the block.
         """
         run = self._open_run("step_ended")
-        values = self._floats(metrics, step)
+        values = self._read(metrics, step)
         state = run.state
         state.step = step
         self._last_step = step
@@ -194,16 +198,24 @@ class Session:
             for adapter in run.adapters:
                 if adapter.callback.wants_batch:
                     adapter.offer_batch(step, batch)
-        run.emit(StepEnded, step=step, num_steps=state.num_steps, metrics=values)
+        run.converter.publish_step(step, values)
 
     def eval_ended(self, step: int, eval_name: str, metrics: Mapping[str, Any]) -> None:
         """An evaluation ``eval_name`` after step ``step`` gave ``metrics``: ``EvalEnded``.
 
         From any thread; never waits. Raises as :meth:`step_ended`."""
         run = self._open_run("eval_ended")
-        values = floats(metrics, f"Session.eval_ended(step={step}, {eval_name!r})")
+        name = str(eval_name)
+        reader = self._eval_readers.get(name)
+        if reader is None:
+            reader = self._eval_readers[name] = MetricReader(
+                f"Session.eval_ended({name!r})", strict=self.strict
+            )
+        values = reader.read(metrics, step)
         self._note(EvalEnded)
-        run.emit(EvalEnded, step=step, eval_name=str(eval_name), metrics=values)
+        run.converter.publish_built(
+            values, lambda m: run.make(EvalEnded, step=step, eval_name=name, metrics=m)
+        )
 
     def checkpoint_saved(
         self, step: int, name: str, path: str | Path | None = None, **row: Any
@@ -219,7 +231,12 @@ class Session:
         entry["steps_completed"] = run.artifacts.steps_completed
         self._on_loop(lambda: run.record_checkpoint(entry))
         self._note(CheckpointSaved)
-        run.emit(CheckpointSaved, step=step, name=entry["name"], path=entry["path"], row=entry)
+        run.converter.publish_built(
+            FrozenDict(),
+            lambda _: run.make(
+                CheckpointSaved, step=step, name=entry["name"], path=entry["path"], row=entry
+            ),
+        )
 
     # -- the stop check --------------------------------------------------------------
 
@@ -287,9 +304,11 @@ class Session:
             )
         return run
 
-    def _floats(self, metrics: Mapping[str, Any] | None, step: int) -> dict[str, float]:
-        """The one place a session turns a step's metrics into floats (the loop's rule)."""
-        return floats({} if metrics is None else metrics, f"Session.step_ended(step={step})")
+    def _read(self, metrics: Mapping[str, Any] | None, step: int) -> dict[str, float] | Pending:
+        """The one place a session reads a step's metrics (the loop's rule): floats, or
+        values still on a device that the run's converter turns into floats off this
+        thread, in step order."""
+        return self._reader.read({} if metrics is None else metrics, step)
 
     def _on_loop(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the session's event loop: now on its thread, else soon, in order."""

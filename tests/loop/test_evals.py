@@ -5,6 +5,7 @@ reported as ``EvalFailed`` and one log line.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,8 @@ import pytest
 
 import evsys_async as ev
 from evsys_async.events import EvalFailed
-from tests.loop.helpers import Recorder, loss_step
+from evsys_async.state import EvalTally
+from tests.loop.helpers import Acc, Recorder, loss_step
 
 pytestmark = pytest.mark.anyio
 
@@ -139,3 +141,53 @@ async def test_an_eval_timeout_is_one_line_without_a_traceback(
     assert "error=timeout after 0.05s" in record.getMessage()
     assert record.exc_info is None and "Traceback" not in warnings_log.text
     assert "CancelledError" not in warnings_log.text and "Cancelled" not in warnings_log.text
+
+
+async def test_an_eval_failure_is_one_warning_line_and_each_evaluator_is_tallied(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="evsys_async")
+
+    class Down:
+        name, run_every = "down", 2
+
+        async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+            if step_idx == 5:
+                return {"acc": 1.0}
+            raise ConnectionError(f"eval server down at {step_idx}")
+
+    class Hangs:
+        name, run_every = "hangs", 3
+
+        async def evaluate(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+            if step_idx == 2:
+                await anyio.Event().wait()  # never set: only the timeout ends it
+            return {"acc": 0.5}
+
+    loop = ev.TrainingLoop(
+        loss_step, num_steps=6, output_dir=tmp_path, evaluators=[Down(), Acc("ok", 3), Hangs()],
+        eval_timeout=0.05,
+    )  # fmt: skip
+    with anyio.fail_after(30):
+        artifacts = await loop.run()
+    assert artifacts.status == "completed"
+    assert artifacts.evals == {
+        "down": EvalTally(runs=3, failed=2, first_error="ConnectionError: eval server down at 1"),
+        "ok": EvalTally(runs=2, failed=0),
+        "hangs": EvalTally(runs=2, failed=1, first_error="timeout after 0.05s"),
+    }
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "evaluator failed; training goes on: evaluator=down step=1 "
+        "error=ConnectionError: eval server down at 1",
+        "evaluator failed; training goes on: evaluator=hangs step=2 error=timeout after 0.05s",
+        "evaluator failed; training goes on: evaluator=down step=3 "
+        "error=ConnectionError: eval server down at 3",
+    ]
+    assert all(r.exc_info is None for r in warnings)  # one line each, no library traceback
+    # the traceback is at DEBUG, for the exceptions (a timeout's would be the runtime's)
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert [(r.exc_info[0], str(r.exc_info[1])) for r in debug if r.exc_info] == [
+        (ConnectionError, "eval server down at 1"),
+        (ConnectionError, "eval server down at 3"),
+    ]

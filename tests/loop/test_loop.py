@@ -177,7 +177,7 @@ async def test_non_numeric_metric_fails_the_step_clearly(tmp_path: Path) -> None
     async def step(state: ev.LoopState, step_idx: int) -> dict[str, Any]:
         return {"loss": "low"}
 
-    loop = ev.TrainingLoop(step, num_steps=5, output_dir=tmp_path)
+    loop = ev.TrainingLoop(step, num_steps=5, output_dir=tmp_path, strict=True)
     with anyio.fail_after(WAIT):
         with pytest.raises(TypeError, match="metric 'loss' = 'low', which is not a number"):
             await loop.run()
