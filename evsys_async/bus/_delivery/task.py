@@ -95,8 +95,11 @@ class TaskDelivery(Delivery):
                         self._running = True
                         end = engine.walked
                         batch = self.take()
-                        await self._handle(batch)
-                        if self.on_batch_end is not None:
+                        if self.disabled is None:
+                            await self._handle(batch)
+                        else:
+                            self.drop_rest(batch, 0)
+                        if self.on_batch_end is not None and self.disabled is None:
                             # a flush is part of handling: barriers wait for it (as for def)
                             await self._call_hook(
                                 self.on_batch_end, "on_batch_end", quiet=only_failures(batch)
@@ -117,6 +120,7 @@ class TaskDelivery(Delivery):
                 if self.on_close is not None:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(engine.close_timeout):
                         await self._call_hook(self.on_close, "on_close")
+                self.tell_failures()
                 self._closed = True
                 engine.notify()
 
@@ -156,15 +160,24 @@ class TaskDelivery(Delivery):
                         await handler(arg)
             except Exception as exc:
                 self.count_failure(event, exc)
+                if self.disabled is not None:  # too many failures in a row
+                    self.drop_after(batch, seq)
+                    break
             except BaseException as exc:
                 self._base_failure(event, exc, "")
                 if task is not None:
                     await undo_self_cancel(task, base, scope)
+                if self.disabled is not None:
+                    self.drop_after(batch, seq)
+                    break
             else:
                 if task is not None and task.cancelling() != base and not scope.cancel_called:
                     # it cancelled its own task and returned: that cancel is not ours
                     self.count_failure(event, _self_cancel_error())
                     await undo_self_cancel(task, base, scope)
+                    if self.disabled is not None:
+                        self.drop_after(batch, seq)
+                        break
                 else:
                     self.delivered += 1
             if marks:
