@@ -312,7 +312,7 @@ class EventBus:
             raise
         pump.tick()  # what was published before subscribe is not this subscriber's
         d.handled_upto = pump.walked
-        pump.routes.add(d)
+        pump.add(d)
         d.start(self._tg)
         return Subscription(d, pump, subscribers.unsubscribe)
 

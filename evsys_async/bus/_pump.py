@@ -277,7 +277,7 @@ class Pump:
             n = len(d.buffer)
             if n > d.max_pending:
                 d.max_pending = n
-            if lagged is None and d.arrivals:
+            if lagged is None and (n or d.arrivals):  # a lossless one counts no arrivals
                 lagged = self._lag(d, n)
             if not d.idle:
                 if n and not d.is_async:
@@ -303,6 +303,22 @@ class Pump:
             self._moved = False
             self.notify()
         return deadline
+
+    def add(self, d: Delivery) -> None:
+        """A new subscriber's delivery joins the routes (on the loop thread)."""
+        self.routes.add(d)
+        self._retune()
+
+    def remove(self, d: Delivery) -> None:
+        """An unsubscribed delivery leaves the routes."""
+        self.routes.remove(d)
+        self._retune()
+
+    def _retune(self) -> None:
+        # a publish rings the pump when the smallest batch falls due: ringing at every
+        # batch_size publishes would tick for subscribers that wait for more
+        active = self.routes.active
+        self.intake.batch_size = min((d.batch_size for d in active), default=self.batch_size)
 
     def _poll(self, d: Delivery, now: float) -> float:
         stuck = d.stuck

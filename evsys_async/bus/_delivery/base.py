@@ -180,7 +180,7 @@ class Delivery(ABC):
         self.handled_upto = 0
         #: when the oldest pending event arrived (None: set at the next tick)
         self.first_pending: float | None = None
-        self.arrivals = 0  # since the last take: a bounded subscriber's lag
+        self.arrivals = 0  # since the last take: a bounded subscriber's lag (routes count)
         self.lag_mark = 0  # next pending/arrival count that reports lag
         self.drop_mark = 1  # next forced-drop count that reports lag
         self.max_pending = 0
@@ -196,7 +196,7 @@ class Delivery(ABC):
         self.failed_hooks: dict[str, int] = {}
         self.seconds = 0.0
         #: how its failures are told: the first of each kind, then summaries
-        self.book = FailureBook()
+        self.book = FailureBook(self)
         # failures in a row: the streak, and ``delivered`` when it began (a success
         # between two failures ends it; nothing is counted per success)
         self._streak = 0
@@ -312,7 +312,7 @@ class Delivery(ABC):
         tell it if it is the first of its kind (``failures.py``): a counter
         increment, for every failure after the first."""
         self.tally(event, exc, slot)
-        self.book.record(self, event, exc, slot, quiet)
+        self.book.record(event, exc, slot, quiet)
 
     def tally(self, event: Event | None, exc: BaseException | None, slot: str) -> None:
         """Count a failure: an event's in ``failed``, a hook's in ``hook_failures`` (and
@@ -354,7 +354,13 @@ class Delivery(ABC):
     def tell_failures(self) -> bool:
         """Tell the failures no summary told yet (at a drain, and when it ends); True
         if there were any (a ``CallbackFailed`` may have been published)."""
-        return self.book.flush(self)
+        return self.book.flush()
+
+    def tell_first(self, event: Any, exc: BaseException | None, slot: str, quiet: bool) -> None:
+        self.engine.failed(self, event, exc, slot, quiet=quiet)
+
+    def tell_again(self, kind: Kind, more: int, loud: int, since: float) -> None:
+        self.engine.failed_again(self, kind, more, loud, since)
 
 
 def _seq(entry: Entry) -> int:

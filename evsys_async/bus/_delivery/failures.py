@@ -32,14 +32,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ...events import CallbackFailed
 
-if TYPE_CHECKING:
-    from .base import Delivery
-
-__all__ = ["FIRST_SUMMARY", "LONGEST_SUMMARY", "FailureBook", "Kind", "in_a_row"]
+__all__ = ["FIRST_SUMMARY", "LONGEST_SUMMARY", "FailureBook", "Kind", "Subject", "in_a_row"]
 
 #: seconds from a kind's first failure to its first summary; each gap then doubles
 FIRST_SUMMARY = 1.0
@@ -90,10 +87,28 @@ class Kind:
         self.next_at = time.monotonic() + FIRST_SUMMARY
 
 
+class Subject(Protocol):
+    """The subscriber a book is kept for (``base.Delivery``): how it names a failure,
+    and how it tells one."""
+
+    def label(self, event: Any, slot: str) -> str:
+        """The hook a failure is in."""
+
+    def describe(self, exc: BaseException) -> str:
+        """A failure's one line."""
+
+    def tell_first(self, event: Any, exc: BaseException | None, slot: str, quiet: bool) -> None:
+        """Tell the first failure of its kind in full."""
+
+    def tell_again(self, kind: Kind, more: int, loud: int, since: float) -> None:
+        """Tell ``more`` failures of ``kind`` since ``since`` in one line."""
+
+
 class FailureBook:
     """One subscriber's failures by kind (see the module docstring). Any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, subject: Subject) -> None:
+        self.subject = subject
         #: (event class, lifecycle slot, exception type or name) -> its kind; several
         #: keys may share one kind (two event types that one hook handles)
         self._keys: dict[tuple[Any, str, Any], Kind] = {}
@@ -103,15 +118,14 @@ class FailureBook:
 
     def record(
         self,
-        d: Delivery,
         event: Any,
         exc: BaseException | None,
         slot: str,
         quiet: bool,
         kind: str = "",
     ) -> None:
-        """Count one failure of ``d`` (its stats count it too), and tell it if it is the
-        first of its kind or a summary is due. ``exc`` is ``None`` for a repeated
+        """Count one failure (the subscriber's stats count it too), and tell it if it is
+        the first of its kind or a summary is due. ``exc`` is ``None`` for a repeated
         failure in a subscriber's own process, whose type name is then ``kind``."""
         loud = not quiet and type(event) is not CallbackFailed
         key = (type(event), slot, kind or type(exc))
@@ -119,7 +133,7 @@ class FailureBook:
             entry = self._keys.get(key)
             first = False
             if entry is None:
-                entry, first = self._new(d, key, event, exc, slot, kind)
+                entry, first = self._new(key, event, exc, slot, kind)
             entry.count += 1
             if loud:
                 entry.loud += 1
@@ -128,27 +142,27 @@ class FailureBook:
             else:
                 due = time.monotonic() >= entry.next_at or (loud and not entry.announced)
         if first:  # told in full: the traceback, and CallbackFailed (count 1)
-            d.engine.failed(d, event, exc, slot, quiet=not loud)
+            self.subject.tell_first(event, exc, slot, not loud)
         elif due:
-            self.tell(d, entry)
+            self.tell(entry)
 
     def _new(
-        self, d: Delivery, key: tuple[Any, str, Any], event: Any, exc: Any, slot: str, kind: str
+        self, key: tuple[Any, str, Any], event: Any, exc: Any, slot: str, kind: str
     ) -> tuple[Kind, bool]:
         """The kind of a key seen for the first time (under the lock): a kind another key
         of the same hook already has, or a new one (``True``: told in full now)."""
-        hook = d.label(event, slot)
+        hook = self.subject.label(event, slot)
         name = kind or type(exc).__name__
         entry = self._kinds.get((hook, name))
         if entry is not None:
             self._keys[key] = entry
             return entry, False
-        error = d.describe(exc) if exc is not None else name
+        error = self.subject.describe(exc) if exc is not None else name
         event_type = type(event).__name__ if event is not None else ""
         entry = self._kinds[hook, name] = self._keys[key] = Kind(hook, name, event_type, error)
         return entry, True
 
-    def tell(self, d: Delivery, entry: Kind) -> None:
+    def tell(self, entry: Kind) -> None:
         """Tell what ``entry`` has not told yet (a summary), and when to tell next."""
         with self._lock:
             more, loud = entry.count - entry.told, entry.loud - entry.loud_told
@@ -159,12 +173,12 @@ class FailureBook:
             entry.gap = min(entry.gap * 2, LONGEST_SUMMARY)
             entry.next_at = time.monotonic() + entry.gap
         if more:
-            d.engine.failed_again(d, entry, more, loud, since)
+            self.subject.tell_again(entry, more, loud, since)
 
-    def flush(self, d: Delivery) -> bool:
+    def flush(self) -> bool:
         """Tell every kind's untold failures now; True if anything was told."""
         with self._lock:
             untold = [k for k in self._kinds.values() if k.count > k.told]
         for entry in untold:
-            self.tell(d, entry)
+            self.tell(entry)
         return bool(untold)

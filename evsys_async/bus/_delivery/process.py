@@ -281,7 +281,7 @@ class ProcessDelivery(ThreadDelivery):
             self._dead = True
             self.disabled = dead.reason
             self.tally(event, dead.error, slot)
-        self.book.record(self, event, dead.error, slot, False)
+        self.book.record(event, dead.error, slot, False)
         self.engine.wake_from_thread()  # barriers stop waiting for it
 
     def _message(self, message: wire.ToParent) -> None:
@@ -321,7 +321,7 @@ class ProcessDelivery(ThreadDelivery):
             self.tally(event, exc, message.slot)
             if event is not None:
                 self._batch_failures += 1
-        self.book.record(self, event, exc, message.slot, message.quiet, message.kind)
+        self.book.record(event, exc, message.slot, message.quiet, message.kind)
 
     def _disabled(self, message: wire.Disabled) -> None:
         """The child switched the handler off at ``max_consecutive_failures``."""

@@ -162,7 +162,7 @@ class ThreadDelivery(Delivery):
             event, slot = self._call_event, self._call_slot
             error = TimeoutError(f"def handler still running after {timeout}s; abandoned")
             self.tally(event, error, slot)
-        self.book.record(self, event, error, slot, False)
+        self.book.record(event, error, slot, False)
         return math.inf
 
     def cancel(self) -> None:
@@ -255,19 +255,40 @@ class ThreadDelivery(Delivery):
 
     def _handle_untimed(self, batch: list[Entry]) -> None:
         # nothing abandons a call without a timeout: no clock, no lock per call
+        if self.envelopes:
+            self._handle_envelopes(batch)
+            return
         handler = self.handler
-        envelopes = self.envelopes
-        bus_id = self.engine.bus_id
         for seq, event in batch:
             try:
-                handler(Envelope(bus_id, seq, event) if envelopes else event)
+                handler(event)
             except BaseException as exc:  # in its own thread, anything is its failure
-                self.count_failure(event, exc, "")
-                if self.disabled is not None:  # too many failures in a row
-                    self.drop_after(batch, seq)
+                if self._failed_in_batch(batch, seq, event, exc):
                     break
             else:
                 self.delivered += 1
+
+    def _handle_envelopes(self, batch: list[Entry]) -> None:
+        handler, bus_id = self.handler, self.engine.bus_id
+        for seq, event in batch:
+            try:
+                handler(Envelope(bus_id, seq, event))
+            except BaseException as exc:  # in its own thread, anything is its failure
+                if self._failed_in_batch(batch, seq, event, exc):
+                    break
+            else:
+                self.delivered += 1
+
+    def _failed_in_batch(
+        self, batch: list[Entry], seq: int, event: Event, exc: BaseException
+    ) -> bool:
+        """Count event ``seq``'s failure; True if that disabled the subscriber (too many
+        failures in a row: the rest of the batch is dropped)."""
+        self.count_failure(event, exc, "")
+        if self.disabled is None:
+            return False
+        self.drop_after(batch, seq)
+        return True
 
     def _handle_timed(self, batch: list[Entry]) -> None:
         handler = self.handler
@@ -292,11 +313,8 @@ class ThreadDelivery(Delivery):
                 continue  # counted as failed when it was abandoned at its timeout
             if error is None:
                 self.delivered += 1
-            else:
-                self.count_failure(event, error, "")
-                if self.disabled is not None:  # too many failures in a row
-                    self.drop_after(batch, seq)
-                    break
+            elif self._failed_in_batch(batch, seq, event, error):
+                break
         self._call_event = None
 
     def _call_ended(self, call: int, timed: bool) -> bool:
@@ -333,7 +351,7 @@ class ThreadDelivery(Delivery):
         else:
             with self._lock:  # the loop counts an abandoned call under it too
                 self.tally(event, exc, slot)
-        self.book.record(self, event, exc, slot, quiet)
+        self.book.record(event, exc, slot, quiet)
 
     def drop_rest(self, batch: list[Entry], start: int) -> None:
         with self._lock:  # abandon (the loop) counts drops under it too
