@@ -152,6 +152,7 @@ class Pump:
         slot: str,
         *,
         quiet: bool = False,
+        error: str | None = None,
     ) -> None:
         """Tell the first failure of its kind (``_delivery/failures.py``): one WARNING
         line, the traceback as ``exc_info``, then ``CallbackFailed`` (``count`` 1);
@@ -159,7 +160,8 @@ class Pump:
         broken sink must not start a storm)."""
         hook = delivery.label(event, slot)
         event_type = type(event).__name__ if event is not None else ""
-        error = delivery.describe(exc) if exc is not None else "(in its process)"
+        if error is None:
+            error = delivery.describe(exc) if exc is not None else "(in its process)"
         _log.warning(
             "callback failed",
             callback=delivery.name,

@@ -112,9 +112,11 @@ class Engine(Protocol):
         slot: str,
         *,
         quiet: bool = False,
+        error: str | None = None,
     ) -> None:
         """Tell the first failure of its kind (``failures.py``): log it with its
-        traceback and publish ``CallbackFailed`` (not when ``quiet``)."""
+        traceback and publish ``CallbackFailed`` (not when ``quiet``); ``error`` is
+        its line, when already made."""
 
     def failed_again(
         self, delivery: Delivery, kind: Kind, more: int, loud: int, since: float
@@ -356,8 +358,10 @@ class Delivery(ABC):
         if there were any (a ``CallbackFailed`` may have been published)."""
         return self.book.flush()
 
-    def tell_first(self, event: Any, exc: BaseException | None, slot: str, quiet: bool) -> None:
-        self.engine.failed(self, event, exc, slot, quiet=quiet)
+    def tell_first(
+        self, event: Any, exc: BaseException | None, slot: str, quiet: bool, kind: Kind
+    ) -> None:
+        self.engine.failed(self, event, exc, slot, quiet=quiet, error=kind.error)
 
     def tell_again(self, kind: Kind, more: int, loud: int, since: float) -> None:
         self.engine.failed_again(self, kind, more, loud, since)

@@ -97,8 +97,10 @@ class Subject(Protocol):
     def describe(self, exc: BaseException) -> str:
         """A failure's one line."""
 
-    def tell_first(self, event: Any, exc: BaseException | None, slot: str, quiet: bool) -> None:
-        """Tell the first failure of its kind in full."""
+    def tell_first(
+        self, event: Any, exc: BaseException | None, slot: str, quiet: bool, kind: Kind
+    ) -> None:
+        """Tell the first failure of its kind in full (``kind.error`` is its line)."""
 
     def tell_again(self, kind: Kind, more: int, loud: int, since: float) -> None:
         """Tell ``more`` failures of ``kind`` since ``since`` in one line."""
@@ -142,7 +144,7 @@ class FailureBook:
             else:
                 due = time.monotonic() >= entry.next_at or (loud and not entry.announced)
         if first:  # told in full: the traceback, and CallbackFailed (count 1)
-            self.subject.tell_first(event, exc, slot, not loud)
+            self.subject.tell_first(event, exc, slot, not loud, entry)
         elif due:
             self.tell(entry)
 

@@ -293,6 +293,12 @@ class ChildProcess:
                 self._read_until_exit()
         proc.join(EXIT_GRACE)
         if proc.is_alive():
+            if alive:  # it exits at once after End (child._exit_now): something is wrong
+                _log.warning(
+                    "callback process did not exit after its end; killed",
+                    callback=self.name,
+                    grace_seconds=EXIT_GRACE,
+                )
             proc.kill()
             proc.join()
         _LIVE.discard(proc)
