@@ -9,12 +9,13 @@ How an event travels (``docs/design.md`` has the whole story):
 2. The pump (``_pump.py``), one task per bus, walks new events through the
    type -> subscribers routes (``_routing.py``) into each matching
    subscriber's buffer, built by its policy (``policies.py``).
-3. A subscriber is woken when its backlog reaches ``batch_size`` or its
-   oldest pending event is ``batch_delay`` old, and at once while a barrier,
-   ``drain`` or close waits. Each wake hands it everything pending, as one
-   batch, to its delivery (``_delivery/``): an ``async def`` handler runs in
-   its own task, a ``def`` handler in its own daemon thread, one call at a time,
-   and with ``isolation="process"`` either runs in a child process of its own.
+3. A subscriber is woken when its backlog reaches its batch (four times
+   ``batch_size``) or its oldest pending event is ``batch_delay`` old, and at
+   once while a barrier, ``drain`` or close waits. Each wake hands it
+   everything pending, as one batch, to its delivery (``_delivery/``): an
+   ``async def`` handler runs in its own task, a ``def`` handler in its own
+   daemon thread, one call at a time, and with ``isolation="process"`` either
+   runs in a child process of its own.
 
 Guarantees: each subscriber sees its events in publish order; a handler that
 raises, hangs or is slow stalls neither the publisher nor its siblings; a
@@ -54,9 +55,11 @@ class EventBus:
 
     Use it as an async context manager; it owns its subscriber tasks and
     threads. ``batch_size`` and ``batch_delay`` set when an idle subscriber is
-    woken (see the module docstring); ``lag_threshold`` when
-    ``SubscriberLagged`` is published; ``close_timeout`` bounds the drain when
-    the block is left.
+    woken (see the module docstring): when its backlog reaches four times
+    ``batch_size`` (a wake costs a task switch or a thread hand-over, more
+    than a few handler calls), or its oldest pending event is ``batch_delay``
+    old; ``lag_threshold`` when ``SubscriberLagged`` is published;
+    ``close_timeout`` bounds the drain when the block is left.
     """
 
     def __init__(
