@@ -318,7 +318,8 @@ async def test_max_consecutive_failures_disables_after_that_many_in_a_row(
 
 
 async def test_max_consecutive_failures_must_be_at_least_one() -> None:
-    async with ev.EventBus(close_timeout=5) as bus:
-        for bad in (0, -1, 1.5, True):
-            with pytest.raises(ValueError, match="max_consecutive_failures"):
-                bus.subscribe(Rec(), max_consecutive_failures=bad)  # type: ignore[arg-type]
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=5) as bus:
+            for bad in (0, -1, 1.5, True):
+                with pytest.raises(ValueError, match="max_consecutive_failures"):
+                    bus.subscribe(Rec(), max_consecutive_failures=bad)  # type: ignore[arg-type]
