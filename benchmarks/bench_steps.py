@@ -23,11 +23,12 @@ overhead the median of per-round differences with that round's baseline):
   Its log goes to a handler that drops it (the records are made, not shown).
 * ``1 ms failing def`` / ``1 ms failing async`` — the same on the 1 ms step,
   against the bare loop. Target: >= 0.98 of bare steps/s.
-* with ``--against PATH``: ``async step``, ``16 async noop`` and ``16 def noop``
-  also run, in each round, in a child process with ``PATH`` (a checkout of
-  another commit, e.g. the code before the isolation work) first on
-  ``PYTHONPATH``; its rows are marked ``(PATH)``. Target: ``16 async noop``
-  no more over its bare loop than the other code's.
+* with ``--against PATH[,PATH...]``: ``async step``, ``16 async noop``, ``16 def
+  noop`` and the four one-callback rows also run, in each round, in a child
+  process with ``PATH`` (a checkout of another commit, e.g. the code before
+  the isolation work) first on ``PYTHONPATH``; its rows are marked
+  ``(PATH)``. Target: ``16 async noop`` no more over its bare loop than the
+  code before the isolation work.
 * ``drain`` — ``drain_seconds`` of 1,000 instant steps with 16 no-op ``def``
   callbacks, over ``--drains`` runs: median and worst (target: worst <= 5x
   the median).
@@ -176,7 +177,15 @@ def plan(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Callable[[], An
 
 
 #: what ``--against`` runs in the other code, each round
-AGAINST = ("async step", "16 async noop", "16 def noop")
+AGAINST = (
+    "async step",
+    "16 async noop",
+    "16 def noop",
+    "1 def noop",
+    "1 def failing",
+    "1 async noop",
+    "1 async failing",
+)
 
 
 async def worker(steps: int) -> dict[str, float]:
@@ -186,21 +195,21 @@ async def worker(steps: int) -> dict[str, float]:
         return {key: us_per_step(await todo[key]()) for key in AGAINST}
 
 
-def against(args: argparse.Namespace) -> dict[str, float]:
-    """One round of the ``AGAINST`` scenarios in the code at ``--against``."""
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.against)}
+def against(args: argparse.Namespace, path: str) -> dict[str, float]:
+    """One round of the ``AGAINST`` scenarios in the code at ``path``."""
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(path)}
     cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps)]
     cmd += ["--backend", args.backend]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return {f"{k} ({args.against})": v for k, v in json.loads(out.stdout).items()}
+    return {f"{k} ({path})": v for k, v in json.loads(out.stdout).items()}
 
 
 async def rounds(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for rnd in range(args.repeats):
         todo = plan(args, tmp)
-        if args.against:
-            todo.append(("--against", lambda: anyio.to_thread.run_sync(against, args)))
+        for path in args.against.split(",") if args.against else ():
+            todo.append((path, lambda p=path: anyio.to_thread.run_sync(against, args, p)))
         shift = rnd % len(todo)
         for key, thunk in todo[shift:] + todo[:shift]:
             res = await thunk()
@@ -236,11 +245,13 @@ PAIRS: list[tuple[str, str, str, Callable[[float, float], bool] | None]] = [
 
 def table(res: dict[str, list[float]], against: str | None) -> list[list[str]]:
     pairs = list(PAIRS)
-    if against:
-        base = f"async step ({against})"
+    for path in against.split(",") if against else ():
+        base = f"async step ({path})"
         pairs += [
-            (f"16 async noop ({against})", base, "the other code's, for 16 async noop", None),
-            (f"16 def noop ({against})", base, "", None),
+            (f"16 async noop ({path})", base, "", None),
+            (f"16 def noop ({path})", base, "", None),
+            (f"1 def failing ({path})", f"1 def noop ({path})", "", None),
+            (f"1 async failing ({path})", f"1 async noop ({path})", "", None),
         ]
     rows = []
     for key, base, target, met in pairs:
@@ -269,7 +280,9 @@ def main() -> None:
     ap.add_argument("--slow-steps", type=int, default=300, help="1 ms steps per run")
     ap.add_argument("--drains", type=int, default=60, help="runs for the drain figure")
     ap.add_argument("--backend", default="asyncio", choices=("asyncio", "trio"))
-    ap.add_argument("--against", metavar="PATH", help="also run 16 no-op rows in this checkout")
+    ap.add_argument(
+        "--against", metavar="PATH[,PATH]", help="also run some rows in these checkouts"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, few steps")
     args = ap.parse_args()

@@ -304,8 +304,12 @@ class Delivery(ABC):
         return slot if event is None else type(event).__name__
 
     def describe(self, exc: BaseException) -> str:
-        """A failure's one line (``"ValueError: nan"``, ``"timeout after 5.0s"``)."""
-        return describe(exc, timeout=self.timeout)
+        """A failure's one line (``"ValueError: nan"``, ``"timeout after 5.0s"``); never
+        raises (an exception whose ``__str__`` fails is named by its type)."""
+        try:
+            return describe(exc, timeout=self.timeout)
+        except Exception:
+            return f"{type(exc).__name__}: (its message could not be made)"
 
     def count_failure(
         self, event: Event | None, exc: BaseException, slot: str = "", *, quiet: bool = False

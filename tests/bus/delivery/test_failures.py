@@ -323,3 +323,26 @@ async def test_max_consecutive_failures_must_be_at_least_one() -> None:
             for bad in (0, -1, 1.5, True):
                 with pytest.raises(ValueError, match="max_consecutive_failures"):
                     bus.subscribe(Rec(), max_consecutive_failures=bad)  # type: ignore[arg-type]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_exception_whose_text_fails_is_still_one_failure(kind: str) -> None:
+    def body(event: Any) -> None:
+        raise Unprintable
+
+    async with ev.EventBus(close_timeout=5) as bus:
+        watcher = Rec()
+        bus.subscribe(watcher, events=(CallbackFailed,))
+        sub = bus.subscribe(handler_of(kind, body), events=(StepEnded,))
+        for i in range(5):
+            bus.publish(step(i))
+        with anyio.fail_after(WAIT):
+            assert (await bus.drain()).ok
+        st = sub.stats()
+    assert (st.delivered, st.failed, st.pending) == (0, 5, 0)  # its thread or task lives on
+    assert watcher.items[0].error == "Unprintable: (its message could not be made)"
