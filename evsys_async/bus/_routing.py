@@ -73,25 +73,29 @@ class Routes:
         routes = self._routes
         route: _Route | None = None
         run: list[tuple[int, Event]] = []
+        append = run.append
+        last: tuple[type, str] | None = None  # the class and run key of the run's events
         for event in events:
-            cls = event.__class__
-            by_key = routes.get(cls)
-            found = None if by_key is None else by_key.get(event.run_key)
-            if found is None:
-                if cls in ABOUT_A_SUBSCRIBER:
-                    if run:
-                        _deliver(route, run)  # type: ignore[arg-type]
-                        run = []
-                    self._about(event, seq)
-                    seq += 1
-                    continue
-                found = self._route(cls, event.run_key)
-            if found is not route:
-                if run:
+            cls, key = event.__class__, event.run_key
+            if last is None or cls is not last[0] or key != last[1]:
+                by_key = routes.get(cls)
+                found = None if by_key is None else by_key.get(key)
+                if found is None:
+                    if cls in ABOUT_A_SUBSCRIBER:
+                        if run:
+                            _deliver(route, run)  # type: ignore[arg-type]
+                            run, last = [], None
+                            append = run.append
+                        self._about(event, seq)
+                        seq += 1
+                        continue
+                    found = self._route(cls, key)
+                if found is not route and run:
                     _deliver(route, run)  # type: ignore[arg-type]
                     run = []
-                route = found
-            run.append((seq, event))
+                    append = run.append
+                route, last = found, (cls, key)
+            append((seq, event))
             seq += 1
         if run:
             _deliver(route, run)  # type: ignore[arg-type]
