@@ -36,8 +36,9 @@ class SubscriberStats(msgspec.Struct, frozen=True):
 
     Every matching event is counted once: ``delivered`` (its handler
     returned) + ``failed`` (it raised or timed out) + ``dropped`` (by the
-    policy, or never reachable because a ``def`` handler is stuck past its
-    timeout) + ``pending`` (in the buffer, or taken and not yet handled).
+    policy, or never reachable: a ``def`` handler stuck past its timeout, a
+    dead process, a disabled subscriber) + ``pending`` (in the buffer, or
+    taken and not yet handled).
     ``coalesced`` is the part of ``dropped`` that ``Latest`` replaced by design;
     ``hook_failures`` counts failed ``on_start``/``on_batch_end``/``on_close``
     calls, which are not events, and ``failed_hooks`` the same by hook, under

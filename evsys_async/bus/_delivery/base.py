@@ -9,12 +9,12 @@ handler in batches in its own task or thread, and keeps the counts:
     matched = delivered + failed + dropped + pending
 
 ``delivered``: the handler returned; ``failed``: it raised or timed out;
-``dropped``: let go by the policy, or never reachable because a ``def``
-handler is stuck past its timeout; ``pending``: in the buffer, or taken into
-a batch and not yet handled. Each counter is written in one place, where the
-event's fate is decided (the thread's counters are the thread's; the one
-count the loop makes for a thread — a call abandoned at its timeout — is
-made under the delivery's lock).
+``dropped``: let go by the policy, or never reachable (a ``def`` handler
+stuck past its timeout, a dead child, a disabled subscriber); ``pending``:
+in the buffer, or taken into a batch and not yet handled. Each counter is
+written in one place, where the event's fate is decided (the thread's
+counters are the thread's; the one count the loop makes for a thread — a
+call abandoned at its timeout — is made under the delivery's lock).
 
 The pump (``bus/_pump.py``) fills the buffer, decides when a delivery is due and
 calls :meth:`Delivery.wake`; it reaches the delivery only through the public
