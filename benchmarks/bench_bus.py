@@ -17,6 +17,13 @@ scenarios run in a rotated order), with the min/max spread beside it.
   the baseline.
 * ``burst e2e`` — publish N events, then ``await bus.drain()``: the whole
   time (publish, pump, wakes, every handler call) per event per subscriber.
+* ``ring floor`` — what the burst costs without a bus: publishing writes each
+  event into one preallocated ring (a list and a head index) and each
+  subscriber then walks the ring calling its handler once per event
+  (awaiting an ``async def`` one), in the publisher's thread, with no
+  wake-ups, buffers, threads or counts; ``x ring`` is burst e2e over it, per
+  event per subscriber, for the same handler kind and count. Target: <= 2.5x
+  for 16 subscribers.
 * ``lockstep`` — ``await bus.publish_and_wait(event)`` one event at a time
   (a barrier wakes the subscribers at once): latency per event.
 * ``batching delay`` — publish one event on an idle loop and sleep: how long
@@ -184,6 +191,30 @@ async def burst(kind: str, n_subs: int, n_events: int) -> dict[str, float]:
     return out
 
 
+async def ring_floor(kind: str, n_subs: int, n_events: int) -> float:
+    """µs per event per subscriber of the ring floor (see the module docstring)."""
+    events = _events(n_events)
+    handlers = [AsyncNoop() if kind == "async" else SyncNoop() for _ in range(n_subs)]
+    ring: list[Any] = [None] * n_events
+    gc.collect()
+    t0 = time.perf_counter()
+    head = 0
+    for e in events:  # publish: one write into the ring per event
+        ring[head] = e
+        head += 1
+    for h in handlers:  # each subscriber: its handler once per event, in order
+        fn = h.on_event
+        if kind == "async":
+            for i in range(head):
+                await fn(ring[i])
+        else:
+            for i in range(head):
+                fn(ring[i])
+    dt = time.perf_counter() - t0
+    check_count(f"ring {kind} x{n_subs}", sum(h.n for h in handlers), n_events * n_subs)
+    return dt / (n_events * n_subs) * 1e6
+
+
 async def lockstep(kind: str, n_subs: int, n_events: int) -> float:
     """µs per ``await publish_and_wait(event)``."""
     events = _events(n_events)
@@ -223,6 +254,7 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any]]]:
         for n in SUB_COUNTS:
             n_ev = args.events if n <= 16 else max(args.events // 4, 100)
             out.append((f"burst/{kind}/{n}", lambda k=kind, n=n, e=n_ev: burst(k, n, e)))
+            out.append((f"ring/{kind}/{n}", lambda k=kind, n=n, e=n_ev: ring_floor(k, n, e)))
         for n in LOCKSTEP_SUBS:
             n_ev = args.lockstep if kind == "async" else max(args.lockstep // 4, 50)
             out.append((f"lockstep/{kind}/{n}", lambda k=kind, n=n, e=n_ev: lockstep(k, n, e)))
@@ -240,6 +272,71 @@ async def one_round(
         if i % 3 == 0:  # the baseline, interleaved with the bus scenarios
             results.setdefault("sync16", []).append(sync_dispatch(args.events))
         results.setdefault(f"{backend}/{key}", []).append(await make())
+
+
+def table(
+    results: dict[str, list[Any]], backends: list[str], base: float
+) -> tuple[list[list[str]], list[str]]:
+    """The main table's rows and the target verdicts."""
+    rows: list[list[str]] = []
+    verdicts: list[str] = []
+    for backend in backends:
+        for kind in KINDS:
+            one = None
+            for n in SUB_COUNTS:
+                runs = results[f"{backend}/burst/{kind}/{n}"]
+                bp = [r["build_publish"] for r in runs]
+                if one is None:
+                    one = med(bp)
+                bu = [r["burst"] for r in runs]
+                ring = results[f"{backend}/ring/{kind}/{n}"]
+                ls_key = f"{backend}/lockstep/{kind}/{n}"
+                rows.append(
+                    [
+                        backend,
+                        kind,
+                        str(n),
+                        fmt(med([r["publish"] for r in runs]), 3),
+                        fmt(med(bp), 3),
+                        fmt(med(bp) / base, 3),
+                        fmt(med(bp) / one, 2),
+                        fmt(med(bu), 3),
+                        fmt(med(ring), 3),
+                        fmt(med([b / r for b, r in zip(bu, ring, strict=True)]), 2),
+                        fmt(med([r["burst_event"] for r in runs])),
+                        fmt(med(results[ls_key]) if ls_key in results else math.nan),
+                        f"{spread(bp)} / {spread(bu)}",
+                    ]
+                )
+            verdicts += _verdicts(results, backend, kind, base)
+    return rows, verdicts
+
+
+def _verdicts(results: dict[str, list[Any]], backend: str, kind: str, base: float) -> list[str]:
+    pubs = [
+        med([r["build_publish"] for r in results[f"{backend}/burst/{kind}/{n}"]])
+        for n in SUB_COUNTS
+    ]
+    flat = max(pubs) / min(pubs)
+    b16 = med([r["build_publish"] for r in results[f"{backend}/burst/{kind}/16"]])
+    out = [
+        f"{backend}/{kind}: build+publish with 16 subs = {b16 / base:.3f}x sync16 "
+        f"(target <= 0.5: {'PASS' if b16 / base <= 0.5 else 'FAIL'}); "
+        f"1->64 subs max/min = {flat:.2f} (target <= 1.2: {'PASS' if flat <= 1.2 else 'FAIL'})"
+    ]
+    e16 = [r["burst"] for r in results[f"{backend}/burst/{kind}/16"]]
+    r16 = results[f"{backend}/ring/{kind}/16"]
+    x16 = med([b / r for b, r in zip(e16, r16, strict=True)])
+    out.append(
+        f"{backend}/{kind}: burst e2e with 16 subs = {x16:.2f}x the ring floor "
+        f"(target <= 2.5: {'PASS' if x16 <= 2.5 else 'FAIL'})"
+    )
+    if kind == "async":
+        out.append(
+            f"{backend}/async: burst e2e with 16 subs = {med(e16):.3f} µs/event/sub "
+            f"(target < 1: {'PASS' if med(e16) < 1 else 'FAIL'})"
+        )
+    return out
 
 
 def main() -> None:
@@ -273,7 +370,6 @@ def main() -> None:
         f"\nbaseline: plain sync loop calling 16 no-op callbacks = {fmt(base)} µs/event "
         f"({fmt(base / 16 * 1000, 0)} ns/callback), spread {spread(sync16)}, n={len(sync16)}"
     )
-
     headers = [
         "backend",
         "handler",
@@ -283,57 +379,13 @@ def main() -> None:
         "x sync16",
         "vs 1 sub",
         "burst e2e µs/ev/sub",
+        "ring floor µs/ev/sub",
+        "x ring",
         "burst µs/ev",
         "lockstep µs/ev",
         "spread (b+p / burst)",
     ]
-    rows: list[list[str]] = []
-    verdicts: list[str] = []
-    for backend in backends:
-        for kind in KINDS:
-            one = None
-            for n in SUB_COUNTS:
-                runs = results[f"{backend}/burst/{kind}/{n}"]
-                pub = med([r["publish"] for r in runs])
-                bp = [r["build_publish"] for r in runs]
-                bp_m = med(bp)
-                if one is None:
-                    one = bp_m
-                bu = [r["burst"] for r in runs]
-                ls_key = f"{backend}/lockstep/{kind}/{n}"
-                ls = med(results[ls_key]) if ls_key in results else math.nan
-                rows.append(
-                    [
-                        backend,
-                        kind,
-                        str(n),
-                        fmt(pub, 3),
-                        fmt(bp_m, 3),
-                        fmt(bp_m / base, 3),
-                        fmt(bp_m / one, 2),
-                        fmt(med(bu), 3),
-                        fmt(med([r["burst_event"] for r in runs])),
-                        fmt(ls),
-                        f"{spread(bp)} / {spread(bu)}",
-                    ]
-                )
-            pubs = [
-                med([r["build_publish"] for r in results[f"{backend}/burst/{kind}/{n}"]])
-                for n in SUB_COUNTS
-            ]
-            flat = max(pubs) / min(pubs)
-            b16 = med([r["build_publish"] for r in results[f"{backend}/burst/{kind}/16"]])
-            verdicts.append(
-                f"{backend}/{kind}: build+publish with 16 subs = {b16 / base:.3f}x sync16 "
-                f"(target <= 0.5: {'PASS' if b16 / base <= 0.5 else 'FAIL'}); "
-                f"1->64 subs max/min = {flat:.2f} (target <= 1.2: {'PASS' if flat <= 1.2 else 'FAIL'})"
-            )
-            if kind == "async":
-                e16 = med([r["burst"] for r in results[f"{backend}/burst/async/16"]])
-                verdicts.append(
-                    f"{backend}/async: burst e2e with 16 subs = {e16:.3f} µs/event/sub "
-                    f"(target < 1: {'PASS' if e16 < 1 else 'FAIL'})"
-                )
+    rows, verdicts = table(results, backends, base)
     print_table(headers, rows, title="publish, burst and lockstep (medians)")
 
     delay_rows = []

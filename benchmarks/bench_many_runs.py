@@ -10,7 +10,11 @@ together with run 0 also given a callback that blocks 20 ms per event (in its
 own thread). Each run's steps/s is compared with the same run alone measured
 in the same round, median of the rounds; the last column separates what the
 slow run costs the others from what sharing one event loop costs.
-Target: every run keeps >= 0.95 of its solo steps/s. Every callback counts its
+Target: every run keeps >= 0.95 of its solo steps/s. Then all four together
+again, each also given a callback that raises on every event (a logger whose
+server is down): each run's steps/s against its solo one, its
+``drain_seconds`` and whether anything was reported stuck. Target: every run
+drains well inside its deadline with nothing stuck. Every callback counts its
 calls and the script checks the counts before it prints.
 """
 
@@ -42,6 +46,12 @@ class Noop(ev.Callback):
         self.n += 1
 
 
+class Failing(Noop):
+    def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
+        self.n += 1
+        raise ConnectionError("logging server down")
+
+
 class Slow(Noop):
     def on_step_end(self, state: Any, step_idx: int, batch: Any, metrics: Any) -> None:
         time.sleep(SLOW_S)
@@ -54,31 +64,47 @@ async def step(state: Any, step_idx: int) -> dict[str, float]:
 
 
 async def one(
-    bus: ev.EventBus, key: str, slow: bool, n: int, tmp: Path, out: dict[str, float]
+    bus: ev.EventBus, key: str, extra: type[Noop] | None, n: int, tmp: Path, out: dict[str, Any]
 ) -> None:
-    cbs: list[Noop] = [Noop(), *([Slow()] if slow else [])]
+    cbs: list[Noop] = [Noop(), *([extra()] if extra is not None else [])]
     loop = ev.TrainingLoop(
         step, num_steps=n, output_dir=tmp, run_key=key, overwrite=True, bus=bus, callbacks=cbs
     )
     art = await loop.run()
     for cb in cbs:
         check_count(f"{key} {type(cb).__name__}", cb.n, n)
+    report = art.callback_report
+    if extra is Failing:
+        # on one bus names are unique: Failing, Failing#2, ...
+        [failing] = [h for name, h in report.items() if name.startswith("Failing")]
+        check_count(f"{key} failed", failing.failed, n)
     out[key] = n / art.train_seconds
+    out[f"{key} drain"] = art.drain_seconds
+    out[f"{key} stuck"] = sum(1 for h in report.values() if h.stuck or h.pending)
+
+
+def extra_of(label: str, r: int) -> type[Noop] | None:
+    if label == "slow":
+        return Slow if r == 0 else None
+    return Failing if label == "failing" else None
 
 
 async def round_(n: int, tmp: Path, results: dict[str, list[float]]) -> None:
     async with ev.EventBus() as bus:
         for r in range(RUNS):  # each run alone first
             solo: dict[str, float] = {}
-            await one(bus, f"solo{r}", False, n, tmp, solo)
+            await one(bus, f"solo{r}", None, n, tmp, solo)
             results.setdefault(f"run{r} solo", []).append(solo[f"solo{r}"])
-        for label, slow_one in (("plain", False), ("slow", True)):
-            together: dict[str, float] = {}
+        for label in ("plain", "slow", "failing"):
+            together: dict[str, Any] = {}
             async with anyio.create_task_group() as tg:
                 for r in range(RUNS):
-                    tg.start_soon(one, bus, f"run{r}", slow_one and r == 0, n, tmp, together)
+                    tg.start_soon(one, bus, f"run{r}", extra_of(label, r), n, tmp, together)
             for r in range(RUNS):
                 results.setdefault(f"run{r} {label}", []).append(together[f"run{r}"])
+                for what in ("drain", "stuck"):
+                    key = f"run{r} {label} {what}"
+                    results.setdefault(key, []).append(together[f"run{r} {what}"])
 
 
 async def main_async(args: argparse.Namespace, tmp: Path) -> dict[str, list[float]]:
@@ -140,6 +166,39 @@ def main() -> None:
         f"target: every run >= 0.95 of its solo steps/s with the slow run: worst {worst:.3f} ({verdict})"
     )
     print(f"what the slow run costs the others (together, with vs without it): at most {cost:.1%}")
+    failing_table(res)
+
+
+def failing_table(res: dict[str, list[float]]) -> None:
+    rows, stuck, drain = [], 0.0, 0.0
+    for r in range(RUNS):
+        solo, plain, failing = (res[f"run{r} {k}"] for k in ("solo", "plain", "failing"))
+        drains = res[f"run{r} failing drain"]
+        stuck += sum(res[f"run{r} failing stuck"])
+        drain = max(drain, max(drains))
+        rows.append(
+            [
+                f"run{r}",
+                f"{med(failing):.0f} ({med([t / s for t, s in zip(failing, solo, strict=True)]):.3f})",
+                f"{med([t / p for t, p in zip(failing, plain, strict=True)]):.3f}",
+                f"{med(drains) * 1e3:.1f} / {max(drains) * 1e3:.1f}",
+            ]
+        )
+    print_table(
+        [
+            "run",
+            "4 together, each + a callback failing on every event (x solo)",
+            "x 4 together without it",
+            "drain ms, median / worst",
+        ],
+        rows,
+        title="four runs, each with a callback that raises on every event",
+    )
+    verdict = "PASS" if stuck == 0 else "FAIL"
+    print(
+        f"target: every run drains with nothing stuck or pending: worst drain {drain * 1e3:.1f} ms,"
+        f" {stuck:.0f} callbacks reported stuck or pending ({verdict})"
+    )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ Entry: TypeAlias = tuple[int, Event]
 class Buffer(Protocol):
     """A subscriber's pending entries, as its policy keeps them (one per subscriber).
 
-    ``put`` runs on the event loop for every matching event, so it is cheap;
-    ``take`` hands over everything pending, in publish order, and empties it.
+    ``put`` runs on the event loop for every matching event, so it is cheap
+    (``put_many`` puts several, in order, as one call); ``take`` hands over
+    everything pending, in publish order, and empties it.
     ``dropped`` counts what the policy let go, ``forced`` the part of it a bound
     forced (the rest ``Latest`` coalesced by design).
     """
 
     def put(self, entry: Entry, /) -> None: ...
+    def put_many(self, entries: list[Entry], /) -> None: ...
     @property
     def dropped(self) -> int: ...
     @property
@@ -96,11 +98,12 @@ Policy: TypeAlias = Lossless | Latest | DropOldest
 class _ListBuffer:
     """Pending entries of a ``Lossless`` subscriber: the shared entries in a list."""
 
-    __slots__ = ("_items", "dropped", "forced", "put")
+    __slots__ = ("_items", "dropped", "forced", "put", "put_many")
 
     def __init__(self) -> None:
         self._items: list[Entry] = []
         self.put = self._items.append  # the C method itself: no Python frame per event
+        self.put_many = self._items.extend
         self.dropped = self.forced = 0  # never drops
 
     def __len__(self) -> int:
@@ -134,6 +137,10 @@ class _WindowBuffer:
         if len(items) == items.maxlen:
             self.dropped += 1
         items.append(entry)
+
+    def put_many(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.put(entry)
 
     def take(self) -> list[Entry]:
         out = list(self._items)
@@ -180,6 +187,10 @@ class _LatestBuffer:
             self._kept -= 1
             self.dropped += 1
             self.forced += 1
+
+    def put_many(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.put(entry)
 
     def take(self) -> list[Entry]:
         out = list(self._items.values())

@@ -9,12 +9,13 @@ How an event travels (``docs/design.md`` has the whole story):
 2. The pump (``_pump.py``), one task per bus, walks new events through the
    type -> subscribers routes (``_routing.py``) into each matching
    subscriber's buffer, built by its policy (``policies.py``).
-3. A subscriber is woken when its backlog reaches ``batch_size`` or its
-   oldest pending event is ``batch_delay`` old, and at once while a barrier,
-   ``drain`` or close waits. Each wake hands it everything pending, as one
-   batch, to its delivery (``_delivery/``): an ``async def`` handler runs in
-   its own task, a ``def`` handler in its own daemon thread, one call at a time,
-   and with ``isolation="process"`` either runs in a child process of its own.
+3. A subscriber is woken when its backlog reaches its batch (four times
+   ``batch_size``) or its oldest pending event is ``batch_delay`` old, and at
+   once while a barrier, ``drain`` or close waits. Each wake hands it
+   everything pending, as one batch, to its delivery (``_delivery/``): an
+   ``async def`` handler runs in its own task, a ``def`` handler in its own
+   daemon thread, one call at a time, and with ``isolation="process"`` either
+   runs in a child process of its own.
 
 Guarantees: each subscriber sees its events in publish order; a handler that
 raises, hangs or is slow stalls neither the publisher nor its siblings; a
@@ -54,9 +55,11 @@ class EventBus:
 
     Use it as an async context manager; it owns its subscriber tasks and
     threads. ``batch_size`` and ``batch_delay`` set when an idle subscriber is
-    woken (see the module docstring); ``lag_threshold`` when
-    ``SubscriberLagged`` is published; ``close_timeout`` bounds the drain when
-    the block is left.
+    woken (see the module docstring): when its backlog reaches four times
+    ``batch_size`` (a wake costs a task switch or a thread hand-over, more
+    than a few handler calls), or its oldest pending event is ``batch_delay``
+    old; ``lag_threshold`` when ``SubscriberLagged`` is published;
+    ``close_timeout`` bounds the drain when the block is left.
     """
 
     def __init__(
@@ -209,6 +212,8 @@ class EventBus:
         hook_name: Callable[[Event | str], str] | None = None,
         on_request: Callable[[bytes], None] | None = None,
         sync: bool | None = None,
+        requires_start: bool = False,
+        max_consecutive_failures: int | None = None,
     ) -> Subscription:
         """Add a subscriber; it sees matching events published from now on.
 
@@ -239,17 +244,31 @@ class EventBus:
 
         Nothing the handler raises leaves its subscriber: an exception, a stray
         cancellation (one this bus did not cause) and, in a ``def`` handler's
-        thread, any ``BaseException`` are counted and logged as its failure, and
-        it goes on with its next event. ``KeyboardInterrupt``/``SystemExit`` from
+        thread, any ``BaseException`` are counted as its failure, and it goes on
+        with its next event. Failing is cheap: the first failure of each kind
+        (hook, exception type) is logged with its traceback and announced as
+        ``CallbackFailed``; later ones are counted and told in summaries at
+        growing intervals, and at a drain and the subscriber's end
+        (``docs/isolation.md``). ``KeyboardInterrupt``/``SystemExit`` from
         an ``async def`` handler (on the event loop's thread) also ask to stop:
         the bus cancels its ``async with`` block and re-raises the exception
         after the drain.
 
+        A subscriber can be *disabled* for good: its handler and ``on_batch_end``
+        are not called again (``on_close`` still runs), its later events count
+        as dropped, and ``SubscriberStats.disabled`` says why. With
+        ``requires_start=True`` that happens when ``on_start`` raised (the handler
+        never runs on a half-built object); with ``max_consecutive_failures=n``
+        after ``n`` failed events in a row. By default neither.
+
         Raises ``TypeError`` for a handler that cannot take one argument, a
         non-``Event`` type, a ``"process"`` handler or hook that cannot be
         pickled, or an ``isolation`` that contradicts ``sync`` or the handler
-        (``"task"`` for a ``def``); ``ValueError`` for an unknown
-        ``isolation``; :class:`BusClosedError` outside the bus's block;
+        (``"task"`` for a ``def``), or a ``"process"`` handler defined in
+        ``__main__`` of a notebook or ``python -c`` (its process could not import
+        it); ``ValueError`` for an unknown ``isolation`` or a
+        ``max_consecutive_failures`` below 1; :class:`BusClosedError` outside the
+        bus's block;
         ``RuntimeError`` off the bus's event loop thread.
         """
         options = SubscribeOptions(
@@ -266,6 +285,8 @@ class EventBus:
             on_close=on_close,
             hook_name=hook_name,
             on_request=on_request,
+            requires_start=requires_start,
+            max_consecutive_failures=max_consecutive_failures,
         )
         return self.subscribe_with(handler, options)
 
@@ -294,7 +315,7 @@ class EventBus:
             raise
         pump.tick()  # what was published before subscribe is not this subscriber's
         d.handled_upto = pump.walked
-        pump.routes.add(d)
+        pump.add(d)
         d.start(self._tg)
         return Subscription(d, pump, subscribers.unsubscribe)
 
@@ -352,21 +373,33 @@ class EventBus:
         ``subscriptions`` limits the wait to those (a run on a shared bus waits
         for its own callbacks, not for other runs'). Returns a report; does not
         raise on the deadline. Stuck ``def`` handlers and, inside a handler, the
-        calling subscriber are not waited for. Cancellation-safe.
+        calling subscriber are not waited for. Once quiet, the failures that no
+        summary told yet are told (and what that announces is drained too), so a
+        drain leaves nothing unreported. Cancellation-safe.
         """
         pump, intake = self._pump, self._intake
         chosen = None if subscriptions is None else self._subscribers.of(subscriptions)
+        deadline = Deadline(timeout)
+
+        def subs() -> list[Delivery]:
+            return pump.routes.active if chosen is None else chosen
 
         def quiet() -> bool:
             intake.take_foreign()
             if intake.new or intake.has_foreign():
                 return False
             # handled_upto == walked implies an empty buffer: entries are all < walked
-            subs = pump.routes.active if chosen is None else chosen
-            return all(d.reached(pump.walked - 1) for d in subs)
+            return all(d.reached(pump.walked - 1) for d in subs())
 
-        await pump.wait_until(quiet, timeout)
-        return _report(pump.routes.active if chosen is None else chosen, pump.walked - 1)
+        await pump.wait_until(quiet, deadline.remaining())
+        # a summary's CallbackFailed is drained too; a failure handling it announces
+        # nothing, so this ends after two rounds at most
+        for _ in range(3):
+            told = [d for d in subs() if d.tell_failures()]
+            if not told or deadline.passed:
+                break
+            await pump.wait_until(quiet, deadline.remaining())
+        return _report(subs(), pump.walked - 1)
 
     # -- stats -------------------------------------------------------------------
 

@@ -27,10 +27,11 @@ import anyio.lowlevel
 
 from .._util.aio import LoopWaker
 from .._util.log import get_logger
-from ..errors import ChildTraceback, describe
+from ..errors import ChildTraceback
 from ..events import CallbackFailed, Event, SubscriberLagged
 from ..policies import Lossless
 from ._delivery.base import Delivery
+from ._delivery.failures import Kind
 from ._intake import Intake
 from ._routing import Routes
 
@@ -147,17 +148,20 @@ class Pump:
         self,
         delivery: Delivery,
         event: Event | None,
-        exc: BaseException,
+        exc: BaseException | None,
         slot: str,
         *,
         quiet: bool = False,
+        error: str | None = None,
     ) -> None:
-        """Log a failure (one WARNING line, the traceback as ``exc_info``) and publish
-        ``CallbackFailed``; ``quiet``, or a failure over ``CallbackFailed`` itself,
-        announces nothing (a broken sink must not start a storm)."""
+        """Tell the first failure of its kind (``_delivery/failures.py``): one WARNING
+        line, the traceback as ``exc_info``, then ``CallbackFailed`` (``count`` 1);
+        ``quiet``, or a failure over ``CallbackFailed`` itself, announces nothing (a
+        broken sink must not start a storm)."""
         hook = delivery.label(event, slot)
         event_type = type(event).__name__ if event is not None else ""
-        error = describe(exc, timeout=delivery.timeout)
+        if error is None:
+            error = delivery.describe(exc) if exc is not None else "(in its process)"
         _log.warning(
             "callback failed",
             callback=delivery.name,
@@ -167,8 +171,8 @@ class Pump:
             exc_info=exc,
         )
         if not quiet and not isinstance(event, CallbackFailed):
-            cause = exc.__cause__
-            self.publish(
+            cause = exc.__cause__ if exc is not None else None
+            self._announce(
                 CallbackFailed(
                     subscriber=delivery.name,
                     hook=hook,
@@ -178,6 +182,33 @@ class Pump:
                     traceback=cause.text if isinstance(cause, ChildTraceback) else "",
                 )
             )
+
+    def failed_again(
+        self, delivery: Delivery, kind: Kind, more: int, loud: int, since: float
+    ) -> None:
+        """Tell ``more`` failures of one kind in one line, without a traceback
+        (``csv_metrics: 4,812 more RuntimeError in on_step_end since 12:00:01``), and
+        announce the ``loud`` part of them as one ``CallbackFailed``."""
+        at = time.strftime("%H:%M:%S", time.localtime(since))
+        _log.warning(
+            f"{delivery.name}: {more:,} more {kind.kind} in {kind.hook} since {at} "
+            f"({kind.count:,} in all)"
+        )
+        if loud:
+            self._announce(
+                CallbackFailed(
+                    subscriber=delivery.name,
+                    hook=kind.hook,
+                    event_type=kind.event_type,
+                    error=kind.error,
+                    count=loud,
+                )
+            )
+
+    def _announce(self, event: CallbackFailed) -> None:
+        """Publish a failure while the bus takes events (at its close the log says it)."""
+        if self.intake.accepting:
+            self.publish(event)
 
     def interrupt(self, delivery: Delivery, exc: BaseException) -> None:
         if delivery.on_interrupt is not None:
@@ -248,7 +279,7 @@ class Pump:
             n = len(d.buffer)
             if n > d.max_pending:
                 d.max_pending = n
-            if lagged is None and d.arrivals:
+            if lagged is None and (n or d.arrivals):  # a lossless one counts no arrivals
                 lagged = self._lag(d, n)
             if not d.idle:
                 if n and not d.is_async:
@@ -274,6 +305,22 @@ class Pump:
             self._moved = False
             self.notify()
         return deadline
+
+    def add(self, d: Delivery) -> None:
+        """A new subscriber's delivery joins the routes (on the loop thread)."""
+        self.routes.add(d)
+        self._retune()
+
+    def remove(self, d: Delivery) -> None:
+        """An unsubscribed delivery leaves the routes."""
+        self.routes.remove(d)
+        self._retune()
+
+    def _retune(self) -> None:
+        # a publish rings the pump when the smallest batch falls due: ringing at every
+        # batch_size publishes would tick for subscribers that wait for more
+        active = self.routes.active
+        self.intake.batch_size = min((d.batch_size for d in active), default=self.batch_size)
 
     def _poll(self, d: Delivery, now: float) -> float:
         stuck = d.stuck

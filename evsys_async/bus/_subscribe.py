@@ -60,6 +60,10 @@ class SubscribeOptions:
     on_close: Hook | None = None
     hook_name: Callable[[Event | str], str] | None = None
     on_request: Callable[[bytes], None] | None = None
+    #: ``on_start`` raised: the subscriber is disabled (its events count as dropped)
+    requires_start: bool = False
+    #: this many failed events in a row disable the subscriber (None: never)
+    max_consecutive_failures: int | None = None
     #: ``KeyboardInterrupt``/``SystemExit`` from an ``async def`` handler goes here
     #: (on the loop) instead of cancelling the bus's block
     on_interrupt: Callable[[BaseException], None] | None = None
@@ -93,6 +97,8 @@ class Plan(NamedTuple):
             "on_close": o.on_close,
             "on_interrupt": o.on_interrupt,
             "hook_name": o.hook_name,
+            "requires_start": o.requires_start,
+            "max_consecutive_failures": o.max_consecutive_failures,
         }
         if self.isolation == "process":
             return ProcessDelivery(
@@ -114,7 +120,8 @@ def plan(handler: Handler, options: SubscribeOptions) -> Plan:
     Raises ``TypeError`` for a handler that cannot take one argument, a
     non-``Event`` type, a policy that is none of the three, or an ``isolation``
     that contradicts ``sync`` or the handler; ``ValueError`` for an unknown
-    ``isolation`` or a ``timeout`` that is not positive.
+    ``isolation``, a ``timeout`` that is not positive or a
+    ``max_consecutive_failures`` below 1.
     """
     _check_handler(handler)
     types = tuple(options.events)
@@ -130,6 +137,11 @@ def plan(handler: Handler, options: SubscribeOptions) -> Plan:
     timeout = options.timeout
     if timeout is not None and timeout <= 0:
         raise ValueError(f"subscribe(timeout=...) must be > 0 or None, got {timeout}")
+    limit = options.max_consecutive_failures
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(
+            f"subscribe(max_consecutive_failures=...) must be an int >= 1 or None, got {limit!r}"
+        )
     isolation, is_async = placement(handler, options.isolation, options.sync)
     return Plan(handler, options, types, policy, isolation, is_async)
 

@@ -52,7 +52,7 @@ class Subscribers:
         pump = self.pump
         if d in pump.routes.active:
             pump.tick()
-            pump.routes.remove(d)
+            pump.remove(d)
             self.ended.append(d)
             if len(self.ended) > ENDED_KEPT:  # a service bus lives long: bound the history
                 gone = [e for e in self.ended[:-ENDED_KEPT] if e.closed]

@@ -36,13 +36,19 @@ class SubscriberStats(msgspec.Struct, frozen=True):
 
     Every matching event is counted once: ``delivered`` (its handler
     returned) + ``failed`` (it raised or timed out) + ``dropped`` (by the
-    policy, or never reachable because a ``def`` handler is stuck past its
-    timeout) + ``pending`` (in the buffer, or taken and not yet handled).
+    policy, or never reachable: a ``def`` handler stuck past its timeout, a
+    dead process, a disabled subscriber) + ``pending`` (in the buffer, or
+    taken and not yet handled).
     ``coalesced`` is the part of ``dropped`` that ``Latest`` replaced by design;
     ``hook_failures`` counts failed ``on_start``/``on_batch_end``/``on_close``
-    calls, which are not events. A subscriber in its own process also reports
-    ``startup_seconds`` and, once its process died or was killed, ``disabled``
-    (every later event then counts as dropped).
+    calls, which are not events, and ``failed_hooks`` the same by hook, under
+    the name ``hook_name`` gives the slot (a callback's ``setup``, ``flush``,
+    ``teardown``; else ``on_start``, ``on_batch_end``, ``on_close``).
+    ``disabled`` says why it handles no more events, once it does not: its
+    ``on_start`` failed (``requires_start``), too many failures in a row
+    (``max_consecutive_failures``), or its own process died or was killed;
+    every later event then counts as dropped. A subscriber in its own
+    process also reports ``startup_seconds``.
     """
 
     delivered: int
@@ -58,8 +64,11 @@ class SubscriberStats(msgspec.Struct, frozen=True):
     #: seconds from subscribe until it could take its first event: a process
     #: subscriber's start (spawn, imports, ``on_start``); 0 for a task or thread
     startup_seconds: float = 0.0
-    #: why it handles no more events (``"process died: SIGKILL"``), else None
+    #: why it handles no more events (``"process died: SIGKILL"``,
+    #: ``"setup failed: ConnectionError: refused"``), else None
     disabled: str | None = None
+    #: failed lifecycle calls by hook name (``{"setup": 1, "flush": 12}``)
+    failed_hooks: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class DrainReport(msgspec.Struct, frozen=True):
@@ -90,6 +99,7 @@ def stats_of(d: Delivery) -> SubscriberStats:
         hook_failures=d.hook_failures,
         startup_seconds=d.startup_seconds,
         disabled=d.disabled,
+        failed_hooks=d.failed_hooks.copy(),
     )
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from ..bus import EventBus, Isolation, Subscription
 from ..bus._subscribe import SubscribeOptions
-from ..state import LoopState
+from ..state import Degraded, LoopState
 from ._remote import RemoteCallback, call_remote
-from ._requests import apply
+from ._requests import Health, apply, decode_request
 from ._runner import HookRunner
 from .base import Callback
 
@@ -40,6 +40,33 @@ class CallbackAdapter(HookRunner):
         self.subscription: Subscription | None = None
         #: control barriers that timed out waiting for this callback (the loop counts)
         self.control_timeouts = 0
+        #: the last health the callback's own process reported (isolation="process")
+        self._remote_health: Health | None = None
+
+    @property
+    def degraded(self) -> Degraded | None:
+        """Why the callback's output is incomplete (``Callback.degraded``), else None.
+
+        For a callback in this process, its own attribute as it stands; for one in
+        its own process, the value the child last reported (after ``setup``, each
+        ``flush`` and ``teardown``: current once the callback has closed). What
+        the report's ``CallbackHealth.degraded`` is made of."""
+        if self.isolation == "process":
+            health = self._remote_health
+            return None if health is None else health.degraded
+        value = getattr(self.callback, "degraded", None)
+        return value if isinstance(value, Degraded) else None
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why the callback switched itself off for the run (its ``disabled_reason``,
+        e.g. a logger whose service refused it), else None; for a callback in its
+        own process, as the child last reported it (see :attr:`degraded`)."""
+        if self.isolation == "process":
+            health = self._remote_health
+            return None if health is None else health.disabled_reason
+        value = getattr(self.callback, "disabled_reason", None)
+        return str(value) if value else None
 
     def subscribe(
         self,
@@ -53,8 +80,16 @@ class CallbackAdapter(HookRunner):
 
         ``on_interrupt`` gets a ``KeyboardInterrupt``/``SystemExit`` that one of its
         ``async def`` hooks raised (the run ends as cancelled), instead of the bus
-        cancelling its block. Raises ``TypeError`` for a process callback that
-        cannot be pickled, and what :meth:`EventBus.subscribe` raises."""
+        cancelling its block.
+
+        A callback whose ``setup`` raises is disabled for the run (its event hooks
+        never run on a half-built object; its events count as dropped, the reason
+        in ``SubscriberStats.disabled``) unless its class sets
+        ``runs_without_setup = True``; ``max_consecutive_failures`` switches it off
+        after that many failed events in a row. Raises ``TypeError`` for a
+        process callback that cannot be pickled or whose class its process cannot
+        import (defined in ``__main__`` of a notebook or ``python -c``), and what
+        :meth:`EventBus.subscribe` raises."""
         on_request: Callable[[bytes], None] | None = None
         isolation: Isolation | None = None  # a task or a thread: ``sync`` says which
         if self.isolation == "process":
@@ -80,6 +115,8 @@ class CallbackAdapter(HookRunner):
             hook_name=self.label,
             on_request=on_request,
             on_interrupt=on_interrupt,
+            requires_start=not getattr(self.callback, "runs_without_setup", False),
+            max_consecutive_failures=getattr(self.callback, "max_consecutive_failures", None),
         )
         self.subscription = bus.subscribe_with(hooks.handler, options)
         self.name = self.subscription.name
@@ -93,7 +130,11 @@ class CallbackAdapter(HookRunner):
         return functools.partial(getattr(self.callback, method), *args)
 
     def apply_request(self, data: bytes) -> None:
-        """What the callback's process asked of the run (in the subscriber's feeder
-        thread, before the batch in hand counts as done). Raises ``ValueError`` for a
-        request it does not know (the bus logs it as a WARNING)."""
-        apply(self.state, data, callback=self.name)
+        """What the callback's process asked of the run, or told of its health (in the
+        subscriber's feeder thread, before the batch in hand counts as done). Raises
+        ``ValueError`` for a request it does not know (the bus logs it as a WARNING)."""
+        request = decode_request(data, callback=self.name)
+        if isinstance(request, Health):
+            self._remote_health = request
+        else:
+            apply(self.state, request)

@@ -12,7 +12,9 @@ child-side :class:`LoopState` whose ``request_stop``, ``request_checkpoint``,
 ``request_eval`` and ``publish`` are sent to the parent as tagged requests
 (``_requests.py``) through :func:`evsys_async.bus.request_parent`; the
 parent's adapter applies them to the run's own state before the batch counts
-as done.
+as done. After ``setup``, each ``flush`` and ``teardown`` it reports the
+callback's ``degraded`` and ``disabled_reason`` the same way, when they
+changed (``CallbackAdapter.degraded``).
 
 Not shipped: the step's ``batch`` (``wants_batch`` callbacks get ``None``),
 ``state.model``, ``state.extras``, ``ctx.store``/``ids``/``extras``, and the
@@ -23,16 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import pickle
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .._util.log import get_logger
 from ..bus import in_subscriber_process, request_parent
+from ..bus._delivery.spawn import main_importable
 from ..events import Envelope, Event
-from ..state import LogContext, LoopState
+from ..state import Degraded, LogContext, LoopState
 from ._hooks import overrides
-from ._requests import Checkpoint, Eval, Publish, Stop, encode_request
+from ._requests import Checkpoint, Eval, Health, Publish, Stop, encode_request
 from ._runner import HookRunner, Hooks
 from .base import Callback
 from .registry import build_callbacks
@@ -54,7 +59,9 @@ class RemoteCallback:
         self.spec: tuple[str, dict[str, Any], str] | None = None
         self.callback: Callback | None = cb
         self.saved: Any = None
-        if cb.built_from is not None:
+        # a kind its process cannot import (registered in a notebook's __main__) crosses
+        # as the object, so the bus refuses it at subscribe, naming the fix
+        if cb.built_from is not None and (type(cb).__module__ != "__main__" or main_importable()):
             kind, params = cb.built_from
             self.spec = (kind, dict(params), type(cb).__module__)
             self.callback = None
@@ -64,15 +71,14 @@ class RemoteCallback:
         self.overridden = {h: overrides(cb, h) for h in ("setup", "flush", "teardown")}
         self._state: LoopState | None = None
         self._hooks: Hooks | None = None
+        self._health = Health(None, None)  # as the parent last heard it
 
     def hooks(self) -> Hooks:
-        """The bound methods the bus pickles and runs in the child."""
-        on = self.overridden
+        """The bound methods the bus pickles and runs in the child: ``setup`` and
+        ``teardown`` always (each ends by reporting the callback's health), ``flush``
+        when the callback has one."""
         return Hooks(
-            self.handle,
-            self.setup if on["setup"] else None,
-            self.flush if on["flush"] else None,
-            self.teardown if on["teardown"] else None,
+            self.handle, self.setup, self.flush if self.overridden["flush"] else None, self.teardown
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -112,18 +118,51 @@ class RemoteCallback:
 
     def setup(self) -> Any:
         assert self._hooks is not None
-        assert self._hooks.on_start is not None
-        return self._hooks.on_start()
+        return self._then_report(self._hooks.on_start)
 
     def flush(self) -> Any:
         assert self._hooks is not None
-        assert self._hooks.on_batch_end is not None
-        return self._hooks.on_batch_end()
+        return self._then_report(self._hooks.on_batch_end)
 
     def teardown(self) -> Any:
         assert self._hooks is not None
-        assert self._hooks.on_close is not None
-        return self._hooks.on_close()
+        return self._then_report(self._hooks.on_close)
+
+    def _then_report(self, hook: Callable[[], Any] | None) -> Any:
+        """Run ``hook`` (if the callback has it), then tell the parent the callback's
+        health if it changed: also when the hook raised. An awaitable the hook
+        returns is awaited first (the child's loop awaits the wrapper)."""
+        if hook is None:
+            self._report()
+            return None
+        try:
+            result = hook()
+        except BaseException:
+            self._report()
+            raise
+        if inspect.isawaitable(result):
+            return self._await_then_report(result)
+        self._report()
+        return result
+
+    async def _await_then_report(self, result: Awaitable[Any]) -> Any:
+        try:
+            return await result
+        finally:
+            self._report()
+
+    def _report(self) -> None:
+        """``degraded`` and ``disabled_reason`` to the parent, when they changed."""
+        cb = self.callback
+        degraded = getattr(cb, "degraded", None)
+        reason = getattr(cb, "disabled_reason", None)
+        health = Health(
+            degraded if isinstance(degraded, Degraded) else None,
+            str(reason) if reason else None,
+        )
+        if health != self._health:
+            request_parent(encode_request(health))
+            self._health = health
 
 
 def call_remote(method: str, *args: Any) -> Any:

@@ -194,6 +194,14 @@ class HookRunner:
         self._callers[event_type] = caller
         return caller
 
+    def _only_hook(self) -> type[Event] | None:
+        """The event type whose caller serves every event this callback is sent, when
+        there is one: it overrides one named hook and not ``on_event`` (every event it
+        gets, subclasses included, goes to that hook, with the same arguments)."""
+        if self._wants_event or len(self.event_types) != 1:
+            return None
+        return self.event_types[0]
+
     def _artifacts(self, event: TrainEnded) -> LoopArtifacts:
         if self.state.artifacts is not None:
             return self.state.artifacts
@@ -210,6 +218,9 @@ class HookRunner:
     def _handler(self) -> Callable[[Any], Any]:
         callers, caller = self._callers, self._caller
         if not self._wants_envelope:
+            only = self._only_hook()
+            if only is not None:  # one hook for every event it gets: the caller itself
+                return caller(only)
             # events, not envelopes: one dict lookup and the hook itself
             return lambda e: (callers.get(type(e)) or caller(type(e)))(e)
         on_envelope, state = self.callback.on_envelope, self.state

@@ -310,7 +310,7 @@ def _health(run: ShutdownRun, closed: list[bool] | None) -> dict[str, CallbackHe
             coalesced=st.coalesced,
             # a callback that switched itself off says why (docs/callbacks.md), and so
             # does one whose process died (docs/isolation.md)
-            disabled=getattr(adapter.callback, "disabled_reason", None) or st.disabled,
+            disabled=adapter.disabled_reason or st.disabled,
             startup_seconds=st.startup_seconds,
             hook_failures=_hook_failures(st),
             degraded=_degraded(adapter),
@@ -330,20 +330,17 @@ def _callback_report(run: ShutdownRun, closed: list[bool]) -> dict[str, Callback
 
 
 def _hook_failures(st: SubscriberStats) -> dict[str, int]:
-    """Failed ``setup``/``flush``/``teardown`` calls by hook. The bus counts them by
-    hook (a mapping) or in all (a number: reported under ``"hooks"``)."""
-    counts: object = st.hook_failures
-    if isinstance(counts, Mapping):
-        return {str(hook): int(n) for hook, n in counts.items() if n}
-    return {"hooks": int(counts)} if isinstance(counts, int) and counts else {}
+    """Failed ``setup``/``flush``/``teardown`` calls by hook (the names the adapter
+    gives the bus's lifecycle slots)."""
+    return {str(hook): int(n) for hook, n in st.failed_hooks.items() if n}
 
 
 def _degraded(adapter: CallbackAdapter) -> Degraded | None:
     """Why a callback's output is incomplete: the adapter's view (a callback in its own
-    process reports it there), else the callback's own ``degraded``."""
-    found = getattr(adapter, "degraded", None)
+    process reports it there); something other than a ``Degraded`` a user's callback
+    set is said in words."""
+    found = adapter.degraded
     if found is None:
-        found = getattr(adapter.callback, "degraded", None)
-    if found is None or isinstance(found, Degraded):
-        return found
-    return Degraded(reason=str(found))  # a user's callback set something else: say it
+        other = getattr(adapter.callback, "degraded", None)
+        return None if other is None else Degraded(reason=str(other))
+    return found

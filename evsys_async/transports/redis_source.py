@@ -215,6 +215,7 @@ class RedisStreamSource:
         #: the server-side script that reads new entries (None: plain XREADGROUP)
         self._read_sha: str | None = _redis.sha1(_redis.READ_GROUP)
         self._down_since: float | None = None
+        self._closed = False  # close() was called: a failing read is no outage
         self._counts = dict.fromkeys(RedisSourceStats.__struct_fields__, 0)
 
     # -- resuming --------------------------------------------------------------------
@@ -361,6 +362,10 @@ class RedisStreamSource:
             self.prepare()
             batch = self._read()
         except Exception as exc:
+            if self._closed:
+                # closed under a read still blocked in Redis (forward returned, and the
+                # prefetched read was left to end): not an outage, and nobody waits for it
+                return []
             if self._recover(exc):
                 return []
             raise
@@ -675,5 +680,7 @@ class RedisStreamSource:
         return RedisSourceStats(**self._counts)
 
     def close(self) -> None:
-        """Release the client."""
+        """Release the client. A read still blocked in Redis (the one ``forward`` had
+        prefetched when it returned) then ends quietly: closing is not an outage."""
+        self._closed = True
         self._client.close()

@@ -300,3 +300,117 @@ async def test_dispatch_a_base_exception_in_a_def_hook_is_its_failure(
         await ev.dispatch([Exits(), After()], "on_run_start", None)
     assert order == ["exits", "after"]
     assert any("SystemExit" in r.getMessage() for r in warnings_log.records)
+
+
+# -- health: setup, failures in a row, degraded ------------------------------------
+
+
+def half_built(kind: str, *, without_setup: bool = False) -> ev.Callback:
+    """A client whose ``setup`` cannot connect; its hooks would fail on what it lacks."""
+    calls: list[str] = []
+
+    class Client(ev.Callback):
+        runs_without_setup = without_setup
+
+        def __init__(self) -> None:
+            self.calls = calls
+
+        def setup(self, state: ev.LoopState) -> None:
+            raise ConnectionError("refused")
+
+        def teardown(self, state: ev.LoopState) -> None:
+            calls.append("teardown")
+
+    if kind == "def":
+
+        def on_step_end(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            calls.append(f"step {i}")
+
+    else:
+
+        async def on_step_end(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:  # type: ignore[misc]
+            calls.append(f"step {i}")
+
+        async def setup(self: Any, state: ev.LoopState) -> None:
+            raise ConnectionError("refused")
+
+        async def teardown(self: Any, state: ev.LoopState) -> None:
+            calls.append("teardown")
+
+        Client.setup = setup  # type: ignore[method-assign]
+        Client.teardown = teardown  # type: ignore[method-assign]
+    Client.on_step_end = on_step_end  # type: ignore[method-assign]
+    return Client()
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+async def test_a_callback_whose_setup_failed_is_disabled(kind: str, tmp_path: Path) -> None:
+    cb = half_built(kind)
+    steps = [StepEnded(step=i, num_steps=3) for i in range(3)]
+    with anyio.fail_after(WAIT):
+        st = await run_events(cb, state_for(tmp_path), steps)
+    assert cb.calls == ["teardown"]  # no hook on the half-built object; teardown cleans up
+    assert (st.delivered, st.failed, st.dropped, st.pending) == (0, 0, 3, 0)
+    assert st.disabled == "setup failed: ConnectionError: refused"
+    assert st.failed_hooks == {"setup": 1}
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+async def test_runs_without_setup_keeps_it_running(kind: str, tmp_path: Path) -> None:
+    cb = half_built(kind, without_setup=True)
+    steps = [StepEnded(step=i, num_steps=3) for i in range(3)]
+    with anyio.fail_after(WAIT):
+        st = await run_events(cb, state_for(tmp_path), steps)
+    assert cb.calls == ["step 0", "step 1", "step 2", "teardown"]
+    assert (st.delivered, st.dropped, st.disabled) == (3, 0, None)
+    assert st.failed_hooks == {"setup": 1}
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+async def test_max_consecutive_failures_switches_a_callback_off(kind: str, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class Flaky(ev.Callback):
+        max_consecutive_failures = 4
+
+        def on_step_end(self, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            calls.append(i)
+            if i >= 2:
+                raise RuntimeError("service down")
+
+    if kind == "async":
+
+        async def on_step_end(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            calls.append(i)
+            if i >= 2:
+                raise RuntimeError("service down")
+
+        Flaky.on_step_end = on_step_end  # type: ignore[method-assign]
+    steps = [StepEnded(step=i, num_steps=20) for i in range(20)]
+    with anyio.fail_after(WAIT):
+        st = await run_events(Flaky(), state_for(tmp_path), steps)
+    assert calls == [0, 1, 2, 3, 4, 5]  # the 4th failure in a row was the last call
+    assert (st.delivered, st.failed, st.dropped, st.pending) == (2, 4, 14, 0)
+    assert st.disabled == "4 failures in a row (the last: RuntimeError: service down)"
+
+
+async def test_the_adapter_reports_a_callbacks_degraded_and_disabled_reason(
+    tmp_path: Path,
+) -> None:
+    class Writer(ev.Callback):
+        def on_step_end(self, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            if i == 1:
+                self.degraded = ev.Degraded("disk full", rows_lost=1, missing_from_step=1)
+                self.disabled_reason = "gave up"
+
+    cb = Writer()
+    adapter = CallbackAdapter(cb, state_for(tmp_path))
+    assert adapter.degraded is None and adapter.disabled_reason is None
+    async with ev.EventBus() as bus:
+        sub = adapter.subscribe(bus)
+        for i in range(3):
+            bus.publish(StepEnded(step=i, num_steps=3))
+        with anyio.fail_after(WAIT):
+            assert await sub.aclose(WAIT)
+    assert adapter.degraded == ev.Degraded("disk full", rows_lost=1, missing_from_step=1)
+    assert adapter.disabled_reason == "gave up"

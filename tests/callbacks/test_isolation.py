@@ -700,3 +700,163 @@ async def test_a_hung_def_callback_is_counted_per_event_and_its_rest_dropped(
     assert steps_seen == 200
     assert h.dropped == 200 - 11 and h.pending == 0  # never reachable: counted, not lost
     assert h.delivered + h.failed + h.dropped + h.pending == steps_seen
+
+
+# -- failing is cheap, and health tells the truth ----------------------------------------
+#
+# The fault table's rows for a callback that fails on every call: what it costs is
+# counted here (log records, CallbackFailed events and their counts; the time it costs
+# is benchmarks/bench_steps.py's), and what a failed setup means.
+
+
+class FailureWatch(ev.Callback):
+    """Keeps every ``CallbackFailed`` of the run (an in-process, lossless sibling)."""
+
+    def __init__(self) -> None:
+        self.failures: list[CallbackFailed] = []
+
+    async def on_event(self, state: ev.LoopState, event: Event) -> None:
+        if isinstance(event, CallbackFailed):
+            self.failures.append(event)
+
+
+def always_failing(kind: str, *, flush_fails: bool = False) -> ev.Callback:
+    """Raises on every ``on_step_end`` (and, with ``flush_fails``, every ``flush``)."""
+    counts = {"steps": 0, "flushes": 0}
+
+    def step_body(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+        counts["steps"] += 1
+        raise ConnectionError("logging server down")
+
+    def flush_body(self: Any) -> None:
+        counts["flushes"] += 1
+        if flush_fails:
+            raise OSError("disk full")
+
+    ns: dict[str, Any] = {"counts": counts}
+    if kind == "def":
+        ns["on_step_end"], ns["flush"] = step_body, flush_body
+    else:
+
+        async def on_step_end(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            step_body(self, state, i, b, m)
+
+        async def flush(self: Any) -> None:
+            flush_body(self)
+
+        ns["on_step_end"], ns["flush"] = on_step_end, flush
+    return type("Failing", (ev.Callback,), ns)()
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+@pytest.mark.parametrize("flush_fails", [False, True])
+async def test_a_callback_failing_on_every_call_costs_one_record_then_sums(
+    kind: str, flush_fails: bool, tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    n = 600
+    hostile, watch = always_failing(kind, flush_fails=flush_fails), FailureWatch()
+    loop = ev.TrainingLoop(
+        step, num_steps=n, output_dir=tmp_path, run_key="fails", callbacks=[hostile, watch]
+    )
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    assert artifacts.status == "completed" and artifacts.steps_completed == n
+    h = artifacts.callback_report["Failing"]
+    assert (h.delivered, h.failed, h.dropped, h.pending, h.stuck) == (0, n, 0, 0, False)
+    records = [r for r in warnings_log.records if r.name == "evsys_async"]
+    firsts = [r for r in records if r.getMessage().startswith("callback failed")]
+    # one record, with its traceback, per kind of failure: not one per failure
+    assert sorted(r.exc_info[0].__name__ for r in firsts if r.exc_info) == (
+        ["ConnectionError", "OSError"] if flush_fails else ["ConnectionError"]
+    )
+    summaries = [r for r in records if " more " in r.getMessage()]
+    assert len(summaries) <= 2 * 3 and all(r.exc_info is None for r in summaries)
+    # CallbackFailed is coalesced the same way; the counts add up to every failure
+    on_step = [f for f in watch.failures if f.hook == "on_step_end"]
+    assert sum(f.count for f in on_step) == h.failed == hostile.counts["steps"]  # type: ignore[attr-defined]
+    on_flush = [f for f in watch.failures if f.hook == "flush"]
+    flushes = hostile.counts["flushes"]  # type: ignore[attr-defined]
+    assert sum(f.count for f in on_flush) == (flushes if flush_fails else 0)
+    assert len(watch.failures) <= 2 * 4  # the first of each kind and a few sums, not n
+
+
+@pytest.mark.parametrize("kind", ["def", "async"])
+@pytest.mark.parametrize("without_setup", [False, True])
+async def test_a_setup_that_raises_disables_the_callback_unless_it_runs_without(
+    kind: str, without_setup: bool, tmp_path: Path
+) -> None:
+    calls: list[str] = []
+
+    def setup_body(self: Any, state: ev.LoopState) -> None:
+        raise ConnectionError("tracking server refused")
+
+    def step_body(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+        calls.append("step")
+
+    def teardown_body(self: Any, state: ev.LoopState) -> None:
+        calls.append("teardown")
+
+    ns: dict[str, Any] = {"runs_without_setup": without_setup}
+    if kind == "def":
+        ns.update(setup=setup_body, on_step_end=step_body, teardown=teardown_body)
+    else:
+
+        async def setup(self: Any, state: ev.LoopState) -> None:
+            setup_body(self, state)
+
+        async def on_step_end(self: Any, state: ev.LoopState, i: int, b: Any, m: Any) -> None:
+            step_body(self, state, i, b, m)
+
+        async def teardown(self: Any, state: ev.LoopState) -> None:
+            teardown_body(self, state)
+
+        ns.update(setup=setup, on_step_end=on_step_end, teardown=teardown)
+    half_built = type("HalfBuilt", (ev.Callback,), ns)()
+    sibling = AsyncSibling()
+    loop = ev.TrainingLoop(
+        step, num_steps=STEPS, output_dir=tmp_path, run_key="setup", callbacks=[half_built, sibling]
+    )
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    assert artifacts.status == "completed" and artifacts.steps_completed == STEPS
+    h = artifacts.callback_report["HalfBuilt"]
+    assert h.delivered + h.failed + h.dropped + h.pending == STEPS
+    if without_setup:
+        assert calls.count("step") == STEPS and (h.delivered, h.disabled) == (STEPS, None)
+    else:  # never a hook on the half-built object; teardown still runs, to clean up
+        assert calls == ["teardown"]
+        assert (h.delivered, h.dropped) == (0, STEPS)
+        assert h.disabled == "setup failed: ConnectionError: tracking server refused"
+    steps_seen = [e for e in sibling.envelopes if isinstance(e.event, StepEnded)]
+    assert len(steps_seen) == STEPS  # the sibling saw everything
+
+
+async def test_four_runs_each_with_a_failing_callback_all_drain_with_nothing_stuck(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    n = 500
+    hostiles = {f"r{k}": always_failing("def" if k % 2 else "async") for k in range(4)}
+    results: dict[str, ev.LoopArtifacts] = {}
+
+    async def one(key: str) -> None:
+        loop = ev.TrainingLoop(
+            step, num_steps=n, output_dir=tmp_path, run_key=key, bus=bus,
+            callbacks=[hostiles[key], CsvMetricsCallback("metrics.csv")], drain_timeout=WAIT,
+        )  # fmt: skip
+        results[key] = await loop.run()
+
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus(close_timeout=WAIT) as bus, anyio.create_task_group() as tg:
+            for key in hostiles:
+                tg.start_soon(one, key)
+    for key, artifacts in results.items():
+        assert artifacts.status == "completed" and artifacts.steps_completed == n
+        report = artifacts.callback_report
+        [h] = [h for name, h in report.items() if name.startswith("Failing")]  # Failing#2 ...
+        assert (h.delivered, h.failed, h.dropped, h.pending, h.stuck) == (0, n, 0, 0, False), key
+        [csv_h] = [h for name, h in report.items() if name.startswith("csv_metrics")]
+        # the steps and TrainEnded (the writer always writes the last step)
+        assert (csv_h.delivered, csv_h.failed, csv_h.pending, csv_h.stuck) == (n + 1, 0, 0, False)
+    # nobody waited for a deadline: nothing was left behind or reported stuck
+    texts = [r.getMessage() for r in warnings_log.records]
+    assert not [t for t in texts if "deadline" in t or "left behind" in t or "stuck" in t]

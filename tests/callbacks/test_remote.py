@@ -484,3 +484,171 @@ async def test_isolation_thread_runs_async_hooks_from_a_thread(tmp_path: Path) -
     assert artifacts.callback_report["AsyncHooks"].delivered == 10
     # awaited on the loop's thread, for a subscriber that is a thread
     assert cb.threads == {threading.current_thread().name, "isolation=thread"}
+
+
+# -- health in a callback's own process -------------------------------------------------
+#
+# The callbacks below are defined here, at module level: the child imports them from
+# ``tests.callbacks.test_remote`` by that name.
+
+
+class SetupFails(ev.Callback):
+    """``setup`` cannot connect; every other hook notes that it ran (in the child)."""
+
+    isolation = "process"
+
+    def __init__(self, path: str, without_setup: bool = False) -> None:
+        self.path = path
+        self.runs_without_setup = without_setup  # type: ignore[misc]
+
+    def setup(self, state: ev.LoopState) -> None:
+        raise ConnectionError("refused")
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        from tests.process_helpers import note
+
+        note(self.path, hook="on_step_end", step=step_idx)
+
+    def flush(self) -> None:
+        from tests.process_helpers import note
+
+        note(self.path, hook="flush")
+
+    def teardown(self, state: ev.LoopState) -> None:
+        from tests.process_helpers import note
+
+        note(self.path, hook="teardown")
+
+
+class FailsFrom(ev.Callback):
+    """Fails on every step from ``at`` on; sets ``degraded`` and ``disabled_reason``
+    there, as a writer that lost rows would."""
+
+    isolation = "process"
+
+    def __init__(self, at: int, limit: int | None = None) -> None:
+        self.at = at
+        self.max_consecutive_failures = limit  # type: ignore[misc]
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        if step_idx >= self.at:
+            self.degraded = ev.Degraded("server down", rows_lost=step_idx - self.at + 1)
+            self.disabled_reason = "gave up on the server"
+            raise RuntimeError(f"server down at {step_idx}")
+
+
+class LeavesAThread(ev.Callback):
+    """Starts a non-daemon thread in ``setup`` that never ends."""
+
+    isolation = "process"
+
+    def setup(self, state: ev.LoopState) -> None:
+        # daemon=False said outright: a thread started from the hook's (daemon) thread
+        # would be a daemon by default, as a client library's often is not
+        threading.Thread(target=threading.Event().wait, name="user-flusher", daemon=False).start()
+
+    def on_step_end(self, state: ev.LoopState, step_idx: int, batch: Any, metrics: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("without_setup", [False, True])
+async def test_a_process_callback_whose_setup_failed_is_disabled(
+    without_setup: bool, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notes.jsonl")
+    loop = loop_with(tmp_path, SetupFails(path, without_setup), num_steps=8)
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    hooks = [g["hook"] for g in notes(path)]
+    h = artifacts.callback_report["SetupFails"]
+    assert h.delivered + h.failed + h.dropped + h.pending == 8
+    if without_setup:
+        assert hooks.count("on_step_end") == 8 and h.delivered == 8 and h.disabled is None
+    else:  # no hook on the half-built object in the child; teardown still cleans up
+        assert hooks == ["teardown"]
+        assert (h.delivered, h.dropped) == (0, 8)
+        assert h.disabled == "setup failed: ConnectionError: refused"
+
+
+async def test_a_process_callback_failing_on_every_event_is_told_once_then_summed(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    seen = Seen()
+    n = 300
+    loop = loop_with(tmp_path, FailsFrom(0), seen, num_steps=n)
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    h = artifacts.callback_report["FailsFrom"]
+    assert (h.delivered, h.failed, h.dropped, h.pending) == (0, n, 0, 0)
+    firsts = [r for r in warnings_log.records if r.getMessage().startswith("callback failed")]
+    [first] = firsts  # with the child's traceback as its cause
+    assert "server down at 0" in first.getMessage()
+    failed = [e for e in seen.of(CallbackFailed) if e.subscriber == "FailsFrom"]
+    assert sum(e.count for e in failed) == n
+    assert "server down at 0" in failed[0].traceback  # the child's frames, once
+    assert all(e.traceback == "" for e in failed[1:])
+
+
+async def test_max_consecutive_failures_is_kept_in_the_childs_own_order(tmp_path: Path) -> None:
+    loop = loop_with(tmp_path, FailsFrom(4, limit=3), num_steps=40)
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    h = artifacts.callback_report["FailsFrom"]
+    assert (h.delivered, h.failed, h.dropped, h.pending) == (4, 3, 33, 0)
+    assert h.disabled == "3 failures in a row (the last: RuntimeError: server down at 6)"
+
+
+async def test_a_process_callbacks_degraded_and_disabled_reason_reach_the_parent(
+    tmp_path: Path,
+) -> None:
+    from evsys_async.callbacks._adapter import CallbackAdapter
+
+    adapter = CallbackAdapter(FailsFrom(2), ev.LoopState(num_steps=5, output_dir=tmp_path))
+    with anyio.fail_after(WAIT):
+        async with ev.EventBus() as bus:
+            sub = adapter.subscribe(bus)
+            for i in range(5):
+                bus.publish(StepEnded(step=i, num_steps=5))
+            assert await sub.aclose(WAIT)
+    assert adapter.degraded == ev.Degraded("server down", rows_lost=3)
+    assert adapter.disabled_reason == "gave up on the server"
+    assert adapter.callback.degraded is None  # the parent's copy never ran a hook
+
+
+async def test_a_child_exits_once_closed_whatever_threads_it_left(
+    tmp_path: Path, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    loop = loop_with(tmp_path, LeavesAThread(), num_steps=20)
+    with anyio.fail_after(WAIT):
+        artifacts = await loop.run()
+    h = artifacts.callback_report["LeavesAThread"]
+    assert (h.delivered, h.stuck, h.disabled) == (20, False, None)
+    # the old way, the child joined its non-daemon thread at exit and was killed after
+    # a grace: it would have said so
+    assert not [r for r in warnings_log.records if "did not exit" in r.getMessage()]
+    assert not [r for r in warnings_log.records if "killed" in r.getMessage()]
+
+
+def test_a_process_callback_defined_in_python_c_is_refused_before_step_0(
+    tmp_path: Path,
+) -> None:
+    script = (
+        "import evsys_async as ev\n"
+        "class Plot(ev.Callback):\n"
+        "    isolation = 'process'\n"
+        "    def on_step_end(self, state, i, b, m): print('step', i)\n"
+        "async def step(state, i):\n"
+        "    print('ran step', i)\n"
+        "    return {}\n"
+        f"loop = ev.TrainingLoop(step, num_steps=3, output_dir={str(tmp_path)!r},"
+        " callbacks=[Plot()])\n"
+        "loop.run_sync()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT, cwd=tmp_path
+    )
+    assert out.returncode != 0
+    assert "ran step" not in out.stdout  # refused before step 0
+    assert "TypeError" in out.stderr and "'Plot'" in out.stderr
+    assert "defined in __main__ of an interactive session" in out.stderr
+    assert "Define it in a module" in out.stderr

@@ -298,3 +298,67 @@ def test_a_new_group_is_not_a_resume(redis_url: str, run_key: str) -> None:
     source = RedisStreamSource(redis_url, run_key, group="fresh")
     assert source.prepare() is None
     source.close()
+
+
+# -- ends and outages --------------------------------------------------------------------
+
+
+async def _join_source_threads(source: RedisStreamSource) -> None:
+    """Wait for the source's reader and acknowledger threads (a prefetched read ends
+    when ``close`` breaks its connection, or after ``block_ms``)."""
+    for thread in threading.enumerate():
+        if thread.name.endswith(source.stream) and thread.name.startswith("evsys-redis"):
+            await anyio.to_thread.run_sync(thread.join, 30)
+
+
+@pytest.mark.parametrize("group", [None, "g"])
+async def test_closing_a_source_after_forward_ends_quietly(
+    group: str | None, redis_url: str, run_key: str, warnings_log: pytest.LogCaptureFixture
+) -> None:
+    """``forward`` returns with its next read blocked in Redis (prefetched while the
+    last batch was handled); ``close`` then breaks that read: no outage, no WARNING."""
+    _add(redis_url, run_key, [*_steps(run_key, [0, 1]), _end(run_key, 2)])
+    source = RedisStreamSource(redis_url, run_key, group=group, block_ms=10_000)
+    with anyio.fail_after(30):
+        got = await _collect(source)
+        source.close()
+        await _join_source_threads(source)
+    assert len(got) == 3
+    assert source.stats().outages == 0
+    assert not [r for r in warnings_log.records if "unreachable" in r.getMessage()]
+
+
+@pytest.mark.slow  # a redis-server of its own
+async def test_a_real_outage_warns_once(warnings_log: pytest.LogCaptureFixture) -> None:
+    server = OwnRedis()
+    server.start()
+    key = "outage-source"
+    try:
+        source = RedisStreamSource(server.url, key, block_ms=50)
+        with anyio.fail_after(60):
+            async with ev.EventBus() as bus, anyio.create_task_group() as tg:
+                got: list[ev.Event] = []
+
+                async def collect(event: ev.Event) -> None:
+                    got.append(event)
+
+                bus.subscribe(collect)
+                _add(server.url, key, _steps(key, [0]))
+                tg.start_soon(
+                    lambda: source.forward(bus, until=lambda e: isinstance(e, TrainEnded))
+                )
+                while not got:  # counted: the first entry came through
+                    await anyio.sleep(0.01)
+                await anyio.to_thread.run_sync(server.stop)
+                while source.stats().outages < 1:  # the source noticed, and said so once
+                    await anyio.sleep(0.01)
+                await anyio.to_thread.run_sync(server.start)  # back, empty (no persistence)
+                _add(server.url, key, [*_steps(key, [1]), _end(key, 2)])
+        source.close()
+        await _join_source_threads(source)
+    finally:
+        server.stop()
+    assert [type(e).__name__ for e in got] == ["StepEnded", "StepEnded", "TrainEnded"]
+    assert source.stats().outages == 1
+    warned = [r for r in warnings_log.records if "Redis unreachable" in r.getMessage()]
+    assert len(warned) == 1 and "reads on when it is back" in warned[0].getMessage()

@@ -9,12 +9,12 @@ handler in batches in its own task or thread, and keeps the counts:
     matched = delivered + failed + dropped + pending
 
 ``delivered``: the handler returned; ``failed``: it raised or timed out;
-``dropped``: let go by the policy, or never reachable because a ``def``
-handler is stuck past its timeout; ``pending``: in the buffer, or taken into
-a batch and not yet handled. Each counter is written in one place, where the
-event's fate is decided (the thread's counters are the thread's; the one
-count the loop makes for a thread — a call abandoned at its timeout — is
-made under the delivery's lock).
+``dropped``: let go by the policy, or never reachable (a ``def`` handler
+stuck past its timeout, a dead child, a disabled subscriber); ``pending``:
+in the buffer, or taken into a batch and not yet handled. Each counter is
+written in one place, where the event's fate is decided (the thread's
+counters are the thread's; the one count the loop makes for a thread — a
+call abandoned at its timeout — is made under the delivery's lock).
 
 The pump (``bus/_pump.py``) fills the buffer, decides when a delivery is due and
 calls :meth:`Delivery.wake`; it reaches the delivery only through the public
@@ -23,6 +23,7 @@ names below. A delivery reaches back only through :class:`Engine`.
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import math
 import threading
@@ -34,8 +35,11 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from ..._util.log import get_logger
+from ...errors import describe
 from ...events import CallbackFailed, Event, SubscriberLagged
 from ...policies import Entry, Policy
+from .failures import FailureBook, Kind, in_a_row
 
 __all__ = [
     "ABOUT_A_SUBSCRIBER",
@@ -49,6 +53,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_log = get_logger()
 
 Handler = Callable[[Any], Any]
 Hook = Callable[[], Any]
@@ -103,13 +108,21 @@ class Engine(Protocol):
         self,
         delivery: Delivery,
         event: Event | None,
-        exc: BaseException,
+        exc: BaseException | None,
         slot: str,
         *,
         quiet: bool = False,
+        error: str | None = None,
     ) -> None:
-        """Log a failure (counted by the delivery) and publish ``CallbackFailed``
-        (not when ``quiet``)."""
+        """Tell the first failure of its kind (``failures.py``): log it with its
+        traceback and publish ``CallbackFailed`` (not when ``quiet``); ``error`` is
+        its line, when already made."""
+
+    def failed_again(
+        self, delivery: Delivery, kind: Kind, more: int, loud: int, since: float
+    ) -> None:
+        """Tell ``more`` failures of ``kind`` since ``since`` (wall clock) in one line,
+        and publish one ``CallbackFailed`` with ``count=loud`` (when ``loud``)."""
 
     def interrupt(self, delivery: Delivery, exc: BaseException) -> None:
         """``KeyboardInterrupt``/``SystemExit`` from a handler on the loop's thread."""
@@ -139,6 +152,8 @@ class Delivery(ABC):
         on_close: Hook | None,
         on_interrupt: Callable[[BaseException], None] | None,
         hook_name: Callable[[Event | str], str] | None,
+        requires_start: bool = False,
+        max_consecutive_failures: int | None = None,
     ) -> None:
         self.engine = engine
         self.handler = handler
@@ -153,6 +168,10 @@ class Delivery(ABC):
         self.on_close = on_close
         self.on_interrupt = on_interrupt
         self.hook_name = hook_name
+        #: ``on_start`` failed: disabled (its handler never runs on a half-built object)
+        self.requires_start = requires_start
+        #: this many event failures in a row disable it (None: never)
+        self.max_consecutive_failures = max_consecutive_failures
         #: the backlog at which the pump hands a batch over without waiting for the delay
         self.batch_size = engine.batch_size
         self.buffer = policy.buffer()
@@ -163,7 +182,7 @@ class Delivery(ABC):
         self.handled_upto = 0
         #: when the oldest pending event arrived (None: set at the next tick)
         self.first_pending: float | None = None
-        self.arrivals = 0  # since the last take: a bounded subscriber's lag
+        self.arrivals = 0  # since the last take: a bounded subscriber's lag (routes count)
         self.lag_mark = 0  # next pending/arrival count that reports lag
         self.drop_mark = 1  # next forced-drop count that reports lag
         self.max_pending = 0
@@ -172,16 +191,26 @@ class Delivery(ABC):
         # -- the counts (see the module docstring) ---------------------------------
         self.delivered = 0
         self.failed = 0
+        #: dropped because no handler can take them: stuck, its process dead, disabled
         self.dropped_stuck = 0
         self.hook_failures = 0
+        #: failed lifecycle calls by the hook ``hook_name`` names (``setup``, ``flush``)
+        self.failed_hooks: dict[str, int] = {}
         self.seconds = 0.0
+        #: how its failures are told: the first of each kind, then summaries
+        self.book = FailureBook(self)
+        # failures in a row: the streak, and ``delivered`` when it began (a success
+        # between two failures ends it; nothing is counted per success)
+        self._streak = 0
+        self._streak_mark = -1
         #: the exception of the most recent failure (callback_errors="raise" re-raises it)
         self.last_error: BaseException | None = None
         #: the public handle (a ``Subscription``), set by the bus
         self.handle: object | None = None
         #: seconds from subscribe until it could take its first event (a process's start)
         self.startup_seconds = 0.0
-        #: why it can handle no more events (its process died), else None
+        #: why it handles no more events (its process died, its ``on_start`` failed, too
+        #: many failures in a row), else None; from then on its events are dropped
         self.disabled: str | None = None
 
     # -- what the pump calls (loop thread) ---------------------------------------
@@ -274,21 +303,76 @@ class Delivery(ABC):
                 pass
         return slot if event is None else type(event).__name__
 
+    def describe(self, exc: BaseException) -> str:
+        """A failure's one line (``"ValueError: nan"``, ``"timeout after 5.0s"``); never
+        raises (an exception whose ``__str__`` fails is named by its type)."""
+        try:
+            return describe(exc, timeout=self.timeout)
+        except Exception:
+            return f"{type(exc).__name__}: (its message could not be made)"
+
     def count_failure(
         self, event: Event | None, exc: BaseException, slot: str = "", *, quiet: bool = False
     ) -> None:
-        """Count a failure of an event's call (or of a hook: ``event`` is ``None``),
-        then have the engine log and announce it."""
-        self.tally(event, exc)
-        self.engine.failed(self, event, exc, slot, quiet=quiet)
+        """Count a failure of an event's call (or of a hook: ``event`` is ``None``), then
+        tell it if it is the first of its kind (``failures.py``): a counter
+        increment, for every failure after the first."""
+        self.tally(event, exc, slot)
+        self.book.record(event, exc, slot, quiet)
 
-    def tally(self, event: Event | None, exc: BaseException) -> None:
-        """Count a failure: an event's in ``failed``, a hook's in ``hook_failures``."""
-        self.last_error = exc
+    def tally(self, event: Event | None, exc: BaseException | None, slot: str) -> None:
+        """Count a failure: an event's in ``failed``, a hook's in ``hook_failures`` (and
+        by hook); disable the subscriber when its policy says so."""
+        if exc is not None:
+            self.last_error = exc
         if event is None:
             self.hook_failures += 1
-        else:
-            self.failed += 1
+            hook = self.label(None, slot)
+            self.failed_hooks[hook] = self.failed_hooks.get(hook, 0) + 1
+            if slot == "on_start" and self.requires_start and exc is not None:
+                self.disable(f"{hook} failed: {self.describe(exc)}")
+            return
+        self.failed += 1
+        limit = self.max_consecutive_failures
+        if limit is not None:
+            if self.delivered != self._streak_mark:  # something succeeded since
+                self._streak, self._streak_mark = 0, self.delivered
+            self._streak += 1
+            if self._streak >= limit and exc is not None:
+                self.disable(in_a_row(limit, self.describe(exc)))
+
+    def disable(self, reason: str) -> None:
+        """No more events for this handler: the rest count as dropped (``on_close``
+        still runs). Logged once; the first reason stays."""
+        if self.disabled is not None:
+            return
+        self.disabled = reason
+        _log.warning("callback disabled for the rest of its run", callback=self.name, reason=reason)
+
+    def drop_rest(self, batch: list[Entry], start: int) -> None:
+        """A disabled handler's events from ``batch[start]`` on: dropped, counted here."""
+        self.dropped_stuck += len(batch) - start
+
+    def drop_after(self, batch: list[Entry], seq: int) -> None:
+        """Disabled while handling event ``seq`` of ``batch``: the events after it."""
+        self.drop_rest(batch, bisect.bisect_right(batch, seq, key=_seq))
+
+    def tell_failures(self) -> bool:
+        """Tell the failures no summary told yet (at a drain, and when it ends); True
+        if there were any (a ``CallbackFailed`` may have been published)."""
+        return self.book.flush()
+
+    def tell_first(
+        self, event: Any, exc: BaseException | None, slot: str, quiet: bool, kind: Kind
+    ) -> None:
+        self.engine.failed(self, event, exc, slot, quiet=quiet, error=kind.error)
+
+    def tell_again(self, kind: Kind, more: int, loud: int, since: float) -> None:
+        self.engine.failed_again(self, kind, more, loud, since)
+
+
+def _seq(entry: Entry) -> int:
+    return entry[0]
 
 
 def only_failures(batch: list[Entry]) -> bool:

@@ -51,6 +51,7 @@ from ..._util.worker import DaemonWorker
 from ...errors import describe
 from ...events import Envelope, decode
 from . import wire
+from .failures import in_a_row
 
 __all__ = ["in_subscriber_process", "main", "request_parent"]
 
@@ -120,7 +121,27 @@ def main(conn: Any, counter: Any, settings: wire.Settings, program: bytes) -> No
     _forward_output(link)
     with contextlib.suppress(Exception):  # a segfault's Python stack reaches stderr
         faulthandler.enable(file=2)
-    anyio.run(_Child(link, settings, program).serve, backend=settings.backend)
+    code = 0
+    try:
+        anyio.run(_Child(link, settings, program).serve, backend=settings.backend)
+    except BaseException:  # a message it does not know: the parent reports the exit
+        traceback.print_exc()
+        code = 1
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """The program has ended (its ``on_close`` ran, or it never loaded): leave now.
+
+    Not through the interpreter's exit, which joins every non-daemon thread the
+    callback left running (a client's flusher, a pool): the process would live
+    on until the parent killed it at its deadline. What the callback printed
+    or logged has been sent; ``os._exit`` ends the threads with the process.
+    """
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -147,6 +168,12 @@ class _Child:
         self._ready: anyio.Event | None = None
         self.token: Any = None
         self.worker: DaemonWorker | None = None
+        #: failures in a row, and the limit at which the handler is switched off
+        self.limit = settings.max_consecutive_failures
+        self.streak = 0
+        self.disabled: str | None = None
+        #: (event type or hook, exception type) already sent in full
+        self.sent: set[tuple[str, type]] = set()
 
     async def serve(self) -> None:
         self.token = anyio.lowlevel.current_token()
@@ -234,38 +261,53 @@ class _Child:
 
     async def _batch(self, batch: wire.Batch[msgspec.Raw]) -> None:
         items = batch.items
+        if self.disabled is not None:  # the parent sends none after Disabled; if it did
+            self.link.send(wire.Disabled(self.disabled, 0))
+            return
         if self.worker is None:
             await self._events_async(items)
         else:
             await self.worker.call(self._events_sync, items)
-        if batch.flush:
+        if batch.flush and self.disabled is None:
             await self._hook("on_batch_end", batch.quiet)
-
-    def _arg(self, seq: int, raw: msgspec.Raw) -> Any:
-        event = decode(raw, format="msgpack")
-        return Envelope(self.bus_id, seq, event) if self.envelopes else event
 
     def _events_sync(self, items: list[tuple[int, msgspec.Raw]]) -> None:
         handler, counter, token = self.handler, self.link.counter, self.token
+        envelopes, bus_id = self.envelopes, self.bus_id
         for i, (seq, raw) in enumerate(items):
+            event: Any = None
             try:
-                result = handler(self._arg(seq, raw))
+                event = decode(raw, format="msgpack")
+                result = handler(Envelope(bus_id, seq, event) if envelopes else event)
                 if inspect.isawaitable(result):  # a callback's async hook, from its thread
                     anyio.from_thread.run(_wait_for, result, token=token)
             except BaseException as exc:  # in its own process, anything is its failure
-                self._failed(i, "", False, exc)
+                self._failed(i, type(event).__name__, False, exc)
+            else:
+                self.streak = 0
             counter.value += 1
+            if self.disabled is not None:
+                self.link.send(wire.Disabled(self.disabled, i + 1))
+                return
 
     async def _events_async(self, items: list[tuple[int, msgspec.Raw]]) -> None:
         handler, counter = self.handler, self.link.counter
+        envelopes, bus_id = self.envelopes, self.bus_id
         for i, (seq, raw) in enumerate(items):
+            event: Any = None
             try:
-                result = handler(self._arg(seq, raw))
+                event = decode(raw, format="msgpack")
+                result = handler(Envelope(bus_id, seq, event) if envelopes else event)
                 if inspect.isawaitable(result):
                     await result
             except BaseException as exc:  # nothing cancels this loop but its end
-                self._failed(i, "", False, exc)
+                self._failed(i, type(event).__name__, False, exc)
+            else:
+                self.streak = 0
             counter.value += 1
+            if self.disabled is not None:
+                self.link.send(wire.Disabled(self.disabled, i + 1))
+                return
 
     async def _hook(self, slot: str, quiet: bool) -> None:
         """Run hook ``slot`` where the handler runs; what it raises is its failure."""
@@ -275,7 +317,7 @@ class _Child:
         try:
             await self._run(hook)
         except BaseException as exc:  # in its own process, anything is its failure
-            self._failed(-1, slot, quiet, exc)
+            self._failed(-1, slot, quiet, exc, slot=slot)
 
     async def _call(self, fn: bytes) -> wire.Returned | wire.Raised:
         """``Subscription.call``: run the pickled function where the handler runs."""
@@ -286,9 +328,24 @@ class _Child:
             return wire.Raised(wire.failure_of(exc))
         return wire.Returned(data)
 
-    def _failed(self, index: int, slot: str, quiet: bool, exc: BaseException) -> None:
-        # sent before the counter moves: a parent that sees the count sees the failure
-        self.link.send(wire.Failed(index, slot, quiet, wire.failure_of(exc)))
+    def _failed(
+        self, index: int, what: str, quiet: bool, exc: BaseException, *, slot: str = ""
+    ) -> None:
+        """Tell the parent, before the counter moves (a parent that sees the count sees
+        the failure): the first of its kind (``what``: event type or hook) in full,
+        a later one by its exception type's name only; switch the handler off at
+        its limit of failures in a row (``_events_*`` then tell the parent)."""
+        key = (what, type(exc))
+        if key in self.sent:
+            self.link.send(wire.Failed(index, slot, quiet, None, type(exc).__name__))
+        else:
+            self.sent.add(key)
+            self.link.send(wire.Failed(index, slot, quiet, wire.failure_of(exc)))
+        if index < 0 or self.limit is None:
+            return
+        self.streak += 1
+        if self.streak >= self.limit:
+            self.disabled = in_a_row(self.limit, describe(exc))
 
 
 async def _wait_for(awaitable: Any) -> Any:

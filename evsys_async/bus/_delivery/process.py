@@ -44,7 +44,7 @@ from ...events import Event
 from ...policies import Entry
 from . import wire
 from .base import only_failures
-from .spawn import ChildProcess, Dead, start_method
+from .spawn import ChildProcess, Dead, dumps_for_child, start_method
 from .thread import ThreadDelivery
 
 __all__ = ["ProcessDelivery"]
@@ -72,19 +72,7 @@ class ProcessDelivery(ThreadDelivery):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        try:
-            program = pickle.dumps(
-                (self.handler, self.on_start, self.on_batch_end, self.on_close),
-                protocol=pickle.HIGHEST_PROTOCOL,
-            )
-        except Exception as exc:
-            raise TypeError(
-                f"subscriber {self.name!r} runs in its own process (isolation='process'), "
-                f"so its handler and hooks must pickle, and they do not: {describe(exc)}. "
-                "Define the handler (or the callback's class) at module level, keep no "
-                "live objects (locks, open files, clients) on it before setup(), or build "
-                "the callback from its registered kind and params"
-            ) from None
+        program = self._program()
         self.on_request = on_request
         start_method()  # a wrong $EVSYS_START_METHOD fails here, at subscribe
         settings = wire.Settings(
@@ -94,7 +82,11 @@ class ProcessDelivery(ThreadDelivery):
             bus_id=self.engine.bus_id,
             root_level=logging.getLogger().getEffectiveLevel(),
             levels=_levels(),
+            max_consecutive_failures=self.max_consecutive_failures,
         )
+        # the child alone sees each event's outcome in order: it counts the failures in
+        # a row and tells (wire.Disabled); this end counts only what it is told
+        self.max_consecutive_failures = None
         self._child = ChildProcess(self.name, settings, program, self._message)
         self._flushes = self.on_batch_end is not None
         self.on_batch_end = None  # shipped in the program: the child flushes after a batch
@@ -103,7 +95,35 @@ class ProcessDelivery(ThreadDelivery):
         self._in_hand: list[Entry] | None = None
         self._batch_base = 0
         self._batch_failures = 0
+        #: the child switched the handler off in the batch in hand: from here on, dropped
+        self._batch_cut: int | None = None
         self._t0 = 0.0
+
+    def _program(self) -> bytes:
+        """The handler and hooks, pickled for the child; ``TypeError`` naming the fix when
+        they do not pickle, or refer to ``__main__`` of a notebook or ``python -c``."""
+        try:
+            program, unreachable = dumps_for_child(
+                (self.handler, self.on_start, self.on_batch_end, self.on_close)
+            )
+        except Exception as exc:
+            raise TypeError(
+                f"subscriber {self.name!r} runs in its own process (isolation='process'), "
+                f"so its handler and hooks must pickle, and they do not: {describe(exc)}. "
+                "Define the handler (or the callback's class) at module level, keep no "
+                "live objects (locks, open files, clients) on it before setup(), or build "
+                "the callback from its registered kind and params"
+            ) from None
+        if unreachable:
+            raise TypeError(
+                f"subscriber {self.name!r} runs in its own process (isolation='process'), "
+                f"which must import {', '.join(unreachable)} to run it; "
+                f"{'it is' if len(unreachable) == 1 else 'they are'} defined in __main__ of "
+                "an interactive session (a notebook or `python -c`), which another process "
+                "cannot import. Define it in a module (a .py file beside the notebook or "
+                "script) and import it from there, or leave out isolation='process'"
+            )
+        return program
 
     # -- state the pump reads ----------------------------------------------------
 
@@ -199,33 +219,44 @@ class ProcessDelivery(ThreadDelivery):
         message = wire.Batch(self._flushes, only_failures(batch), batch)
         self._batch_base = base = child.counter.value
         self._batch_failures = 0
+        self._batch_cut = None
         self._in_hand = batch
         try:
             child.send(message)
             child.await_reply(timeout=self.timeout, progress=True)
         except Dead as dead:
-            handled = child.counter.value - base
-            with self._lock:
-                if self._abandoned:
-                    return
-                self.delivered += handled - self._batch_failures
-                rest = len(batch) - handled
-                if rest > 0:
-                    self.dropped_stuck += rest - 1
-                self._in_hand = None
-            event = batch[handled][1] if rest > 0 else None
-            self._died(event, dead, "" if rest > 0 else "on_batch_end")
+            self._died_in(batch, base, dead)
         else:
             with self._lock:
                 if not self._abandoned:
-                    self.delivered += len(batch) - self._batch_failures
+                    cut = len(batch) if self._batch_cut is None else self._batch_cut
+                    self.delivered += cut - self._batch_failures
+                    self.dropped_stuck += len(batch) - cut
                     self._in_hand = None
         self.seconds += time.perf_counter() - started
+
+    def _died_in(self, batch: list[Entry], base: int, dead: Dead) -> None:
+        """The child died with ``batch`` in hand: what its counter passed was handled,
+        the event in hand failed, the rest is dropped (also what it had cut)."""
+        handled = self._child.counter.value - base
+        cut = len(batch) if self._batch_cut is None else self._batch_cut
+        with self._lock:
+            if self._abandoned:
+                return
+            self.delivered += handled - self._batch_failures
+            rest = cut - handled
+            self.dropped_stuck += max(0, rest - 1) + len(batch) - cut
+            self._in_hand = None
+        event = batch[handled][1] if rest > 0 else None
+        self._died(event, dead, "" if rest > 0 else "on_batch_end")
 
     def _drop(self, batch: list[Entry]) -> None:
         with self._lock:
             if not self._abandoned:
                 self.dropped_stuck += len(batch)
+
+    def drop_rest(self, batch: list[Entry], start: int) -> None:
+        self._drop(batch[start:])  # disabled: never sent to the child
 
     def _call_hook(self, hook: Any, slot: str, *, quiet: bool = False) -> None:
         """``on_start``/``on_close``: run in the child (the hook itself was shipped)."""
@@ -249,18 +280,16 @@ class ProcessDelivery(ThreadDelivery):
                 return
             self._dead = True
             self.disabled = dead.reason
-            self.last_error = dead.error
-            if event is None:
-                self.hook_failures += 1
-            else:
-                self.failed += 1
-        self.engine.failed(self, event, dead.error, slot)
+            self.tally(event, dead.error, slot)
+        self.book.record(event, dead.error, slot, False)
         self.engine.wake_from_thread()  # barriers stop waiting for it
 
     def _message(self, message: wire.ToParent) -> None:
         """A message that is not a reply: a failure, a request, a log record, output."""
         if isinstance(message, wire.Failed):
             self._failed(message)
+        elif isinstance(message, wire.Disabled):
+            self._disabled(message)
         elif isinstance(message, wire.Request):
             self._request(message.data)
         elif isinstance(message, wire.Log):
@@ -280,19 +309,24 @@ class ProcessDelivery(ThreadDelivery):
             )
 
     def _failed(self, message: wire.Failed) -> None:
+        """A failure in the child: counted here; the first of its kind comes with its
+        exception (rebuilt here), a later one with its type's name only."""
         batch = self._in_hand
         index = message.index
         event = batch[index][1] if batch is not None and index >= 0 else None
+        exc = None if message.failure is None else wire.rebuild(message.failure)
         with self._lock:
             if self._abandoned:
                 return
-            self.last_error = exc = wire.rebuild(message.failure)
-            if event is None:
-                self.hook_failures += 1
-            else:
-                self.failed += 1
+            self.tally(event, exc, message.slot)
+            if event is not None:
                 self._batch_failures += 1
-        self.engine.failed(self, event, exc, message.slot, quiet=message.quiet)
+        self.book.record(event, exc, message.slot, message.quiet, message.kind)
+
+    def _disabled(self, message: wire.Disabled) -> None:
+        """The child switched the handler off at ``max_consecutive_failures``."""
+        self._batch_cut = message.cut
+        self.disable(message.reason)
 
     def _request(self, data: bytes) -> None:
         if self.on_request is None:

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util  # its exit handler first, so that ours runs before it
 import os
+import pickle
 import signal
+import sys
 import time
+import types
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +39,15 @@ from ..._util.log import get_logger
 from ...errors import CallbackProcessError, describe
 from . import child, wire
 
-__all__ = ["START_METHOD_ENV", "ChildProcess", "Dead", "OnMessage", "start_method"]
+__all__ = [
+    "START_METHOD_ENV",
+    "ChildProcess",
+    "Dead",
+    "OnMessage",
+    "dumps_for_child",
+    "main_importable",
+    "start_method",
+]
 
 _log = get_logger()
 
@@ -73,6 +85,42 @@ def _context() -> Any:
         # each child forks from a server that has the runtime imported already
         ctx.set_forkserver_preload(["__main__", "evsys_async.bus._delivery.child"])
     return ctx
+
+
+def main_importable() -> bool:
+    """A child can import what ``__main__`` defines: it runs a script from its file, or
+    a module by name (``python -m``); not a notebook or ``python -c``, whose
+    ``__main__`` has neither (multiprocessing prepares a child from these two)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", None) is not None or bool(getattr(main, "__file__", None))
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles as ``pickle.dumps`` does, noting every class and function it pickles by
+    reference from ``__main__``."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.from_main: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type | types.FunctionType) and obj.__module__ == "__main__":
+            self.from_main.append(obj.__qualname__)
+        return NotImplemented
+
+
+def dumps_for_child(obj: Any) -> tuple[bytes, list[str]]:
+    """``obj`` pickled for a child process, and the names of the classes and functions
+    of ``__main__`` it refers to that a child cannot import (see
+    :func:`main_importable`); raises what ``pickle`` raises."""
+    buf = io.BytesIO()
+    pickler = _Pickler(buf)
+    pickler.dump(obj)
+    unreachable = [] if main_importable() else list(dict.fromkeys(pickler.from_main))
+    return buf.getvalue(), unreachable
 
 
 @atexit.register
@@ -245,6 +293,12 @@ class ChildProcess:
                 self._read_until_exit()
         proc.join(EXIT_GRACE)
         if proc.is_alive():
+            if alive:  # it exits at once after End (child._exit_now): something is wrong
+                _log.warning(
+                    "callback process did not exit after its end; killed",
+                    callback=self.name,
+                    grace_seconds=EXIT_GRACE,
+                )
             proc.kill()
             proc.join()
         _LIVE.discard(proc)

@@ -40,6 +40,9 @@ class TaskDelivery(Delivery):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # a wake is a park/unpark round trip of the task (a few us, more than the
+        # handler's call): 4x larger batches; events still wait at most batch_delay
+        self.batch_size = self.engine.batch_size * 4
         self._wake_evt = self.engine.new_event()
         self._woken = False
         self._running = False
@@ -95,8 +98,11 @@ class TaskDelivery(Delivery):
                         self._running = True
                         end = engine.walked
                         batch = self.take()
-                        await self._handle(batch)
-                        if self.on_batch_end is not None:
+                        if self.disabled is None:
+                            await self._handle(batch)
+                        else:
+                            self.drop_rest(batch, 0)
+                        if self.on_batch_end is not None and self.disabled is None:
                             # a flush is part of handling: barriers wait for it (as for def)
                             await self._call_hook(
                                 self.on_batch_end, "on_batch_end", quiet=only_failures(batch)
@@ -117,6 +123,7 @@ class TaskDelivery(Delivery):
                 if self.on_close is not None:
                     with anyio.CancelScope(shield=True), anyio.move_on_after(engine.close_timeout):
                         await self._call_hook(self.on_close, "on_close")
+                self.tell_failures()
                 self._closed = True
                 engine.notify()
 
@@ -137,15 +144,43 @@ class TaskDelivery(Delivery):
                     await undo_self_cancel(task, 0, self._scope)
 
     async def _handle(self, batch: list[Entry]) -> None:
-        handler = self.handler
-        timeout = self.timeout
-        envelopes = self.envelopes
-        bus_id = self.engine.bus_id
-        scope = self._scope
+        started = time.perf_counter()
+        if self.timeout is None and not self.envelopes:
+            await self._handle_plain(batch)
+        else:
+            await self._handle_wrapped(batch)
+        self.seconds += time.perf_counter() - started
+
+    async def _handle_plain(self, batch: list[Entry]) -> None:
+        """The everyday path: the event as it is, no timeout. Per event: the call, a
+        check that it did not cancel its own task (asyncio), a count."""
+        handler, scope = self.handler, self._scope
         task = self._current_task()  # None on trio: there a hook cannot cancel its own task
         base = task.cancelling() if task is not None else 0
         marks = self.on_batch_end is None  # without a flush, each event is done on return
-        started = time.perf_counter()
+        for seq, event in batch:
+            try:
+                await handler(event)
+            except BaseException as exc:
+                if await self._failure(batch, seq, event, exc, task, base):
+                    break
+            else:
+                if task is not None and task.cancelling() != base and not scope.cancel_called:
+                    # it cancelled its own task and returned: that cancel is not ours
+                    if await self._failure(batch, seq, event, None, task, base):
+                        break
+                else:
+                    self.delivered += 1
+            if marks:
+                self.handled_upto = seq + 1
+
+    async def _handle_wrapped(self, batch: list[Entry]) -> None:
+        """With envelopes, or a timeout per call (a call past it is cancelled)."""
+        handler, timeout, envelopes = self.handler, self.timeout, self.envelopes
+        bus_id, scope = self.engine.bus_id, self._scope
+        task = self._current_task()
+        base = task.cancelling() if task is not None else 0
+        marks = self.on_batch_end is None
         for seq, event in batch:
             arg = Envelope(bus_id, seq, event) if envelopes else event
             try:
@@ -154,22 +189,43 @@ class TaskDelivery(Delivery):
                 else:
                     with anyio.fail_after(timeout):
                         await handler(arg)
-            except Exception as exc:
-                self.count_failure(event, exc)
             except BaseException as exc:
-                self._base_failure(event, exc, "")
-                if task is not None:
-                    await undo_self_cancel(task, base, scope)
+                if await self._failure(batch, seq, event, exc, task, base):
+                    break
             else:
                 if task is not None and task.cancelling() != base and not scope.cancel_called:
-                    # it cancelled its own task and returned: that cancel is not ours
-                    self.count_failure(event, _self_cancel_error())
-                    await undo_self_cancel(task, base, scope)
+                    if await self._failure(batch, seq, event, None, task, base):
+                        break
                 else:
                     self.delivered += 1
             if marks:
                 self.handled_upto = seq + 1
-        self.seconds += time.perf_counter() - started
+
+    async def _failure(
+        self,
+        batch: list[Entry],
+        seq: int,
+        event: Event,
+        exc: BaseException | None,
+        task: Any,
+        base: int,
+    ) -> bool:
+        """Event ``seq``'s call failed (raised ``exc``; ``None``: it cancelled its own task
+        and returned). Counted; a self-cancel is withdrawn; the bus's own cancellation
+        propagates. True if that disabled the subscriber (the rest is dropped)."""
+        if exc is None:
+            self.count_failure(event, _self_cancel_error())
+        elif isinstance(exc, Exception):
+            self.count_failure(event, exc)
+            task = None  # nothing to withdraw
+        else:
+            self._base_failure(event, exc, "")
+        if task is not None:
+            await undo_self_cancel(task, base, self._scope)
+        if self.disabled is None:
+            return False
+        self.drop_after(batch, seq)
+        return True
 
     async def _call_hook(self, hook: Hook, slot: str, *, quiet: bool = False) -> None:
         scope = self._scope

@@ -161,8 +161,8 @@ class ThreadDelivery(Delivery):
             self._stuck_call = self._call_no
             event, slot = self._call_event, self._call_slot
             error = TimeoutError(f"def handler still running after {timeout}s; abandoned")
-            self.tally(event, error)
-        self.engine.failed(self, event, error, slot)
+            self.tally(event, error, slot)
+        self.book.record(event, error, slot, False)
         return math.inf
 
     def cancel(self) -> None:
@@ -210,8 +210,11 @@ class ThreadDelivery(Delivery):
                     self._run_call(item.fn, item.outcome)
                     continue
                 batch, end = item
-                self._handle(batch)
-                if self.on_batch_end is not None and not self._abandoned:
+                if self.disabled is None:
+                    self._handle(batch)
+                else:
+                    self.drop_rest(batch, 0)
+                if self.on_batch_end is not None and not self._abandoned and not self.disabled:
                     self._call_hook(self.on_batch_end, "on_batch_end", quiet=only_failures(batch))
                 self._done = end  # after the batch's publishes reached the intake
                 # collected lazily, at the next pump tick (a publish of a full batch or
@@ -223,6 +226,7 @@ class ThreadDelivery(Delivery):
                 self._call_hook(self.on_close, "on_close")
         finally:
             self._end()
+            self.tell_failures()
             self._finished = True
             engine.wake_from_thread()
 
@@ -251,16 +255,40 @@ class ThreadDelivery(Delivery):
 
     def _handle_untimed(self, batch: list[Entry]) -> None:
         # nothing abandons a call without a timeout: no clock, no lock per call
+        if self.envelopes:
+            self._handle_envelopes(batch)
+            return
         handler = self.handler
-        envelopes = self.envelopes
-        bus_id = self.engine.bus_id
         for seq, event in batch:
             try:
-                handler(Envelope(bus_id, seq, event) if envelopes else event)
+                handler(event)
             except BaseException as exc:  # in its own thread, anything is its failure
-                self.count_failure(event, exc, "")
+                if self._failed_in_batch(batch, seq, event, exc):
+                    break
             else:
                 self.delivered += 1
+
+    def _handle_envelopes(self, batch: list[Entry]) -> None:
+        handler, bus_id = self.handler, self.engine.bus_id
+        for seq, event in batch:
+            try:
+                handler(Envelope(bus_id, seq, event))
+            except BaseException as exc:  # in its own thread, anything is its failure
+                if self._failed_in_batch(batch, seq, event, exc):
+                    break
+            else:
+                self.delivered += 1
+
+    def _failed_in_batch(
+        self, batch: list[Entry], seq: int, event: Event, exc: BaseException
+    ) -> bool:
+        """Count event ``seq``'s failure; True if that disabled the subscriber (too many
+        failures in a row: the rest of the batch is dropped)."""
+        self.count_failure(event, exc, "")
+        if self.disabled is None:
+            return False
+        self.drop_after(batch, seq)
+        return True
 
     def _handle_timed(self, batch: list[Entry]) -> None:
         handler = self.handler
@@ -279,11 +307,14 @@ class ThreadDelivery(Delivery):
             if self._call_ended(call, True):
                 if self._abandoned:
                     break  # closed while stuck: the rest was counted as dropped
+                if self.disabled is not None:  # that timeout was one too many
+                    self.drop_after(batch, seq)
+                    break
                 continue  # counted as failed when it was abandoned at its timeout
             if error is None:
                 self.delivered += 1
-            else:
-                self.count_failure(event, error, "")
+            elif self._failed_in_batch(batch, seq, event, error):
+                break
         self._call_event = None
 
     def _call_ended(self, call: int, timed: bool) -> bool:
@@ -316,8 +347,12 @@ class ThreadDelivery(Delivery):
         self, event: Event | None, exc: BaseException, slot: str = "", *, quiet: bool = False
     ) -> None:
         if self.timeout is None:
-            self.tally(event, exc)
+            self.tally(event, exc, slot)
         else:
             with self._lock:  # the loop counts an abandoned call under it too
-                self.tally(event, exc)
-        self.engine.failed(self, event, exc, slot, quiet=quiet)
+                self.tally(event, exc, slot)
+        self.book.record(event, exc, slot, quiet)
+
+    def drop_rest(self, batch: list[Entry], start: int) -> None:
+        with self._lock:  # abandon (the loop) counts drops under it too
+            super().drop_rest(batch, start)

@@ -10,8 +10,9 @@ Child -> parent (:data:`ToParent`): one reply per message that wants one —
 :class:`Ready` or :class:`Broken` after the program loaded (or did not),
 :class:`Done` after a batch or a hook, :class:`Returned` or :class:`Raised`
 after a call — and, at any time before it, :class:`Failed` (a handler or hook
-raised), :class:`Request` (for the subscriber's ``on_request``), :class:`Log`
-(a log record) and :class:`Output` (a line of stdout or stderr).
+raised), :class:`Disabled` (too many failures in a row), :class:`Request`
+(for the subscriber's ``on_request``), :class:`Log` (a log record) and
+:class:`Output` (a line of stdout or stderr).
 
 Each end decodes with the union of what the other may send, so a message of
 the wrong shape or an unknown tag is a :class:`~evsys_async.errors.CallbackProcessError`
@@ -36,6 +37,7 @@ __all__ = [
     "Batch",
     "Broken",
     "Call",
+    "Disabled",
     "Done",
     "End",
     "Failed",
@@ -75,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True):
     #: the parent's root logger level, and the levels set on its loggers by name
     root_level: int
     levels: dict[str, int]
+    #: this many event failures in a row disable the handler (None: never)
+    max_consecutive_failures: int | None = None
 
 
 # -- parent -> child -----------------------------------------------------------------
@@ -155,12 +159,25 @@ class Raised(msgspec.Struct, tag="raised", array_like=True):
 
 class Failed(msgspec.Struct, tag="failed", array_like=True):
     """A handler call (``index`` in the batch) or a hook (``index`` -1, its ``slot``)
-    raised; sent before the shared counter moves past the event."""
+    raised; sent before the shared counter moves past the event. Only the first
+    failure of its kind (event type or hook, exception type) carries the exception
+    (``failure``); a later one carries its type's name (``kind``) and nothing to
+    format: failing is cheap in the child too."""
 
     index: int
     slot: str
     quiet: bool
-    failure: Failure
+    failure: Failure | None
+    kind: str = ""
+
+
+class Disabled(msgspec.Struct, tag="disabled", array_like=True):
+    """The handler failed ``max_consecutive_failures`` times in a row: the events of the
+    batch from ``cut`` on were not handled (dropped); no flush follows. Sent after
+    that last failure's :class:`Failed`, before ``Done``."""
+
+    reason: str
+    cut: int
 
 
 class Request(msgspec.Struct, tag="request", array_like=True):
@@ -188,7 +205,7 @@ class Output(msgspec.Struct, tag="output", array_like=True):
 
 
 #: what the parent decodes
-ToParent = Ready | Broken | Done | Returned | Raised | Failed | Request | Log | Output
+ToParent = Ready | Broken | Done | Returned | Raised | Failed | Disabled | Request | Log | Output
 #: the messages that answer the one the parent sent (the rest may come at any time)
 REPLIES = (Ready, Broken, Done, Returned, Raised)
 

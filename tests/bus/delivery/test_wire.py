@@ -15,9 +15,11 @@ from evsys_async.bus._delivery import wire
 from evsys_async.callbacks._requests import (
     Checkpoint,
     Eval,
+    Health,
     Publish,
     Stop,
     apply,
+    decode_request,
     encode_request,
 )
 from evsys_async.errors import CallbackProcessError, ChildTraceback
@@ -43,6 +45,8 @@ def test_every_message_to_the_parent_crosses_and_comes_back_as_itself() -> None:
         wire.Returned(b"value"),
         wire.Raised(failure),
         wire.Failed(2, "", False, failure),
+        wire.Failed(3, "", False, None, "ValueError"),  # a repeat: its type's name only
+        wire.Disabled("3 failures in a row (the last: ValueError: x)", 4),
         wire.Request(b"opaque"),
         wire.Log("evsys_async.x", logging.WARNING, "hello", None),
         wire.Output(2, "a line\n"),
@@ -80,19 +84,25 @@ def test_each_request_applies_to_the_runs_state() -> None:
     state.bind(published.append)
     event = StopRequested(step=1, reason="custom")
     for request in (Checkpoint("best"), Eval(), Publish.of(event), Stop("plateau", True)):
-        apply(state, encode_request(request), callback="cb")
+        apply(state, decode_request(encode_request(request), callback="cb"))
     assert state.take_requests() == (["best"], True)
     assert published == [event]
     assert (state.stop_requested, state.stop_reason, state.stop_failed) == (True, "plateau", True)
 
 
-def test_an_unknown_request_is_an_error_that_names_it() -> None:
+def test_a_callbacks_health_crosses_as_itself_and_is_no_request_of_the_run() -> None:
+    health = Health(ev.Degraded("disk full", rows_lost=3, missing_from_step=7), "no server")
+    assert decode_request(encode_request(health), callback="cb") == health
     state = ev.LoopState()
+    apply(state, health)  # the adapter keeps it; the run's state is not touched
+    assert not state.has_requests and not state.stop_requested
+
+
+def test_an_unknown_request_is_an_error_that_names_it() -> None:
     with pytest.raises(ValueError, match=r"callback 'cb'.*'rewind'.*stop, checkpoint"):
-        apply(state, msgspec.msgpack.encode(["rewind", 3]), callback="cb")
+        decode_request(msgspec.msgpack.encode(["rewind", 3]), callback="cb")
     with pytest.raises(ValueError, match="'stop'"):  # a known tag of the wrong shape
-        apply(state, msgspec.msgpack.encode(["stop"]), callback="cb")
-    assert not state.has_requests
+        decode_request(msgspec.msgpack.encode(["stop"]), callback="cb")
 
 
 def test_subscribe_takes_what_a_user_passes() -> None:
