@@ -308,9 +308,9 @@ def _health(run: ShutdownRun, closed: list[bool] | None) -> dict[str, CallbackHe
             stuck=sub.stuck or not ok,
             control_timeouts=adapter.control_timeouts,
             coalesced=st.coalesced,
-            # a callback that switched itself off says why (docs/callbacks.md), and so
-            # does one whose process died (docs/isolation.md)
-            disabled=adapter.disabled_reason or st.disabled,
+            # why it handled no more: the bus switched it off (setup failed, failures in
+            # a row, its process died: docs/isolation.md), else it switched itself off
+            disabled=st.disabled or adapter.disabled_reason,
             startup_seconds=st.startup_seconds,
             hook_failures=_hook_failures(st),
             degraded=_degraded(adapter),
