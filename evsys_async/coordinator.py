@@ -42,11 +42,13 @@ loop must agree with them.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from ._util.worker import in_daemon_thread
 from .errors import EvsysError
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "CoordinatorError",
     "StopDecision",
     "StopRequest",
+    "at_boundary_in_thread",
     "launch_env",
     "settle_ranks",
 ]
@@ -190,3 +193,23 @@ def settle_ranks(
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={size}")
     return rank, size
+
+
+async def at_boundary_in_thread(
+    at_boundary: Callable[..., StopDecision | None],
+    step: int,
+    request: StopRequest | None,
+) -> StopDecision | None:
+    """A blocking ``at_boundary(step, request, abandon=event)`` awaited from an event
+    loop's thread: the wait happens in a daemon worker thread; cancelling the await
+    sets ``abandon`` so the worker stops waiting (an implementation's
+    ``at_boundary_async`` in one line)."""
+    abandon = threading.Event()
+    try:
+        decision: StopDecision | None = await in_daemon_thread(
+            lambda: at_boundary(step, request, abandon=abandon),
+            name="evsys-coordinator:boundary",
+        )
+    finally:
+        abandon.set()
+    return decision

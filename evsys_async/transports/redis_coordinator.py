@@ -36,8 +36,13 @@ import uuid
 from typing import Any
 
 from .._util.log import get_logger
-from .._util.worker import in_daemon_thread
-from ..coordinator import CoordinatorError, StopDecision, StopRequest, settle_ranks
+from ..coordinator import (
+    CoordinatorError,
+    StopDecision,
+    StopRequest,
+    at_boundary_in_thread,
+    settle_ranks,
+)
 from . import _redis
 
 __all__ = ["RedisCoordinator"]
@@ -270,15 +275,7 @@ class RedisCoordinator:
         thread; cancelling it abandons the wait."""
         if request is None and not self._attention:
             return None
-        abandon = threading.Event()
-        try:
-            decision: StopDecision | None = await in_daemon_thread(
-                lambda: self.at_boundary(step, request, abandon=abandon),
-                name="evsys-coordinator:boundary",
-            )
-        finally:
-            abandon.set()
-        return decision
+        return await at_boundary_in_thread(self.at_boundary, step, request)
 
     def _failed_decision(self, step: int) -> StopDecision:
         assert self._failure is not None

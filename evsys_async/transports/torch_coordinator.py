@@ -52,8 +52,13 @@ import time
 from typing import Any
 
 from .._util.log import get_logger
-from .._util.worker import in_daemon_thread
-from ..coordinator import CoordinatorError, StopDecision, StopRequest, launch_env
+from ..coordinator import (
+    CoordinatorError,
+    StopDecision,
+    StopRequest,
+    at_boundary_in_thread,
+    launch_env,
+)
 from ..errors import import_extra
 
 __all__ = ["TorchDistributedCoordinator"]
@@ -236,15 +241,7 @@ class TorchDistributedCoordinator:
         thread; cancelling it abandons the wait."""
         if request is None and not self._attention:
             return None
-        abandon = threading.Event()
-        try:
-            decision: StopDecision | None = await in_daemon_thread(
-                lambda: self.at_boundary(step, request, abandon=abandon),
-                name="evsys-coordinator:boundary",
-            )
-        finally:
-            abandon.set()
-        return decision
+        return await at_boundary_in_thread(self.at_boundary, step, request)
 
     @property
     def pending(self) -> bool:
