@@ -9,7 +9,8 @@
   every text meant for people counts from 1 (:func:`human_step`), as
   ``[step_idx+1/num_steps]`` does.
 * Cadences (``every``, ``log_every``, ``run_every``, ``save_every``): fire
-  after step ``i`` when ``(i + 1) % k == 0`` (:func:`due`).
+  after step ``i`` when ``(i + 1) % k == 0`` (:func:`due`); a logger's
+  ``log_every`` also logs the last step that ran (:class:`Cadence`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["DEFAULT_EVAL_NAME", "due", "eval_metric_name", "fmt_value", "human_step"]
+from ..events import StepEnded
+
+__all__ = ["DEFAULT_EVAL_NAME", "Cadence", "due", "eval_metric_name", "fmt_value", "human_step"]
 
 #: the eval name that gets no segment of its own in metric names
 DEFAULT_EVAL_NAME = "val"
@@ -48,3 +51,27 @@ def human_step(step_idx: int | None) -> str:
 def due(step_idx: int, every: int) -> bool:
     """True after step ``step_idx`` for a cadence of ``every`` steps (0 = never)."""
     return every > 0 and (step_idx + 1) % every == 0
+
+
+class Cadence:
+    """A logger's ``log_every`` over ``StepEnded``: a step is logged when it is due or
+    the run's last; one that is not is held, so the last step that ran is logged at
+    the end whatever the cadence (:meth:`left`, at ``TrainEnded`` or teardown)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: StepEnded | None = None
+
+    def take(self, event: StepEnded, every: int) -> bool:
+        """True: log ``event`` now. False: it is held (replacing the one held)."""
+        if due(event.step, every) or event.step + 1 >= event.num_steps:
+            self._held = None
+            return True
+        self._held = event
+        return False
+
+    def left(self) -> StepEnded | None:
+        """The step held back, once (then ``None``): the last that ran, if unlogged."""
+        held, self._held = self._held, None
+        return held

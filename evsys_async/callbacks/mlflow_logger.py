@@ -53,7 +53,7 @@ from .._version import __version__
 from ..errors import import_extra, missing_extra
 from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
 from ..state import LoopState
-from ._format import due, eval_metric_name
+from ._format import Cadence, eval_metric_name
 from ._hparams import flat_hparams, hparams_of
 from ._mlflow import Plan, Point, Sender
 from ._values import benchmark_metrics, benchmark_name
@@ -120,14 +120,14 @@ class MlflowLoggerCallback(Callback):
         self._sender: Sender | None = None
         # a deque: a benchmark hook run by dispatch in another thread adds to it too
         self._points: deque[Point] = deque()
-        self._unlogged: StepEnded | None = None
+        self._cadence = Cadence()
         self._status = "FINISHED"
         self._renamed: dict[str, str] = {}
 
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self._sender, self._unlogged, self._status = None, None, "FINISHED"
+        self._sender, self._cadence, self._status = None, Cadence(), "FINISHED"
         self._points.clear()
         self.degraded = None
         if state.rank != 0:
@@ -207,11 +207,8 @@ class MlflowLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if due(event.step, self.log_every) or event.step + 1 >= event.num_steps:
-                self._unlogged = None
+            if self._cadence.take(event, self.log_every):
                 self._add(event.ts, event.step, event.metrics.items())
-            else:
-                self._unlogged = event
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)
             named = ((eval_metric_name(event.eval_name, k), v) for k, v in event.metrics.items())
@@ -245,7 +242,7 @@ class MlflowLoggerCallback(Callback):
 
     def _take_unlogged(self) -> None:
         """The last step that ran is logged whatever the cadence."""
-        last, self._unlogged = self._unlogged, None
+        last = self._cadence.left()
         if last is not None:
             self._add(last.ts, last.step, last.metrics.items())
 

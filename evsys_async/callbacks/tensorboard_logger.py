@@ -41,7 +41,7 @@ from .._util.rundir import claim_logger_dir, logger_path
 from ..errors import import_extra
 from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
 from ..state import LoopState
-from ._format import due, eval_metric_name
+from ._format import Cadence, eval_metric_name
 from ._hparams import flat_hparams, hparams_of, hparams_yaml
 from ._tfevents import EventFile, frame
 from ._values import benchmark_metrics, benchmark_name
@@ -99,14 +99,14 @@ class TensorBoardLoggerCallback(Callback):
         self.run_log_dir: Path | None = None
         self._file: EventFile | None = None
         self._protos: Any = None
-        self._unlogged: StepEnded | None = None
+        self._cadence = Cadence()
         self._resume_step = 0
         self._started = False
 
     # -- lifecycle (the callback's own thread) ------------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self._file, self._unlogged, self._started = None, None, False
+        self._file, self._cadence, self._started = None, Cadence(), False
         if state.rank != 0:
             return
         path = self._claim(state)
@@ -161,11 +161,8 @@ class TensorBoardLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if due(event.step, self.log_every) or event.step + 1 >= event.num_steps:
-                self._unlogged = None
+            if self._cadence.take(event, self.log_every):
                 self._scalars(events, event.ts, event.step, event.metrics.items())
-            else:
-                self._unlogged = event
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)
             named = ((eval_metric_name(event.eval_name, k), v) for k, v in event.metrics.items())
@@ -221,7 +218,7 @@ class TensorBoardLoggerCallback(Callback):
 
     def _log_unlogged(self, events: EventFile) -> None:
         """The last step that ran is logged whatever the cadence."""
-        last, self._unlogged = self._unlogged, None
+        last = self._cadence.left()
         if last is not None:
             self._scalars(events, last.ts, last.step, last.metrics.items())
 

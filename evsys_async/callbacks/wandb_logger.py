@@ -44,7 +44,7 @@ from .._util.log import get_logger
 from ..errors import describe, import_extra
 from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
 from ..state import Degraded, LoopState
-from ._format import due, eval_metric_name
+from ._format import Cadence, eval_metric_name
 from ._hparams import hparams_of
 from ._values import benchmark_metrics, benchmark_name, table_cell
 from .base import Callback
@@ -96,7 +96,7 @@ class WandbLoggerCallback(Callback):
         self.prefix = prefix.strip("/")
         #: why the callback is off for the current run (``None``: it is on)
         self.disabled_reason: str | None = None
-        self._unlogged: StepEnded | None = None
+        self._cadence = Cadence()
         self._lost = self._unsent = 0
         self._missing_from: int | None = None
 
@@ -105,7 +105,7 @@ class WandbLoggerCallback(Callback):
     def setup(self, state: LoopState) -> None:
         self.run = None
         self.disabled_reason = None
-        self.degraded, self._unlogged, self._missing_from = None, None, None
+        self.degraded, self._cadence, self._missing_from = None, Cadence(), None
         self._lost = self._unsent = 0
         if state.rank != 0:
             return
@@ -179,11 +179,8 @@ class WandbLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if due(event.step, self.log_every) or event.step + 1 >= event.num_steps:
-                self._unlogged = None
+            if self._cadence.take(event, self.log_every):
                 self._log(run, event.step, event.metrics.items())
-            else:
-                self._unlogged = event
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)
             named = ((eval_metric_name(event.eval_name, k), v) for k, v in event.metrics.items())
@@ -230,7 +227,7 @@ class WandbLoggerCallback(Callback):
 
     def _log_unlogged(self, run: Any) -> None:
         """The last step that ran is logged whatever the cadence."""
-        last, self._unlogged = self._unlogged, None
+        last = self._cadence.left()
         if last is not None:
             self._log(run, last.step, last.metrics.items())
 
