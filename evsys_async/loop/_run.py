@@ -28,12 +28,9 @@ run key, from its start until its teardown.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import msgspec
 
 from .._util.aio import Deadline, LoopWaker, shielded
 from .._util.log import get_logger
@@ -42,12 +39,9 @@ from ..bus import EventBus, Subscription
 from ..callbacks._adapter import CallbackAdapter
 from ..errors import describe
 from ..evaluators.base import open_evaluators
-from ..events import Event
 from ..state import LoopArtifacts, LoopState, Status
-from ._barrier import ControlBarrier
-from ._checkpoints import Checkpoints
 from ._control import Cancel, RunControl
-from ._evals import Evals
+from ._runcore import RunCore
 from ._runfiles import write_hparams
 from ._settings import RunSettings
 from ._shutdown import shutdown
@@ -60,7 +54,7 @@ __all__ = ["Run"]
 _log = get_logger()
 
 
-class Run:
+class Run(RunCore):
     """What one run's phases share (see the module docstring). Loop thread only."""
 
     def __init__(
@@ -76,34 +70,15 @@ class Run:
         control: RunControl | None = None,
         own_thread: bool = False,
     ) -> None:
-        self.settings = settings
-        self.state = state
-        self.artifacts = artifacts
-        self.adapters = adapters
-        self.bus = bus
-        #: the run made ``bus`` (and closes it)
-        self.owns_bus = owns_bus
-        self.run_key = settings.run_key
+        super().__init__(
+            settings, state, artifacts, adapters, bus, owns_bus=owns_bus, step_thread=step_thread
+        )
         state.eval_names = tuple(str(ev.name) for ev in settings.evaluators)
         state.start_step = settings.start_step
-        #: one per adapter, in order, once started
-        self.subs: list[Subscription] = []
-        #: where ``def`` steps (and a ``def`` checkpoint function) run
-        self.step_thread = step_thread
-        self.barrier = ControlBarrier(
-            control_timeout=settings.control_timeout,
-            every_callback=settings.callback_errors == "raise",
-        )
-        self.evals = Evals(self, settings)
-        self.checkpoints = Checkpoints(self, settings)
-        #: KeyboardInterrupt/SystemExit from one of this run's async hooks
-        self.interrupted: BaseException | None = None
         #: cancelled by an interrupt: ends the train phase after the current step
         self.train_scope = anyio.CancelScope()
         #: the shutdown's one deadline, set when it starts (in-flight evals included)
         self.deadline: Deadline | None = None
-        #: the rank whose stop request (or failure) ended this run, if one did
-        self.stop_rank: int | None = None
         #: the loop's control, which this run attaches to while it runs
         self.control = control
         #: the run has an event loop of its own (``run(own_thread=True)``)
@@ -119,19 +94,6 @@ class Run:
         self._taking_subscribers = True
         #: where a closed subscriber's subscription is ended while the run goes on
         self._side: anyio.abc.TaskGroup | None = None
-
-    # -- publishing --------------------------------------------------------------
-
-    def publish(self, event: Event) -> int | None:
-        """``state.publish``: a user's event, stamped with the run key (a copy: frozen)."""
-        rank = self.state.rank
-        if (self.run_key and not event.run_key) or event.rank != rank:
-            event = msgspec.structs.replace(event, run_key=event.run_key or self.run_key, rank=rank)
-        return self.bus.publish(event)
-
-    def emit(self, cls: type[Event], **fields: Any) -> int | None:
-        """Publish one of the loop's own events, built with the run key (no copy)."""
-        return self.bus.publish(cls(run_key=self.run_key, rank=self.state.rank, **fields))
 
     def on_interrupt(self, exc: BaseException) -> None:
         """An ``async def`` hook raised ``KeyboardInterrupt``/``SystemExit``: the run

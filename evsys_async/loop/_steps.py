@@ -41,7 +41,7 @@ from ._metrics import MetricReader, Pending
 from ._settings import RunSettings
 from ._step_thread import StepThread
 
-__all__ = ["StepFailed", "StepsRun", "train"]
+__all__ = ["StepFailed", "StepsRun", "begin", "train"]
 
 Metrics = dict[str, float] | Pending
 
@@ -71,18 +71,13 @@ class StepFailed(Exception):
         self.original = original
 
 
-async def train(run: StepsRun, settings: RunSettings) -> Status:
-    """``TrainStarted``, then the steps until the end, a stop or a failure.
-
-    With ranks, first joins the others (blocks, in the step thread, until all
-    are there). ``train_seconds`` runs from just before the first step to the
-    end of the last (boundaries included). Raises :class:`StepFailed` for a
-    step that raised; cancelled from outside, it ends after the step in progress.
-    """
+async def begin(run: StepsRun, settings: RunSettings) -> None:
+    """Before the first step: join the other ranks (in the step thread, which blocks
+    until every rank is there), then ``TrainStarted`` and its steering callbacks.
+    A loop run and a session's both begin so."""
     state = run.state
-    coordinator = settings.coordinator
-    if coordinator is not None:
-        await run.step_thread.for_calls().call(coordinator.start)
+    if settings.coordinator is not None:
+        await run.step_thread.for_calls().call(settings.coordinator.start)
     seq = run.emit(
         TrainStarted,
         num_steps=state.num_steps,
@@ -92,6 +87,17 @@ async def train(run: StepsRun, settings: RunSettings) -> Status:
         config=settings.hparams,
     )
     await run.barrier.wait(seq, TrainStarted)
+
+
+async def train(run: StepsRun, settings: RunSettings) -> Status:
+    """``TrainStarted``, then the steps until the end, a stop or a failure.
+
+    With ranks, first joins the others (blocks, in the step thread, until all
+    are there). ``train_seconds`` runs from just before the first step to the
+    end of the last (boundaries included). Raises :class:`StepFailed` for a
+    step that raised; cancelled from outside, it ends after the step in progress.
+    """
+    await begin(run, settings)
     if run.barrier.callback_error is not None:  # callback_errors="raise": before step 0
         return "failed"
     started = time.perf_counter()

@@ -28,21 +28,19 @@ import json
 from typing import Any
 
 import anyio
-import msgspec
 
 from .._util.aio import Deadline, shielded
 from ..bus import EventBus, Subscription
 from ..callbacks._adapter import CallbackAdapter
-from ..events import Event, StepEnded, TrainStarted
-from ..loop._barrier import ControlBarrier
+from ..events import Event, StepEnded
 from ..loop._boundary import Boundary, Plan
-from ..loop._checkpoints import Checkpoints
 from ..loop._control import Cancel
 from ..loop._convert import Converter
-from ..loop._evals import Evals
+from ..loop._runcore import RunCore
 from ..loop._settings import RunSettings
 from ..loop._shutdown import shutdown
 from ..loop._step_thread import StepThread
+from ..loop._steps import begin
 from ..state import LoopArtifacts, LoopState, Status
 
 __all__ = ["SessionRun", "no_step"]
@@ -53,7 +51,7 @@ def no_step(state: LoopState, step_idx: int) -> None:
     raise RuntimeError("a Session has no step function: the trainer runs the steps")
 
 
-class SessionRun:
+class SessionRun(RunCore):
     """One session's run on its bus (see the module docstring)."""
 
     def __init__(
@@ -63,29 +61,12 @@ class SessionRun:
         artifacts: LoopArtifacts,
         adapters: list[CallbackAdapter],
         bus: EventBus,
-        *,
-        config: dict[str, Any],
     ) -> None:
-        self.settings = settings
-        self.state = state
-        self.artifacts = artifacts
-        self.adapters = adapters
-        self.bus = bus
-        #: the session made ``bus``: the shutdown drains all of it and bounds its close
-        self.owns_bus = True
-        self.subs: list[Subscription] = []
-        #: where the coordinator's ``start``/``finish`` run (made when first needed)
-        self.step_thread = StepThread(f"evsys-session:{settings.run_key}", None, owned=True)
-        self.barrier = ControlBarrier(
-            control_timeout=settings.control_timeout,
-            every_callback=settings.callback_errors == "raise",
+        # the coordinator's ``start``/``finish`` run in the step thread (made when first needed)
+        step_thread = StepThread(f"evsys-session:{settings.run_key}", None, owned=True)
+        super().__init__(
+            settings, state, artifacts, adapters, bus, owns_bus=True, step_thread=step_thread
         )
-        self.evals = Evals(self, settings)
-        self.checkpoints = Checkpoints(self, settings)
-        #: the rank whose stop request (or failure) ended the run, once the ranks agreed
-        self.stop_rank: int | None = None
-        #: KeyboardInterrupt/SystemExit from one of the session's ``async def`` hooks
-        self.interrupted: BaseException | None = None
         #: device metrics to floats off the caller's thread, every event in step order
         self.converter = Converter(
             f"evsys-convert:{settings.run_key}",
@@ -94,7 +75,6 @@ class SessionRun:
                 StepEnded, step=step, num_steps=state.num_steps, metrics=metrics
             ),
         )
-        self._config = config
         #: the shutdown's view of a cancel (a session is never cancelled by loop.cancel)
         self.cancelling = anyio.Event()
         self.cancel_request: Cancel | None = None
@@ -103,21 +83,6 @@ class SessionRun:
         self._boundary: Boundary | None = None
 
     # -- what the phases call ------------------------------------------------------
-
-    def make(self, cls: type[Event], **fields: Any) -> Event:
-        """One of the run's own events, stamped with its run key and rank."""
-        return cls(run_key=self.settings.run_key, rank=self.state.rank, **fields)
-
-    def emit(self, cls: type[Event], **fields: Any) -> int | None:
-        """Publish one of the run's own events, stamped with its run key and rank."""
-        return self.bus.publish(self.make(cls, **fields))
-
-    def publish(self, event: Event) -> int | None:
-        """``state.publish``: a callback's event, stamped with the run key and rank."""
-        key, rank = self.settings.run_key, self.state.rank
-        if (key and not event.run_key) or event.rank != rank:
-            event = msgspec.structs.replace(event, run_key=event.run_key or key, rank=rank)
-        return self.bus.publish(event)
 
     def on_interrupt(self, exc: BaseException) -> None:
         """An ``async def`` hook raised ``KeyboardInterrupt``/``SystemExit``: the next
@@ -142,17 +107,7 @@ class SessionRun:
         self.barrier.watch(self.adapters, self.subs)
         self.plan = Plan(state, self.barrier, settings)
         self._boundary = Boundary(self, settings)
-        if settings.coordinator is not None:  # blocks until every rank is there
-            await self.step_thread.for_calls().call(settings.coordinator.start)
-        seq = self.emit(
-            TrainStarted,
-            num_steps=state.num_steps,
-            start_step=settings.start_step,
-            output_dir=str(state.run_dir),
-            world_size=state.world_size,
-            config=self._config,
-        )
-        await self.barrier.wait(seq, TrainStarted)
+        await begin(self, settings)
 
     async def boundary(self, step: int, steered: tuple[type[Event], ...]) -> Status | None:
         """The step boundary after ``step`` (the loop's): ``None`` to go on, or how the

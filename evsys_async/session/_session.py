@@ -432,14 +432,7 @@ class Session:
         config = hparams(self.config)
         if self.state.rank == 0:  # on disk before the first event, as for a loop run
             write_hparams(self.state.run_dir, config)
-        run = SessionRun(
-            self._settings(),
-            self.state,
-            self.artifacts,
-            self._adapters,
-            bus,
-            config=config,
-        )
+        run = SessionRun(self._settings(config), self.state, self.artifacts, self._adapters, bus)
         await run.start()
         self._run = run
         self._started = time.perf_counter()
@@ -453,9 +446,9 @@ class Session:
         self.artifacts.train_seconds = time.perf_counter() - self._started
         await run.end(status)
 
-    def _settings(self) -> RunSettings:
+    def _settings(self, config: dict[str, Any]) -> RunSettings:
         """The loop's settings record for this session's run: no step function, no
-        evaluators, no checkpoint function of ours."""
+        evaluators, no checkpoint function of ours; ``config``, its hyperparameters."""
         return RunSettings(
             step=no_step,
             run_key=self.run_key,
@@ -473,6 +466,7 @@ class Session:
             checkpoint_on_error=False,
             coordinator=self.coordinator,
             strict=self.strict,
+            hparams=config,
         )
 
     def _status(self, exc: BaseException | None, cancelled: bool) -> Status:
