@@ -52,7 +52,7 @@ from .evaluators import (
 )
 from .events import Envelope, Event
 from .experiment import Arm, ArmResult, Experiment, ExperimentResult, RunResult
-from .loop import TrainingLoop
+from .loop import LoopSubscription, TrainingLoop
 from .policies import DropOldest, Latest, Lossless
 from .replay import ReplayReport, read_events, replay
 from .session import Session
@@ -87,6 +87,7 @@ __all__ = [
     "LogContext",
     "LoopArtifacts",
     "LoopState",
+    "LoopSubscription",
     "Lossless",
     "MissingExtraError",
     "MlflowLoggerCallback",
