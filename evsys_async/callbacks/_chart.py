@@ -70,7 +70,9 @@ def sparkline(values: Sequence[float], width: int = 32) -> str:
             if (part := vals[i * n // width : (i + 1) * n // width])
         ]
     lo, hi = min(vals), max(vals)
-    if hi == lo:
+    # a constant (a learning rate) averaged over unequal shares differs in its last
+    # bits: drawn flat, not as noise blown up to the full height
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):
         return _BLOCKS[len(_BLOCKS) // 2] * len(vals)
     top = len(_BLOCKS) - 1
     return "".join(_BLOCKS[round((v - lo) / (hi - lo) * top)] for v in vals)

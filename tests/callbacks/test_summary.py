@@ -129,6 +129,9 @@ def test_series_stay_bounded_and_spread() -> None:
 def test_sparkline() -> None:
     assert sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
     assert sparkline([5.0, 5.0]) == "▅▅"
+    # 90 equal values in 32 shares: the means differ in their last bits, the line is flat
+    assert sparkline([0.1] * 90) == "▅" * 32
+    assert sparkline([0.0, 0.0]) == "▅▅"
     assert sparkline([float("nan")]) == ""
     assert len(sparkline(list(range(1000)), width=20)) == 20
 
