@@ -208,12 +208,14 @@ class LocalLoggerCallback(Callback):
             envs, self._envelopes = self._envelopes, []
             self._events.write(_encode_envelopes(envs), lambda: [_step_of(e) for e in envs])
         self._envelopes = []
-        if self._printed:
-            sys.stdout.write("\n".join(self._printed) + "\n")
-            sys.stdout.flush()
-            self._printed = []
         if self._metrics is not None:
             self._update_degraded()
+        if self._printed:  # last: a closed stdout fails the hook, never the files
+            lines, self._printed = self._printed, []
+            out = sys.stdout
+            if out is not None:  # None under pythonw or redirect_stdout(None)
+                out.write("\n".join(lines) + "\n")
+                out.flush()
 
     def _update_degraded(self) -> None:
         self.degraded = degraded_of([self._metrics, self._events], self._summary_trouble)

@@ -105,6 +105,44 @@ async def test_predictions_through_dispatch(tmp_path: Path) -> None:
     ]
 
 
+class _ClosedStdout:
+    """A stdout whose reader went away (``| head``): every write fails."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("stdout", ["none", "closed"])
+async def test_printing_nowhere_never_costs_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str
+) -> None:
+    """No stdout (``pythonw``, ``redirect_stdout(None)``): the lines are dropped, no
+    hook fails. A stdout that fails: each flush's lines are tried once (never kept to
+    be printed again), and every row still reaches the files."""
+    closed = _ClosedStdout()
+    monkeypatch.setattr("sys.stdout", None if stdout == "none" else closed)
+    cb = LocalLoggerCallback(print_every=1)
+    with anyio.fail_after(WAIT):
+        sub = await drive(cb, make_state(tmp_path, num_steps=20), run_events(20), wait_each=True)
+    run_dir = tmp_path / "r1"
+    assert [r["step"] for r in lines(run_dir / "metrics.jsonl")] == list(range(20))
+    assert len(list(read_jsonl(run_dir / "events.jsonl"))) == 22
+    failures = sub.stats().failed_hooks
+    if stdout == "none":
+        assert failures == {}
+    else:
+        assert set(failures) == {"flush"}
+        assert closed.writes == failures["flush"] >= 1  # one try per flush that had lines
+        assert cb._printed == []
+
+
 async def test_resume_appends(tmp_path: Path) -> None:
     with anyio.fail_after(WAIT):
         await drive(
