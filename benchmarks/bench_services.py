@@ -245,8 +245,7 @@ def measure(args: argparse.Namespace, backend: str, tmp: Path) -> dict[str, Any]
                 base = base or s
                 seconds.setdefault(load, []).append(s)
                 ratios.setdefault(load, []).append(base / s)
-                if load != "0 clients":
-                    lat.setdefault(load, []).extend(latencies)
+                lat.setdefault(load, []).extend(latencies)
     return {"seconds": seconds, "ratios": ratios, "latency": lat}
 
 

@@ -221,8 +221,9 @@ class Feed:
 class Stream:
     """One SSE client of a run: where it is in the run's feed, and what it lost."""
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Feed, flush_every: float = 0.0) -> None:
         self.feed = feed
+        self.flush_every = flush_every
         self.sent = 0  # events written to the client
         self.dropped = 0  # events that left the history before the client took them
         self.writes = 0  # wake-ups that wrote something
@@ -244,6 +245,8 @@ class Stream:
                 self.writes += 1
                 cursor = end
                 yield chunk  # waits while the client's socket is full: no wake-ups meanwhile
+                if self.flush_every > 0:
+                    await anyio.sleep(self.flush_every)  # what comes meanwhile: one write
             elif feed.ended:
                 return
             else:
@@ -303,6 +306,8 @@ class Service:
         max_body: int = 64 * 1024,
         stop_grace: float = 10.0,
         cancel_grace: float = 5.0,
+        flush_every: float = 0.1,
+        send_buffer: int = 64 * 1024,
     ) -> None:
         self.output_dir = Path(output_dir).resolve()
         self.steps = dict(steps)
@@ -314,6 +319,8 @@ class Service:
         self.max_body = max_body
         self.stop_grace = stop_grace  # DELETE: how long a run may take to stop
         self.cancel_grace = cancel_grace  # a cancelled def step's thread: then abandoned
+        self.flush_every = flush_every  # a client writes at most this often
+        self.send_buffer = send_buffer  # a connection's kernel send buffer (SO_SNDBUF)
         self.runs: dict[str, Run] = {}
         self.tg: Any = None
         self.accepting = False
@@ -512,7 +519,7 @@ class Service:
 
     async def open_stream(self, run: Run) -> Stream:
         """A client of ``run``: it gets the run from its oldest kept event on."""
-        return Stream(run.feed)
+        return Stream(run.feed, self.flush_every)
 
     def response(self, stream: Stream) -> Any:
         inner = StreamingResponse(
@@ -622,10 +629,7 @@ async def serve(
                 def capture_signals(self) -> Any:
                     yield  # not Uvicorn's: it re-raises the signal after the shutdown
 
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(1024)
+            sock = _server_socket(host, port, service.send_buffer)
             config = uvicorn.Config(
                 app,
                 log_config=None,
@@ -656,7 +660,7 @@ async def serve(
                 await service.cancel_runs()  # the runs end, so their streams do
 
             config = hypercorn.Config()
-            config.bind = [f"{host}:{port}"]
+            config.bind = [f"fd://{_server_socket(host, port, service.send_buffer).detach()}"]
             config.errorlog = None
             config.backlog = 1024
             config.graceful_timeout = service.stream_grace
@@ -664,6 +668,20 @@ async def serve(
                 partial(hypercorn.trio.serve, app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
             )
             task_status.started(binds[0])
+
+
+def _server_socket(host: str, port: int, send_buffer: int) -> socket.socket:
+    """The listening socket. Each connection inherits its options: TCP_NODELAY (a
+    reply's headers and body do not wait 40 ms for the client's delayed ACK) and a
+    kernel send buffer of ``send_buffer`` bytes, so a client that stops reading stops
+    its stream's writes within that much (the kernel would grow it to megabytes)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind((host, port))
+    sock.listen(1024)
+    return sock
 
 
 async def serve_until_signal(
