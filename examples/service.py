@@ -162,7 +162,7 @@ class Feed:
         self._changed = anyio.Event()
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
-        self._chunk: tuple[int, int, bytes] = (0, 0, b"")
+        self._chunk: tuple[int, int, bytes, int] = (0, 0, b"", 0)
 
     @property
     def end(self) -> int:
@@ -207,23 +207,30 @@ class Feed:
         """Wait for the next batch (or the end)."""
         await self._changed.wait()
 
-    def since(self, cursor: int) -> tuple[int, bytes]:
-        """The frames from ``cursor`` (or the oldest kept) on, as one piece, and the
-        index after them. Clients at the same place share the piece."""
-        start, end = max(cursor, self.first), self.end
-        if start >= end:
-            return end, b""
-        if self._chunk[:2] != (start, end):
-            self._chunk = (start, end, b"".join(self.frames[start - self.first :]))
-        return end, self._chunk[2]
+    def since(self, cursor: int, limit: int) -> tuple[int, bytes]:
+        """The frames from ``cursor`` (or the oldest kept) on, as one piece of about
+        ``limit`` bytes at most (at least one frame), and the index after them.
+        Clients at the same place share the piece."""
+        start = max(cursor, self.first)
+        if start >= self.end:
+            return start, b""
+        if self._chunk[0] != start or (self._chunk[1] < self.end and self._chunk[3] < limit):
+            frames, size, i = [], 0, start - self.first
+            while i < len(self.frames) and (not frames or size + len(self.frames[i]) <= limit):
+                frames.append(self.frames[i])
+                size += len(self.frames[i])
+                i += 1
+            self._chunk = (start, self.first + i, b"".join(frames), size)
+        return self._chunk[1], self._chunk[2]
 
 
 class Stream:
     """One SSE client of a run: where it is in the run's feed, and what it lost."""
 
-    def __init__(self, feed: Feed, flush_every: float = 0.0) -> None:
+    def __init__(self, feed: Feed, flush_every: float = 0.0, max_write: int = 64 * 1024) -> None:
         self.feed = feed
         self.flush_every = flush_every
+        self.max_write = max_write
         self.sent = 0  # events written to the client
         self.dropped = 0  # events that left the history before the client took them
         self.writes = 0  # wake-ups that wrote something
@@ -239,13 +246,15 @@ class Stream:
             if cursor < feed.first:
                 self.dropped += feed.first - cursor
                 cursor = feed.first
-            end, chunk = feed.since(cursor)
+            end, chunk = feed.since(cursor, self.max_write)
             if chunk:
                 self.sent += end - cursor
                 self.writes += 1
                 cursor = end
-                yield chunk  # waits while the client's socket is full: no wake-ups meanwhile
-                if self.flush_every > 0:
+                # waits while the client's socket is full: no wake-ups meanwhile, and at
+                # most max_write bytes of it held beside the kernel's send buffer
+                yield chunk
+                if cursor == feed.end and self.flush_every > 0:
                     await anyio.sleep(self.flush_every)  # what comes meanwhile: one write
             elif feed.ended:
                 return
@@ -301,6 +310,7 @@ class Service:
         step_params: Mapping[str, type[msgspec.Struct]] = STEP_PARAMS,
         callbacks: Sequence[str] = CALLBACKS,
         history: int = 10_000,
+        backlog: int = 10_000,
         keep_finished: int = 100,
         stream_grace: float = 10.0,
         max_body: int = 64 * 1024,
@@ -314,6 +324,7 @@ class Service:
         self.step_params = dict(step_params)
         self.callbacks = tuple(callbacks)
         self.history = history  # events kept per run, for every client
+        self.backlog = backlog  # events the run's follower may have waiting, then drops
         self.keep_finished = keep_finished  # ended runs kept (with their history)
         self.stream_grace = stream_grace  # at shutdown, how long a stream may finish
         self.max_body = max_body
@@ -409,7 +420,7 @@ class Service:
         follower = loop.subscribe(
             feed.record,
             envelopes=True,
-            policy=ev.DropOldest(self.history),
+            policy=ev.DropOldest(self.backlog),
             name=f"sse:{key}",
             on_batch_end=feed.publish,
             on_close=feed.close,

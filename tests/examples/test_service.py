@@ -1,8 +1,9 @@
-"""examples/service.py: runs started over HTTP on the service's bus, their events as
-server-sent events, stop, shutdown mid-run, and refusal of untrusted input.
+"""examples/service.py: runs started over HTTP, each on an event loop of its own, their
+events as server-sent events, stop and cancel, shutdown mid-run, and refusal of
+untrusted input.
 
-Real servers on loopback: Uvicorn (and sse-starlette) on asyncio, Hypercorn (and
-Starlette's StreamingResponse) on trio.
+Real servers on loopback: Uvicorn on asyncio, Hypercorn on trio; real clients (httpx
+streams, raw sockets that never read).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import json
 import socket
 import sys
+import threading
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -30,12 +32,29 @@ service_mod = load_example("service")
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]  # the service serves HTTP on a socket
 
 
-class Gate:
-    """Holds a run's step ``params.hold_at`` until released; says when it got there."""
+class Flag:
+    """A flag set from any thread, awaited from any event loop (a run has its own)."""
 
     def __init__(self) -> None:
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await anyio.to_thread.run_sync(self._event.wait, abandon_on_cancel=True)
+
+
+class Gate:
+    """Holds a run's step ``params.hold_at`` until released; says when it got there.
+    The step runs on the run's own event loop, the test on the service's."""
+
+    def __init__(self) -> None:
+        self.holding = Flag()
+        self.release = Flag()
 
     async def step(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
         if step_idx == int(state.ctx.run_config.get("fail_at", -1)):
@@ -48,23 +67,26 @@ class Gate:
 
 
 class Service(service_mod.Service):  # type: ignore[name-defined,misc]
-    """The example's service, telling the test when a stream client is subscribed."""
+    """The example's service, telling the test when stream clients come and go."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.streams = 0
+        self.streams: list[Any] = []
         self.stream_opened = anyio.Event()
-
         self.stream_closed = anyio.Event()
+        self.want_streams = 1
+        self.closed_streams = 0
 
     async def open_stream(self, run: Any) -> Any:
         stream = await super().open_stream(run)
-        self.streams += 1
-        self.stream_opened.set()
+        self.streams.append(stream)
+        if len(self.streams) >= self.want_streams:
+            self.stream_opened.set()
         close = stream.aclose
 
         async def aclose() -> None:
             await close()
+            self.closed_streams += 1
             self.stream_closed.set()
 
         stream.aclose = aclose
@@ -90,6 +112,7 @@ async def running(
                 yield service, gate, client, stop
         finally:
             stop.set()
+    gate.release.set()  # a step still held (its run cancelled) lets its thread go
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:
@@ -150,12 +173,24 @@ async def test_sse_clients_receive_every_event_of_a_short_run_in_order(
     assert steps == list(range(6))
 
 
+def _stall(host: str, port: int, key: str, n: int) -> list[socket.socket]:
+    """``n`` clients that ask for the run's stream, then never read, on a tiny window."""
+    socks = []
+    for _ in range(n):
+        stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        socks.append(stalled)
+        stalled.connect((host, port))
+        stalled.sendall(f"GET /runs/{key}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return socks
+
+
 async def test_a_stalled_sse_client_leaves_training_going(
     tmp_path: Path, anyio_backend: str
 ) -> None:
     num_steps = 3000
     with anyio.fail_after(60):
-        async with running(tmp_path, anyio_backend, client_window=20) as (service, gate, client, _):
+        async with running(tmp_path, anyio_backend, history=20) as (service, gate, client, _):
             request = {
                 "run_key": "big", "step": "gated", "num_steps": num_steps,
                 "params": {"hold_at": 0, "width": 100},  # ~2.5 kB an event
@@ -163,30 +198,81 @@ async def test_a_stalled_sse_client_leaves_training_going(
             assert (await client.post("/runs", json=request)).status_code == 201
             await gate.holding.wait()
             host, port = str(client.base_url.host), client.base_url.port
-            # a client that asks for the stream, then never reads, on a tiny window
-            stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            socks = await anyio.to_thread.run_sync(_stall, host, port, "big", 1)
             try:
-                await anyio.to_thread.run_sync(stalled.connect, (host, port))
-                ask = f"GET /runs/big/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-                await anyio.to_thread.run_sync(stalled.sendall, ask)
                 await service.stream_opened.wait()
                 gate.release.set()
                 await service.runs["big"].done.wait()  # training ran to its end meanwhile
-                stats = service.bus.stats()
             finally:
-                stalled.close()
+                for stalled in socks:
+                    stalled.close()
     run = service.runs["big"]
     assert run.status == "completed"
     assert run.loop.artifacts.steps_completed == num_steps
-    # the client really was stalled: its subscriber fell behind and dropped the oldest
-    assert stats["sse:big"].dropped > 0
-    assert stats["history:big"].dropped == 0
+    # the client really was stalled: it fell behind the run's 20 kept events and lost
+    # the oldest, while the run's one subscriber lost nothing
+    (stream,) = service.streams
+    assert stream.dropped > 0
+    assert stream.sent + stream.dropped <= run.feed.end
+    assert run.follower.stats().dropped == 0
 
 
-async def test_a_client_that_goes_away_ends_its_stream_and_subscription(
+async def test_stalled_clients_cost_the_run_nothing_per_step(
     tmp_path: Path, anyio_backend: str
 ) -> None:
+    """Counted: the run's bus has the same subscribers and deliveries with 40 stalled
+    clients as with none; the service's loop is woken once per batch of events, not
+    per client or event; a stalled client's writes stop once its socket is full."""
+    num_steps, clients = 2000, 40
+    counts = {}
+    with anyio.fail_after(90):
+        async with running(tmp_path, anyio_backend) as (service, gate, client, _):
+            service.want_streams = clients
+            gate.release.set()
+            for key, n in (("alone", 0), ("watched", clients)):
+                request = {
+                    "run_key": key, "step": "gated", "num_steps": num_steps,
+                    "params": {"hold_at": 0 if n else -1, "width": 100},  # ~2.5 kB an event
+                }  # fmt: skip
+                if n:
+                    gate.release, gate.holding = Flag(), Flag()
+                assert (await client.post("/runs", json=request)).status_code == 201
+                socks: list[socket.socket] = []
+                try:
+                    if n:
+                        await gate.holding.wait()
+                        host, port = str(client.base_url.host), client.base_url.port
+                        socks = await anyio.to_thread.run_sync(_stall, host, port, key, n)
+                        await service.stream_opened.wait()
+                        gate.release.set()
+                    await service.runs[key].done.wait()
+                    run = service.runs[key]
+                    counts[key] = (run.follower.stats(), run.feed.batches, run.feed.end)
+                    # what each stalled client was sent, before it hangs up
+                    sent = [(s.writes, s.sent) for s in service.streams if s.feed is run.feed]
+                finally:
+                    for stalled in socks:
+                        stalled.close()
+    (alone, _, events), (watched, watched_batches, watched_events) = (
+        counts["alone"],
+        counts["watched"],
+    )
+    # the run's side: the same events with or without clients (the run's own, and at
+    # most a health event of the bus's), its one follower handling each once
+    assert num_steps + 2 <= watched_events <= events + 2
+    assert num_steps + 2 <= events <= watched_events + 2
+    assert (alone.delivered, watched.delivered) == (events, watched_events)
+    assert alone.dropped == watched.dropped == 0
+    # the service's loop: one wake-up per batch (never per event, nor per client)
+    assert watched_batches <= events // 2
+    assert service.runs["watched"].loop.artifacts.status == "completed"
+    # each stalled client: its writes stopped with its socket full, far short of the run
+    assert len(sent) == clients
+    for writes, events_sent in sent:
+        assert writes <= events_sent < events // 4
+
+
+async def test_a_client_that_goes_away_ends_its_stream(tmp_path: Path, anyio_backend: str) -> None:
     with anyio.fail_after(30):
         async with running(tmp_path, anyio_backend) as (service, gate, client, _):
             request = {
@@ -203,14 +289,13 @@ async def test_a_client_that_goes_away_ends_its_stream_and_subscription(
                 received = b""
                 while b"id: 0\r\n" not in received:  # the first event came: hang up
                     received += await conn.receive()
-            # the client has gone; the stream notices at once or at its next event
+            # the client has gone; the stream notices at once or at its next write
             gate.release.set()
             await service.stream_closed.wait()
             await service.runs["gone"].done.wait()
-            stats = service.bus.stats()
     assert service.runs["gone"].status == "completed"
-    assert stats["sse:gone"].pending == 0
-    assert stats["sse:gone"].delivered < stats["history:gone"].delivered
+    (stream,) = service.streams
+    assert stream.sent < service.runs["gone"].feed.end
 
 
 async def test_a_failing_run_fails_alone_and_ended_runs_are_let_go(
