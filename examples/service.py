@@ -521,11 +521,12 @@ class Service:
                 raise BadRequest(f"request body of {length} bytes is over {limit} bytes", 413)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(f"request body over {limit} bytes (cut while reading)", 413)
-            chunks.append(chunk)
+        async with contextlib.aclosing(request.stream()) as body:
+            async for chunk in body:
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(f"request body over {limit} bytes (cut while reading)", 413)
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def open_stream(self, run: Run) -> Stream:

@@ -12,7 +12,9 @@ import contextlib
 import csv
 import inspect
 import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -484,3 +486,280 @@ def test_the_service_binds_to_loopback_by_default() -> None:
     assert inspect.signature(service_mod.serve).parameters["host"].default == "127.0.0.1"
     source = Path(service_mod.__file__).read_text()
     assert 'parser.add_argument("--host", default="127.0.0.1"' in source
+
+
+# -- stop now -------------------------------------------------------------------------
+
+
+def _finished_files(run_dir: Path, status: str) -> dict[str, Any]:
+    """The run's files are complete: events.jsonl ends with its TrainEnded, the manifest
+    and the summary are written. Returns the TrainEnded."""
+    last = envelopes(run_dir / "events.jsonl")[-1]["event"]
+    assert last["type"] == "TrainEnded" and last["status"] == status
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == status
+    assert (run_dir / "summary.md").exists()
+    return last
+
+
+async def test_delete_cancels_a_run_whose_step_hangs_after_the_grace(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend, stop_grace=0.2) as (service, gate, client, _):
+            request = {
+                "run_key": "hung",
+                "step": "gated",
+                "num_steps": 50,
+                "params": {"hold_at": 2},
+            }
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await gate.holding.wait()  # never released: the step hangs at its await
+            deleted = await client.delete("/runs/hung")
+            assert deleted.status_code == 202
+            await service.runs["hung"].done.wait()
+            status = (await client.get("/runs/hung")).json()
+    assert status["status"] == "cancelled"
+    assert status["steps_completed"] == 2
+    assert status["stop_reason"] == "did not stop within 0.2 s of a DELETE; cancelled"
+    ended = _finished_files(tmp_path / "out" / "hung", "cancelled")
+    assert ended["stop_reason"] == status["stop_reason"]
+
+
+class Stuck:
+    """A ``def`` step that blocks its thread at step 1 until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.holding = Flag()
+        self.release = threading.Event()
+
+    def step(self, state: ev.LoopState, step_idx: int) -> dict[str, float]:
+        if step_idx == 1:
+            self.holding.set()
+            self.release.wait(60)  # a stuck data loader: nothing can interrupt it
+        return {"loss": 1.0}
+
+
+async def test_delete_force_cancels_a_def_step_in_flight_at_once(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    stuck = Stuck()
+    gate = Gate()
+    service = Service(
+        tmp_path / "out", steps={"stuck": stuck.step, "gated": gate.step}, cancel_grace=0.2
+    )
+    app = service_mod.create_app(service)
+    stop = anyio.Event()
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                url = await tg.start(
+                    partial(service_mod.serve, app, backend=anyio_backend, port=0, stop=stop)
+                )
+                async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                    request = {"run_key": "stuck", "step": "stuck", "num_steps": 10}
+                    assert (await client.post("/runs", json=request)).status_code == 201
+                    await stuck.holding.wait()
+                    bad = await client.delete("/runs/stuck?force=yes")
+                    assert bad.status_code == 400
+                    assert bad.json()["detail"] == "force='yes': use ?force=true or leave it out"
+                    deleted = await client.delete("/runs/stuck?force=true")
+                    assert deleted.status_code == 202
+                    await service.runs["stuck"].done.wait()  # its thread abandoned
+                    status = (await client.get("/runs/stuck")).json()
+                stop.set()
+    finally:
+        stuck.release.set()
+    assert status["status"] == "cancelled" and status["steps_completed"] == 1
+    assert status["stop_reason"] == "cancelled through the service (DELETE ?force=true)"
+    _finished_files(tmp_path / "out" / "stuck", "cancelled")
+
+
+# -- every request bounded --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"params": {"delay": 1e308}}, "params of step 'toy': Expected `float` <= 10.0 - at `$.delay`"),
+        ({"params": {"delay": -1}}, "params of step 'toy': Expected `float` >= 0.0 - at `$.delay`"),
+        ({"params": {"delay": "soon"}}, "Expected `float`, got `str` - at `$.delay`"),
+        ({"params": {"dealy": 1}}, "params of step 'toy': Object contains unknown field `dealy`"),
+        ({"run_key": "a\nb"}, "run_key 'a\\nb': '\\n' is not allowed; a run key holds only letters, digits and '-', '_', '.'"),
+        ({"run_key": "evil\u202etxt.exe"}, "'\\u202e' is not allowed; a run key holds only letters"),
+        ({"run_key": "%2e%2e%2fevil"}, "'%' is not allowed"),
+        ({"run_key": "a b"}, "' ' is not allowed"),
+    ],
+)  # fmt: skip
+async def test_params_and_run_keys_are_checked_before_a_run_starts(
+    tmp_path: Path, anyio_backend: str, change: dict[str, Any], words: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (service, _, client, _):
+            request = {"run_key": "fresh", "step": "toy", "num_steps": 3, **change}
+            response = await client.post("/runs", json=request)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["detail"]
+    assert service.runs == {}
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+async def test_keys_of_any_script_and_their_links_percent_encoded(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (_, _, client, _):
+            request = {"run_key": "über-学習_1.0", "step": "toy", "num_steps": 2}
+            created = await client.post("/runs", json=request)
+            assert created.status_code == 201, created.text
+            link = created.json()["events"]
+            events = await read_sse(client, link)  # the link reaches the stream
+    assert link == "/runs/%C3%BCber-%E5%AD%A6%E7%BF%92_1.0/events"
+    assert events[-1][1] == "TrainEnded" and events[-1][2]["run_key"] == "über-学習_1.0"
+    assert (tmp_path / "out" / "über-学習_1.0" / "events.jsonl").exists()
+
+
+def _post_raw(host: str, port: int, head: bytes, body_chunks: Any) -> bytes:
+    """Send ``head`` then the chunks until the server stops taking them; the reply."""
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):  # the server refused the rest and closed
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        reply = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                reply += chunk
+    return reply
+
+
+def _chunked(total: int, size: int = 64 * 1024) -> Any:
+    piece = b"x" * size
+    for _ in range(total // size):
+        yield b"%x\r\n%s\r\n" % (size, piece)
+    yield b"0\r\n\r\n"
+
+
+def _head(host: str, **headers: str) -> bytes:
+    lines = ["POST /runs HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_bodies_over_the_limit_are_refused_while_they_stream_in(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path, anyio_backend) as (_, _, client, _):
+            host, port = str(client.base_url.host), client.base_url.port
+            # a Content-Length over the limit: refused before a byte of the body is sent
+            told = await anyio.to_thread.run_sync(
+                _post_raw, host, port, _head(host, **{"Content-Length": "300000000"}), []
+            )
+            # chunked: cut once past the limit (the client may send a little more)
+            cut = await anyio.to_thread.run_sync(
+                _post_raw,
+                host,
+                port,
+                _head(host, **{"Transfer-Encoding": "chunked"}),
+                _chunked(4 * 1024 * 1024),
+            )
+    for reply, words in (
+        (told, "request body of 300000000 bytes is over 65536 bytes"),
+        (cut, "request body over 65536 bytes (cut while reading)"),
+    ):
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413"), reply[:200]
+        assert b"connection: close" in head.lower()
+        if b"transfer-encoding: chunked" in head.lower():
+            body = body.split(b"\r\n")[1]
+        assert json.loads(body) == {"detail": words}
+
+
+# -- the example as a process: memory under a huge body, Ctrl-C ---------------------------
+
+
+@contextlib.contextmanager
+def _served(tmp_path: Path, backend: str) -> Any:
+    example = Path(service_mod.__file__)
+    cmd = [sys.executable, str(example), "--backend", backend, "--port", "0"]
+    cmd += ["--output-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        said = proc.stdout.readline()
+        assert said.startswith("serving on http://"), said + proc.stderr.read()
+        yield proc, said.split()[2]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+async def test_a_300_mb_body_leaves_the_servers_memory_alone(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with _served(tmp_path, anyio_backend) as (proc, url), anyio.fail_after(120):
+        host, port = url.removeprefix("http://").split(":")
+        async with httpx.AsyncClient(base_url=url) as client:  # warm: a run, a stream
+            request = {"run_key": "warm", "step": "toy", "num_steps": 3}
+            assert (await client.post("/runs", json=request)).status_code == 201
+            await read_sse(client, "/runs/warm/events")
+        before = _peak_rss_kb(proc.pid)
+        replies = []
+        for head in (
+            _head(host, **{"Content-Length": str(300 * 1024 * 1024)}),
+            _head(host, **{"Transfer-Encoding": "chunked"}),
+        ):
+            replies.append(
+                await anyio.to_thread.run_sync(
+                    _post_raw, host, int(port), head, _chunked(300 * 1024 * 1024)
+                )
+            )
+        after = _peak_rss_kb(proc.pid)
+    assert all(r.startswith(b"HTTP/1.1 413") for r in replies), [r[:100] for r in replies]
+    assert after - before < 30 * 1024, f"peak RSS grew {before} -> {after} kB"
+
+
+async def test_ctrl_c_cancels_the_runs_prints_the_summary_and_exits_130(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    with _served(tmp_path, anyio_backend) as (proc, url):
+        with anyio.fail_after(60):
+            async with httpx.AsyncClient(base_url=url) as client:
+                for key in ("one", "two"):
+                    request = {"run_key": key, "step": "toy", "num_steps": 100_000,
+                               "params": {"delay": 0.01}}  # fmt: skip
+                    assert (await client.post("/runs", json=request)).status_code == 201
+                connected = anyio.Event()
+                streams: list[list[tuple[int, str, Any]]] = []
+
+                async def watch() -> None:
+                    streams.append(await read_sse(client, "/runs/one/events", connected))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    await connected.wait()
+                    proc.send_signal(signal.SIGINT)
+            out, err = await anyio.to_thread.run_sync(proc.communicate)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "SIGINT received: cancelling the runs and stopping" in err
+    lines = out.splitlines()
+    assert lines[0] == f"2 run(s) in {tmp_path / 'out'}"
+    for key in ("one", "two"):
+        (line,) = [x for x in lines if x.startswith(f"  {key}: ")]
+        assert line.startswith(f"  {key}: cancelled after ")
+        assert line.endswith("/100000 steps (the service is shutting down)")
+        _finished_files(tmp_path / "out" / key, "cancelled")
+    (stream,) = streams
+    assert stream[-1][1] == "TrainEnded" and stream[-1][2]["status"] == "cancelled"
