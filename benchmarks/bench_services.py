@@ -271,7 +271,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="rounds (median of these)")
     ap.add_argument("--steps", type=int, default=3000, help="steps per run")
     ap.add_argument("--backend", default="both", choices=("asyncio", "trio", "both"))
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round; exits 1 if a target fails")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round; exits 1 if a target fails"
+    )
     ap.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     ap.add_argument("--serve", nargs=2, metavar=("BACKEND", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
