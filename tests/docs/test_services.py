@@ -32,3 +32,19 @@ def test_each_pattern_names_an_example_and_tests_that_exist() -> None:
 
 def test_the_readme_links_the_services_page() -> None:
     assert "(docs/services.md)" in (ROOT / "README.md").read_text()
+
+
+def test_the_services_defaults_are_the_ones_the_page_gives() -> None:
+    import inspect
+
+    from tests.servers import load_example
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(load_example("service").Service).parameters.items()
+    }
+    assert defaults["stop_grace"] == 10.0 and "`stop_grace` (10 s)" in DOC
+    assert defaults["cancel_grace"] == 5.0 and "`cancel_grace` seconds (5)" in DOC
+    assert defaults["max_body"] == 64 * 1024 and "`max_body` (64 kB)" in DOC
+    assert defaults["flush_every"] == 0.1 and "`flush_every` (100 ms)" in DOC
+    assert defaults["send_buffer"] == 64 * 1024 and "`SO_SNDBUF`, 64 kB" in DOC
