@@ -44,6 +44,11 @@ def rank_main(rank: int, world: int, port: int, out: str, scenario: str) -> None
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+#: steps a rank runs at most: with a dying rank, far more than the others need to
+#: notice it (40 fast steps took 0.1 s, which a loaded machine's notice could miss)
+STEPS = {"die": 1000}
+
+
 def _pace(rank: int, step: int, scenario: str) -> None:
     time.sleep(0.03 if rank == 2 else 0.002)  # rank 2 is the slow one
     if scenario == "die" and rank == 3 and step == 4:
@@ -56,7 +61,7 @@ def _session(
     with ev.Session(
         callbacks, output_dir=out, run_key="job", coordinator=coordinator, drain_timeout=20
     ) as session:
-        for step in range(40):
+        for step in range(STEPS.get(scenario, 40)):
             _pace(rank, step, scenario)
             session.step_ended(step, {"loss": float(step)})
             if session.should_stop:
