@@ -532,8 +532,13 @@ BOMB = "name: bomb\nnum_steps: 10\na: &a [lol, lol, lol, lol, lol, lol, lol, lol
             b"name: x\nnum_steps: 3\ndrain_timeout: 1e-308x\n",
             "bad.yaml:3: drain_timeout: expected float",
         ),
+        (
+            b"name: x\nnum_steps: 3\nparams:\n  dealy: 0.01\n",
+            "bad.yaml:4: params.dealy: unknown field 'dealy' — did you mean 'delay'? (step "
+            "'demo' takes: lr, batch_size, n_features, n_train, n_test, noise, delay)",
+        ),
     ],
-    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number"],
+    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number", "demo-param-typo"],
 )
 def test_a_bad_file_is_one_placed_line_and_exit_2(
     tmp_path: Path, content: bytes, expected: str

@@ -509,3 +509,31 @@ def test_a_callbacks_file_finds_a_kind_beside_it(tmp_path: Path) -> None:
     path.write_text('- {kind: "path_kinds3:Counter"}\n')
     (built,) = ev.config.load_callbacks(path)
     assert type(built).__name__ == "Counter"
+
+
+def test_the_demo_steps_params_are_checked_and_a_steps_config_is_honoured(tmp_path: Path) -> None:
+    """The demo's params (and any step function's ``Config``) are checked on load: a
+    misspelt name or a wrong type names the place and the step's params."""
+    msg = error_of(tmp_path, "num_steps: 3\nparams: {dealy: 0.01}\n")
+    assert "run.yaml:2: params.dealy: unknown field 'dealy' — did you mean 'delay'?" in msg
+    assert "(step 'demo' takes: lr, batch_size, n_features, n_train, n_test, noise, delay)" in msg
+    msg = error_of(tmp_path, "num_steps: 3\nparams: {lr: fast}\n")
+    assert "params.lr: expected float, got str 'fast'" in msg
+    msg = error_of(tmp_path, "name: e\nrun: {num_steps: 3}\narms: {a: {params: {batch: 2}}}\n")
+    assert "arms.a.params.batch: unknown field 'batch'" in msg
+    assert isinstance(load_text(tmp_path, "num_steps: 3\nparams: {delay: 0, lr: 0.2}\n"), RunConfig)
+    (tmp_path / "checked_steps.py").write_text(
+        "import msgspec\n"
+        "class P(msgspec.Struct, forbid_unknown_fields=True):\n"
+        "    width: int = 2\n"
+        "def step(state, i):\n"
+        "    return {}\n"
+        "step.Config = P\n"
+        "def free(state, i):\n"
+        "    return {}\n"
+    )
+    msg = error_of(tmp_path, "num_steps: 3\nstep: checked_steps:step\nparams: {widht: 3}\n")
+    assert "params.widht: unknown field 'widht' — did you mean 'width'?" in msg
+    assert "(step 'checked_steps:step' takes: width)" in msg
+    free = "num_steps: 3\nstep: checked_steps:free\nparams: {anything: 1}\n"
+    assert isinstance(load_text(tmp_path, free), RunConfig)
