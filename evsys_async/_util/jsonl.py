@@ -75,7 +75,11 @@ def trim_jsonl(path: Path, start_step: int) -> None:
     """Drop the lines of ``path`` whose ``"step"`` is ``start_step`` or later.
 
     A resumed run writes those steps again; without this they would appear twice.
-    Lines without a step are kept. Rewritten atomically; a missing file is fine.
+    Lines without a step are kept, and so is a checkpoint row whose
+    ``"resume_step"`` is at most ``start_step`` (an ``interrupted`` checkpoint
+    is saved during the step that failed: it holds only the steps before it,
+    and is what a resume at that step starts from). Rewritten atomically; a
+    missing file is fine.
     """
     if not path.exists():
         return
@@ -83,10 +87,12 @@ def trim_jsonl(path: Path, start_step: int) -> None:
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
-                step = json.loads(line).get("step")
+                row = json.loads(line)
+                step, resume = row.get("step"), row.get("resume_step")
             except (ValueError, AttributeError):
-                step = None
-            if not isinstance(step, int) or step < start_step:
+                step = resume = None
+            holds_only_earlier = isinstance(resume, int) and resume <= start_step
+            if not isinstance(step, int) or step < start_step or holds_only_earlier:
                 kept.append(line if line.endswith("\n") else line + "\n")
     write_atomic(path, "".join(kept), errors="raise")
 
