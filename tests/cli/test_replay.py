@@ -185,3 +185,33 @@ def test_cli_deep_lines_and_duplicates(recorded: Path) -> None:
     assert f"duplicates: {len(lines) - 1} envelope(s) repeated in the log" in done.stdout
     replayed = (root / "d" / "demo" / "metrics.csv").read_text()
     assert replayed == (recorded / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_cli_a_relative_path_out_of_the_replays_run_dir_is_refused(recorded: Path) -> None:
+    """``out_path: ../../x.csv`` or ``log_dir: ../tb`` would write outside the replay's
+    own run dir: one line naming the file, the place and the key, exit 2, nothing
+    written; an absolute path is the way to write elsewhere."""
+    root = recorded.parent.parent
+    for n, (kind, key, value) in enumerate(
+        [("csv_metrics", "out_path", "../../x.csv"), ("tensorboard_logger", "log_dir", "../tb")]
+    ):
+        (root / "esc.yaml").write_text(
+            "- {kind: csv_metrics, params: {out_path: m.csv}}\n"
+            f"- {{kind: {kind}, params: {{{key}: {value}}}}}\n"
+        )
+        done = cli("replay", "runs/demo", "--callbacks", "esc.yaml", "--output-dir", "o", cwd=root)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (
+            f"evsys-async: bad config: esc.yaml:2: callbacks[1].params ({kind}): {kind} {key} "
+            f"'{value}' leads out of the run directory; a relative path is inside the run "
+            "directory (a replay's or a consumer's own, too): give an absolute path to write "
+            "elsewhere\n"
+        ), n
+        assert not (root / "o").exists() and not (root.parent / "x.csv").exists()
+    (root / "abs.yaml").write_text(
+        f"- {{kind: csv_metrics, params: {{out_path: {root}/abs.csv}}}}\n"
+    )
+    done = cli("replay", "runs/demo", "--callbacks", "abs.yaml", "--output-dir", "o", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert (root / "abs.csv").read_text() == (recorded / "metrics.csv").read_text()
