@@ -846,3 +846,92 @@ def test_resume_continues_from_the_last_checkpoint_as_an_uninterrupted_run(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "12 of 12 steps (resumed at step 12)" in done.stdout
+
+
+BLOCKER = """\
+import os
+import sys
+
+ABSENT = set(filter(None, os.environ.get("EVSYS_TEST_ABSENT", "").split(",")))
+
+
+class Hiding:
+    \"\"\"A finder that finds nothing of $EVSYS_TEST_ABSENT and defers the rest: with every
+    finder wrapped, those modules look not installed (find_spec says None).\"\"\"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ABSENT:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
+"""
+
+
+@pytest.mark.parametrize(
+    ("section", "absent", "where", "extra"),
+    [
+        (
+            "transports:\n  - kind: redis\n    params: {url: 'redis://127.0.0.1:6379/0'}\n",
+            "redis",
+            "run.yaml:4: transports[0] (redis): the Redis transport (redis) needs",
+            "redis",
+        ),
+        (
+            "coordinator:\n  kind: redis\n  params: {url: 'redis://127.0.0.1:6379/0'}\n",
+            "redis",
+            "run.yaml:3: coordinator (redis): the Redis coordinator (redis) needs",
+            "redis",
+        ),
+        ("callbacks:\n  - {kind: wandb_logger}\n", "wandb", "run.yaml:4: callbacks[0]", "wandb"),
+        ("callbacks:\n  - {kind: mlflow}\n", "mlflow", "run.yaml:4: callbacks[0]", "mlflow"),
+        (
+            "callbacks:\n  - {kind: tensorboard_logger}\n",
+            "tensorboardX",
+            "run.yaml:4: callbacks[0]",
+            "tensorboard",
+        ),
+    ],
+    ids=["redis-transport", "redis-coordinator", "wandb", "mlflow", "tensorboard"],
+)
+def test_validate_names_a_missing_extra_with_its_place_and_install_command(
+    tmp_path: Path, section: str, absent: str, where: str, extra: str
+) -> None:
+    """The extra hidden by meta-path finders in a sitecustomize, as if not installed
+    (the checker itself is not touched): validate and run say it in one line, exit 2."""
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    (tmp_path / "run.yaml").write_text("name: x\nnum_steps: 3\n" + section)
+    absent_env = {**env(), "PYTHONPATH": str(tmp_path / "blocker"), "EVSYS_TEST_ABSENT": absent}
+    for command in ("validate", "run"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "evsys_async", command, "run.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=absent_env,
+            timeout=90,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"evsys-async: bad config: {where}"), proc.stderr
+        assert f"needs the optional dependency '{absent}'" in proc.stderr
+        assert f"pip install 'evsys-async[{extra}]'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    # the same config with the extra present: validate says ok
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "validate", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=90,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: run.yaml"), proc.stderr
