@@ -112,6 +112,7 @@ def cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             rank=args.rank,
             world_size=args.world_size,
             start="$" if args.from_now else "0",
+            err=err,
         )
 
     try:
