@@ -130,13 +130,11 @@ def _resumed(config: RunConfig, args: argparse.Namespace) -> tuple[RunConfig, in
     return config, resume_point(run_dir, config.num_steps)
 
 
-def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """``evsys-async run [CONFIG]``: run the config (or the demo) under the signal
-    handlers, then print the summary; returns the exit code. The first SIGINT or
-    SIGTERM stops the run after its shutdown, the second exits at once."""
-    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
-        print("evsys-async: --backend trio needs trio: pip install 'evsys-async[trio]'", file=err)
-        return EXIT_USAGE
+def _config_and_start(
+    args: argparse.Namespace, err: TextIO
+) -> tuple[RunConfig | ExperimentConfig, int]:
+    """The config with the command line's overrides, and the step the run starts at
+    (``> 0``: ``--resume``, said on ``err``)."""
     resume = getattr(args, "resume", None)
     if resume and args.config is None and Path(resume).is_file():
         # `run --resume run.yaml`: argparse gave the config to --resume
@@ -148,7 +146,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 "--resume continues one run; an experiment's runs are resumed one by one from "
                 "Python (TrainingLoop.run(start_step=k))"
             )
-        return _run_experiment(config, args.backend, out, err)
+        return config, 0
     config, start_step = _resumed(config, args)
     if start_step:
         print(
@@ -157,6 +155,19 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             file=err,
             flush=True,
         )
+    return config, start_step
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``evsys-async run [CONFIG]``: run the config (or the demo) under the signal
+    handlers, then print the summary; returns the exit code. The first SIGINT or
+    SIGTERM stops the run after its shutdown, the second exits at once."""
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        print("evsys-async: --backend trio needs trio: pip install 'evsys-async[trio]'", file=err)
+        return EXIT_USAGE
+    config, start_step = _config_and_start(args, err)
+    if isinstance(config, ExperimentConfig):
+        return _run_experiment(config, args.backend, out, err)
     loop = build_loop(config)
     tracker = EvalTracker(watched_metric(config))
 
