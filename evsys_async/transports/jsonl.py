@@ -300,10 +300,11 @@ class EventLogReader:
         """Append the envelopes to the batch in hand, less the duplicates."""
         highest = self._highest
         fresh: list[Any] | None = None  # made only once a duplicate turns up
-        bus, top = "", -1
+        bus: str | None = None
+        top = -1
         for i, envelope in enumerate(decoded):
             if envelope.bus_id != bus:
-                if bus:
+                if bus is not None:
                     highest[bus] = top
                 bus = envelope.bus_id
                 top = highest.get(bus, -1)
@@ -316,7 +317,7 @@ class EventLogReader:
                 if fresh is None:
                     fresh = decoded[:i]
                 self.duplicates += 1
-        if bus:
+        if bus is not None:
             highest[bus] = top
         kept = decoded if fresh is None else fresh
         self._batch().envelopes.extend(kept)
