@@ -2,7 +2,10 @@
 
 The rules of every figure here: medians of at least 7 interleaved runs, the spread printed beside
 the median, counts checked before anything is printed. Benchmarks only print;
-nothing here asserts a wall-clock figure.
+nothing here asserts a wall-clock figure. A target is printed through
+:func:`verdict`, and every script runs its ``main`` through :func:`run_main`,
+which exits 1 when a printed target was missed (``--quick`` smoke runs in CI
+included), so a FAIL on the screen is a failure for the shell as well.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = [
     "CountMismatch",
@@ -21,8 +24,13 @@ __all__ = [
     "machine",
     "med",
     "print_table",
+    "run_main",
     "spread",
+    "verdict",
 ]
+
+#: the targets missed so far in this process, as :func:`verdict` was told them
+_missed: list[str] = []
 
 
 class CountMismatch(AssertionError):
@@ -94,3 +102,22 @@ def machine() -> str:
         f"({platform.python_implementation()}), {platform.system()} {platform.release()}; "
         + ", ".join(libs)
     )
+
+
+def verdict(ok: bool, what: str, *, words: tuple[str, str] = ("PASS", "FAIL")) -> str:
+    """The word a benchmark prints for one target (``PASS``/``FAIL`` by default, or
+    the table's own pair); a missed target is remembered, and :func:`run_main`
+    exits 1 for it."""
+    if not ok:
+        _missed.append(what)
+    return words[0] if ok else words[1]
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main()``; exit 1 when any target printed through
+    :func:`verdict` was missed, naming them on stderr."""
+    main()
+    if _missed:
+        sys.stdout.flush()
+        print(f"\n{len(_missed)} target(s) missed: {'; '.join(_missed)}", file=sys.stderr)
+        sys.exit(1)

@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread
 
 import evsys_async as ev
 
@@ -379,4 +379,4 @@ def report(
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

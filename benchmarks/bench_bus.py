@@ -48,7 +48,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread, verdict
 
 from evsys_async import EventBus
 from evsys_async.events import StepEnded
@@ -321,20 +321,20 @@ def _verdicts(results: dict[str, list[Any]], backend: str, kind: str, base: floa
     b16 = med([r["build_publish"] for r in results[f"{backend}/burst/{kind}/16"]])
     out = [
         f"{backend}/{kind}: build+publish with 16 subs = {b16 / base:.3f}x sync16 "
-        f"(target <= 0.5: {'PASS' if b16 / base <= 0.5 else 'FAIL'}); "
-        f"1->64 subs max/min = {flat:.2f} (target <= 1.2: {'PASS' if flat <= 1.2 else 'FAIL'})"
+        f"(target <= 0.5: {verdict(b16 / base <= 0.5, f'{backend} {kind}: 16 subs / bare <= 0.5')}); "
+        f"1->64 subs max/min = {flat:.2f} (target <= 1.2: {verdict(flat <= 1.2, f'{backend} {kind}: 1->64 subs max/min <= 1.2')})"
     ]
     e16 = [r["burst"] for r in results[f"{backend}/burst/{kind}/16"]]
     r16 = results[f"{backend}/ring/{kind}/16"]
     x16 = med([b / r for b, r in zip(e16, r16, strict=True)])
     out.append(
         f"{backend}/{kind}: burst e2e with 16 subs = {x16:.2f}x the ring floor "
-        f"(target <= 2.5: {'PASS' if x16 <= 2.5 else 'FAIL'})"
+        f"(target <= 2.5: {verdict(x16 <= 2.5, f'{backend} {kind}: x16 <= 2.5')})"
     )
     if kind == "async":
         out.append(
             f"{backend}/async: burst e2e with 16 subs = {med(e16):.3f} µs/event/sub "
-            f"(target < 1: {'PASS' if med(e16) < 1 else 'FAIL'})"
+            f"(target < 1: {verdict(med(e16) < 1, f'{backend} {kind}: burst e16 < 1')})"
         )
     return out
 
@@ -404,4 +404,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

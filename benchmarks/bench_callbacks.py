@@ -38,6 +38,10 @@ from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
 from evsys_async.callbacks.wandb_logger import WandbLoggerCallback
 from evsys_async.events import EvalEnded, Event, StepEnded
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_main
+
 
 class NoOp(ev.Callback):
     """The baseline: a def hook that only counts (and the count is checked)."""
@@ -144,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -40,7 +40,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread, verdict
 
 import evsys_async as ev
 
@@ -147,7 +147,7 @@ def stand_in_table(res: dict[str, list[float]]) -> None:
         ("async, on device", "async, floats", 0.95),
     ]:
         ratio = med([a / b for a, b in zip(res[key], res[base], strict=True)])
-        met = "" if target is None else ("yes" if ratio >= target else "no")
+        met = "" if target is None else verdict(ratio >= target, key, words=("yes", "no"))
         rows.append(
             [
                 key,
@@ -264,4 +264,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

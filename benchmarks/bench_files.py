@@ -31,6 +31,10 @@ from evsys_async._util.files import AsyncFile, open_async
 from evsys_async.callbacks._adapter import CallbackAdapter
 from evsys_async.events import StepEnded
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_main
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -187,4 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

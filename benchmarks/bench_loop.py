@@ -49,7 +49,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread, verdict
 
 import evsys_async as ev
 
@@ -459,17 +459,17 @@ def main() -> None:
     for kind in ("async", "def"):
         r = ratios[f"{kind}/slow"]
         print(
-            f"  {kind} step, 20 ms cb: {r:.3f} of bare (target >= 0.98: {'PASS' if r >= 0.98 else 'FAIL'})"
+            f"  {kind} step, 20 ms cb: {r:.3f} of bare (target >= 0.98: {verdict(r >= 0.98, f'{kind} step, 20 ms cb >= 0.98 of bare')})"
         )
         o = overheads[f"{kind}/noop_async"]
         print(
-            f"  {kind} step, 16 async noop: {o:+.1f} µs/step (target < 29: {'PASS' if o < 29 else 'FAIL'})"
+            f"  {kind} step, 16 async noop: {o:+.1f} µs/step (target < 29: {verdict(o < 29, f'{kind} step, 16 async noop < 29 us')})"
         )
         o = overheads[f"{kind}/noop_def"]
         print(
-            f"  {kind} step, 16 def noop: {o:+.1f} µs/step (target < 116: {'PASS' if o < 116 else 'FAIL'})"
+            f"  {kind} step, 16 def noop: {o:+.1f} µs/step (target < 116: {verdict(o < 116, f'{kind} step, 16 def noop < 116 us')})"
         )
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, machine, med, print_table, spread
+from _common import check_count, machine, med, print_table, run_main, spread, verdict
 
 import evsys_async as ev
 
@@ -161,9 +161,9 @@ def main() -> None:
         ],
         rows,
     )
-    verdict = "PASS" if worst >= 0.95 else "FAIL"
+    said = verdict(worst >= 0.95, "every run >= 0.95 of its solo steps/s")
     print(
-        f"target: every run >= 0.95 of its solo steps/s with the slow run: worst {worst:.3f} ({verdict})"
+        f"target: every run >= 0.95 of its solo steps/s with the slow run: worst {worst:.3f} ({said})"
     )
     print(f"what the slow run costs the others (together, with vs without it): at most {cost:.1%}")
     failing_table(res)
@@ -194,12 +194,12 @@ def failing_table(res: dict[str, list[float]]) -> None:
         rows,
         title="four runs, each with a callback that raises on every event",
     )
-    verdict = "PASS" if stuck == 0 else "FAIL"
+    said = verdict(stuck == 0, "every run drains with nothing stuck or pending")
     print(
         f"target: every run drains with nothing stuck or pending: worst drain {drain * 1e3:.1f} ms,"
-        f" {stuck:.0f} callbacks reported stuck or pending ({verdict})"
+        f" {stuck:.0f} callbacks reported stuck or pending ({said})"
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -46,7 +46,7 @@ import anyio.lowlevel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread
 
 import evsys_async as ev
 from evsys_async.events import StepEnded
@@ -412,4 +412,4 @@ if __name__ == "__main__":
     for s in ns.only:
         if s not in SECTIONS:
             ap.error(f"unknown section {s!r}; pick from {', '.join(SECTIONS)}")
-    anyio.run(main, ns, backend=ns.backend)
+    run_main(lambda: anyio.run(main, ns, backend=ns.backend))

@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread
 
 import evsys_async as ev
 from evsys_async.callbacks import SinkCallback
@@ -269,4 +269,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

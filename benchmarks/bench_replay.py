@@ -38,7 +38,7 @@ from evsys_async.events import Envelope, EvalEnded, StepEnded, TrainEnded, Train
 from evsys_async.transports.jsonl import EventLogReader, log_header
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import check_count, fmt, machine, med, print_table, spread
+from _common import check_count, fmt, machine, med, print_table, run_main, spread, verdict
 
 TARGET = 200_000  # events/s, replay into a no-op callback
 BLOCK = 256 * 1024
@@ -143,6 +143,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000, help="StepEnded events in the log")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="CI smoke: 10k events, 1 round")
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=TARGET,
+        help=f"events/s replay must reach (default {TARGET:,}); a miss prints FAIL, exit 1",
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.rounds = 10_000, 1
@@ -191,12 +197,12 @@ def main() -> None:
     for backend in ("asyncio", "trio"):
         for kind in ("def", "async"):
             rate = n / med(times[(f"replay -> no-op {kind}", backend)])
-            verdict = "PASS" if rate >= TARGET else "FAIL"
+            said = verdict(rate >= args.target, f"{backend} replay -> no-op {kind}")
             print(
                 f"  {backend}: replay -> no-op {kind} = {rate:,.0f} events/s "
-                f"(target >= {TARGET:,}: {verdict})"
+                f"(target >= {args.target:,.0f}: {said})"
             )
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,6 +34,7 @@ import anyio
 from ._util.aio import shielded
 from ._util.log import get_logger
 from ._util.rundir import claim_run_dir
+from ._util.secrets import redact_url
 from ._util.worker import in_daemon_thread
 from .bus import EventBus, Subscription
 from .callbacks import Callback
@@ -307,11 +308,14 @@ async def tail(
     rank: int = 0,
     world_size: int | None = None,
     start: str = "0",
+    err: TextIO | None = None,
 ) -> TailResult:
     """Print the run ``run_key`` as its progress line does, from its start (``start="$"``:
     from now on), until every rank has ended; returns each rank's ``TrainEnded``.
 
-    Raises :class:`~evsys_async.transports.RedisUnavailableError` if Redis does not
+    When the run has no stream yet, one line on ``err`` (default stderr) says it is
+    waiting for the run; the lines follow once it starts. Raises
+    :class:`~evsys_async.transports.RedisUnavailableError` if Redis does not
     answer at the start (later outages are waited out, with one WARNING each)."""
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
@@ -320,6 +324,13 @@ async def tail(
     until = RanksEnded(world_size)
     try:
         await in_daemon_thread(source.prepare)  # Redis away: one clear error
+        if not await in_daemon_thread(source.stream_exists):
+            print(
+                f"evsys-async tail: waiting for run {run_key!r}: no stream {source.stream} "
+                f"on {redact_url(url)} yet (it appears when the run starts)",
+                file=err if err is not None else sys.stderr,
+                flush=True,
+            )
         async with EventBus() as bus:
             bus.subscribe(printer, name="evsys-tail")
             count = await source.forward(bus, until=until)

@@ -42,7 +42,7 @@ from .config import RunConfig
 from .evaluators import register_evaluator
 from .state import LoopState
 
-__all__ = ["DemoAccuracy", "DemoTask", "demo_config", "train_step"]
+__all__ = ["DemoAccuracy", "DemoParams", "DemoTask", "demo_config", "train_step"]
 
 Vector = tuple[float, ...]
 
@@ -113,6 +113,19 @@ class DemoTask:
         return task
 
 
+class DemoParams(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The demo step's ``params``, checked when a config is loaded: a misspelt name
+    (``dealy``) or a wrong type is an error naming it, before anything runs."""
+
+    lr: float = DEFAULTS["lr"]
+    batch_size: int = DEFAULTS["batch_size"]
+    n_features: int = DEFAULTS["n_features"]
+    n_train: int = DEFAULTS["n_train"]
+    n_test: int = DEFAULTS["n_test"]
+    noise: float = DEFAULTS["noise"]
+    delay: float = DEFAULTS["delay"]
+
+
 def _params(state: LoopState) -> dict[str, Any]:
     return {**DEFAULTS, "seed": 0, **state.ctx.run_config}
 
@@ -173,6 +186,10 @@ def train_step(state: LoopState, step_idx: int) -> dict[str, float]:
     if p["delay"]:
         time.sleep(float(p["delay"]))
     return {"loss": loss / batch_size, "lr": lr}
+
+
+#: a step's ``Config`` is what a config's ``params`` are checked against (docs/config.md)
+train_step.Config = DemoParams  # type: ignore[attr-defined]
 
 
 @register_evaluator("demo_accuracy")

@@ -82,8 +82,10 @@ class ReplayReport:
     ``only``); ``only_unmatched`` maps each ``only`` name that matched no event
     to the closest event type name known or seen (``None`` if none is close):
     a typo, most likely. ``skipped`` lists the lines not read, each with its line number
-    and reason: a truncated last line, and malformed lines under
-    ``skip_bad``. ``unknown_types`` counts events of types not defined here
+    and reason: a truncated last line, and malformed lines (one nested too deep
+    included) under ``skip_bad``. ``duplicates`` counts the envelopes left out
+    because their ``(bus_id, seq)`` came earlier in the log (not in
+    ``events_read``). ``unknown_types`` counts events of types not defined here
     (delivered as :class:`~evsys_async.events.UnknownEvent`). ``segments`` is 1,
     plus one per resume boundary. ``callback_report`` is per callback, as in a
     run's artifacts, summed over segments.
@@ -100,6 +102,7 @@ class ReplayReport:
     events_filtered: int = 0
     only_unmatched: dict[str, str | None] = field(default_factory=dict)
     skipped: list[SkippedLine] = field(default_factory=list)
+    duplicates: int = 0
     unknown_types: dict[str, int] = field(default_factory=dict)
     segments: int = 0
     seconds: float = 0.0
@@ -240,9 +243,12 @@ async def replay(
     Raises ``FileNotFoundError`` for a missing log, ``ValueError`` for a bad
     argument, and :class:`~evsys_async.EventDecodeError` naming ``file:line``
     for a malformed line (unless ``skip_bad``: counted in the report), a log
-    of a newer format version, or another format. A truncated last line is
-    skipped and reported. When it raises or is cancelled, the callbacks have
-    handled what was published before and closed their files.
+    of a newer format version, or another format; a line nested deeper than
+    128 levels is malformed (found before it is decoded). A truncated last
+    line is skipped and reported; a repeated envelope (the same ``bus_id`` and
+    ``seq`` as an earlier one) is skipped and counted in ``duplicates``. When
+    it raises or is cancelled, the callbacks have handled what was published
+    before and closed their files.
     """
     path = event_log_path(source)
     cbs = _check_callbacks(callbacks)
@@ -265,7 +271,8 @@ async def read_events(
     not yielded; an event of a type not defined here comes as an
     :class:`~evsys_async.events.UnknownEvent`. Raises as :func:`replay` does; a
     truncated last line (and, with ``skip_bad``, a malformed one) is skipped
-    with a WARNING. To stop early, close the iterator:
+    with a WARNING, and so are repeated envelopes (one WARNING with the count).
+    To stop early, close the iterator:
     ``async with contextlib.aclosing(read_events(path)) as envelopes: ...``.
     """
     path = event_log_path(source)
@@ -279,6 +286,12 @@ async def read_events(
         blocks.close()
     for line in reader.skipped:
         _log.warning("event log line skipped", file=str(path), line=line.line, reason=line.reason)
+    if reader.duplicates:
+        _log.warning(
+            "duplicated envelopes skipped (same bus_id and seq as an earlier line)",
+            file=str(path),
+            duplicates=reader.duplicates,
+        )
 
 
 class _Replay:
@@ -330,6 +343,7 @@ class _Replay:
         report.events_filtered = self.filtered
         report.events_published = self.published
         report.skipped = list(self.blocks.reader.skipped)
+        report.duplicates = self.blocks.reader.duplicates
         report.unknown_types = dict(self.unknown)
         if self.wanted is not None:
             names = [*event_types(), *self.unknown]

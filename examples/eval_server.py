@@ -7,15 +7,22 @@ in ``eval_mode="background"``: training steps go on while the server scores.
     pip install 'evsys-async[http]' starlette uvicorn hypercorn trio
     python examples/eval_server.py                  # asyncio + Uvicorn
     python examples/eval_server.py --backend trio   # trio + Hypercorn
+    python examples/eval_server.py --port 8000      # the eval server alone, to try with curl
 
 Each eval line shows the step it evaluated and the step training had reached
 when the score came back. The eval server binds to 127.0.0.1 on a free port.
+
+With ``--port N`` only the eval server runs, on 127.0.0.1:N, until Ctrl-C (or
+SIGTERM), which stops it gracefully (exit 0); it prints its URL first::
+
+    curl -s -X POST http://127.0.0.1:8000/eval -d '{"step": 9, "weight": 2.5}'
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
@@ -143,10 +150,26 @@ async def main(
         return await loop.run()
 
 
+async def serve_alone(backend: str, port: int, host: str = "127.0.0.1") -> None:
+    """The eval server on its own until SIGINT or SIGTERM, then a graceful stop."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with serving(make_app(), backend=backend, host=host, port=port) as url:
+            print(f"eval server: POST {url}/eval (Ctrl-C stops it)", flush=True)
+            async for signum in signals:
+                print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                break
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--port", type=int, help="serve the eval server alone on this port")
     args = parser.parse_args()
-    artifacts = anyio.run(partial(main, args.backend, num_steps=args.steps), backend=args.backend)
-    print(artifacts.status, artifacts.steps_completed, artifacts.run_dir)
+    if args.port is not None:
+        anyio.run(serve_alone, args.backend, args.port, backend=args.backend)
+    else:
+        artifacts = anyio.run(
+            partial(main, args.backend, num_steps=args.steps), backend=args.backend
+        )
+        print(artifacts.status, artifacts.steps_completed, artifacts.run_dir)

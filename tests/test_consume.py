@@ -227,6 +227,46 @@ def test_tail_prints_one_rank_and_ends_after_every_rank_ended(redis_url: str, ru
     ]
 
 
+def test_tail_says_once_that_it_waits_for_a_run_not_started_yet(
+    redis_url: str, run_key: str
+) -> None:
+    """No stream yet: one line on stderr, then the run's lines once it appears (the
+    line is read before the events are written, so no clock orders anything)."""
+    import select
+
+    from evsys_async._util.secrets import redact_url
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evsys_async", "tail", redis_url, run_key, "--every", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        assert ready, "tail said nothing about waiting"
+        first = proc.stderr.readline()
+        assert first == (
+            f"evsys-async tail: waiting for run {run_key!r}: no stream evsys:{run_key}:events on "
+            f"{redact_url(redis_url)} yet (it appears when the run starts)\n"
+        ), first
+        _write(redis_url, run_key, _two_ranks(run_key))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "waiting" not in err  # said once
+    assert out.splitlines()[0] == "[1/10] loss=1.0000"
+    # a stream that is there: no word about waiting
+    err_now = io.StringIO()
+    assert cli.run_cli(["tail", redis_url, run_key], out=io.StringIO(), err=err_now) == 0
+    assert err_now.getvalue() == ""
+
+
 def test_tail_exits_1_when_the_run_failed(redis_url: str, run_key: str) -> None:
     _write(redis_url, run_key, _two_ranks(run_key, status="failed"))
     code = cli.run_cli(["tail", redis_url, run_key], out=io.StringIO(), err=io.StringIO())

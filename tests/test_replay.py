@@ -514,9 +514,9 @@ def test_reader_reads_long_logs_in_blocks_with_line_numbers(tmp_path: Path) -> N
 
 def test_jsonl_sink_writes_a_header_each_time_it_opens(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    for _ in range(2):
+    for i in range(2):  # a reopened log goes on numbering (or has a bus id of its own)
         sink = ev.transports.JsonlSink(path)
-        sink(Envelope("b", 0, StepEnded(step=0, num_steps=1, run_key="k")))
+        sink(Envelope("b", i, StepEnded(step=0, num_steps=1, run_key="k")))
         sink.close()
     heads = [json.loads(x) for x in log_lines(path) if b'"format"' in x]
     assert [(h["run_key"], h["version"]) for h in heads] == [("k", 1), ("k", 1)]
@@ -568,3 +568,113 @@ async def test_bad_callbacks_are_refused_before_anything_is_written(tmp_path: Pa
         with anyio.fail_after(10), pytest.raises(error, match=words):
             await ev.replay(path, callbacks, output_dir=tmp_path / "out")  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+# -- hostile input: values nested too deep, envelopes repeated ------------------------------
+
+DEEP = b"[" * 10_000 + b"]" * 10_000
+
+
+def deep_envelope(seq: int) -> bytes:
+    """An envelope whose event nests 10,000 levels in a field msgspec decodes as Any."""
+    return (
+        b'{"bus_id":"bus","seq":%d,"event":{"type":"TrainStarted","ts":1.0,"run_key":"made",'
+        b'"num_steps":6,"start_step":0,"output_dir":"x","config":{"a":%s}}}' % (seq, DEEP)
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["deep_envelope", "deep_header_place", "unterminated_last_line", "deep_in_a_string_is_fine"],
+)
+async def test_a_line_nested_too_deep_is_malformed_never_a_recursion_error(
+    tmp_path: Path, damage: str
+) -> None:
+    """Depth is measured before decoding: without skip_bad a typed error naming
+    file:line; with it the line is skipped and listed; brackets in strings do not count."""
+    path = write_log(tmp_path / "events.jsonl", run_events(6))
+    lines = log_lines(path)
+    if damage == "deep_envelope":
+        lines.insert(3, deep_envelope(50))
+        where, tail = 4, b"\n"
+    elif damage == "deep_header_place":
+        lines.insert(0, DEEP)
+        where, tail = 1, b"\n"
+    elif damage == "unterminated_last_line":
+        where, tail = len(lines) + 1, b"\n" + b"[" * 10_000
+    else:
+        lines[3] = lines[3].replace(b'"loss":', b'"loss ' + b"[" * 5000 + b'":')
+        where, tail = 0, b"\n"
+    path.write_bytes(b"\n".join(lines) + tail)
+    if damage == "deep_in_a_string_is_fine":
+        with anyio.fail_after(30):
+            report = await ev.replay(path, [Recorder()], output_dir=tmp_path / "out")
+        assert report.skipped == [] and report.events_read == 8
+        return
+    with (
+        anyio.fail_after(30),
+        pytest.raises(
+            EventDecodeError, match=rf"events\.jsonl:{where}: .*nested deeper than 128 levels"
+        ) as caught,
+    ):
+        await ev.replay(path, [Recorder()], output_dir=tmp_path / "out")
+    assert "--skip-bad" in str(caught.value) and caught.value.__context__ is None
+    rec = Recorder()
+    with anyio.fail_after(30):
+        report = await ev.replay(path, [rec], skip_bad=True, output_dir=tmp_path / "out")
+    assert [(s.line, "nested deeper than 128" in s.reason) for s in report.skipped] == [
+        (where, True)
+    ]
+    assert [s for s, _, _, _ in rec.steps] == list(range(6))
+
+
+def test_the_reader_and_the_codec_refuse_depth_past_the_limit_but_not_at_it(
+    tmp_path: Path,
+) -> None:
+    at_limit = b"[" * 126 + b"]" * 126  # envelope + event + config + 126 = 129 > 128
+    ok = at_limit[1:-1]  # 128 levels in all
+    for value, refused in ((ok, False), (at_limit, True)):
+        line = (
+            b'{"bus_id":"b","seq":0,"event":{"type":"TrainStarted","ts":1.0,"run_key":"k",'
+            b'"num_steps":1,"start_step":0,"output_dir":"x","config":{"a":%s}}}' % value
+        )
+        path = tmp_path / "e.jsonl"
+        path.write_bytes(line + b"\n")
+        if refused:
+            with pytest.raises(EventDecodeError, match="nested deeper than 128"):
+                list(read_jsonl(path))
+            with pytest.raises(EventDecodeError, match="nested deeper than 128"):
+                ev.events.decode_envelope(line)
+        else:
+            assert len(list(read_jsonl(path))) == 1
+            assert ev.events.decode_envelope(line).seq == 0
+
+
+async def test_duplicated_envelopes_are_skipped_and_counted(tmp_path: Path) -> None:
+    """2,000 steps with 99 envelopes written twice (next to each other and far apart):
+    2,000 CSV rows, 99 duplicates in the report. A resumed segment has its own bus id."""
+    events = run_events(2000)
+    lines = [ev.transports.log_header(run_key="made")]
+    lines += [encode(Envelope("bus", i, e)) for i, e in enumerate(events)]
+    repeats = [*range(1, 1000, 20), *range(1500, 1549)]
+    assert len(repeats) == 99
+    out = list(lines)
+    for n, i in enumerate(repeats):
+        at = i + 1 + n + (1 if n % 2 else 300)  # right after it, or some way on
+        out.insert(min(at, len(out) - 1), lines[i + 1])
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(out) + b"\n")
+    cbs = ev.build_callbacks([{"kind": "csv_metrics", "params": {"out_path": "m.csv"}}])
+    with anyio.fail_after(60):
+        report = await ev.replay(path, cbs, output_dir=tmp_path / "out")
+    assert report.duplicates == 99 and report.events_read == len(events)
+    rows = (tmp_path / "out" / "made" / "m.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2000 and [r.split(",")[0] for r in rows[1:]] == [
+        str(i) for i in range(2000)
+    ]
+    # read_events leaves them out too; another bus id with the same numbers is no repeat
+    other = [encode(Envelope("bus-2", i, e)) for i, e in enumerate(run_events(3))]
+    path.write_bytes(b"\n".join([*out, *other]) + b"\n")
+    async with contextlib.aclosing(ev.read_events(path)) as envelopes:
+        got = [(e.bus_id, e.seq) async for e in envelopes]
+    assert len(got) == len(set(got)) == len(events) + 5

@@ -4,9 +4,12 @@
 ``callbacks/registry.py``, evaluators in ``evaluators/base.py``): built-ins
 registered by their modules, lazy built-ins, and third-party classes from an
 entry-point group, each imported when its kind is first needed so a broken
-plug-in fails only the configs that name it. Each spec's params are checked
-by :func:`~evsys_async._util.params.validate_params` before any object is
-built; every error is a :class:`~evsys_async.errors.PlacedConfigError`
+plug-in fails only the configs that name it. A kind may also be a class's
+import path, ``"package.module:Class"`` (or ``"package.module.Class"`` when no
+registered kind has that name): imported as a step's path is (``imports.py``,
+the same errors) and checked as a registered class is. Each spec's params are
+checked by :func:`~evsys_async._util.params.validate_params` before any object
+is built; every error is a :class:`~evsys_async.errors.PlacedConfigError`
 naming the place and, where one is close, the likely name::
 
     evaluators[0].kind: no evaluator kind 'demo_acuracy' — did you mean
@@ -29,6 +32,7 @@ from ..errors import (
     describe,
     did_you_mean,
 )
+from .imports import import_target
 from .log import get_logger
 from .params import as_path, seen_value, validate_params
 
@@ -159,22 +163,52 @@ class KindRegistry(Generic[K]):
         return sorted(set(self._discover()) | set(self._lazy) | set(self._classes))
 
     def get(self, kind: str, *, place: str | Path = ()) -> K:
-        """The class registered under ``kind``; :class:`PlacedConfigError` names close kinds."""
+        """The class registered under ``kind``, or the class a path names
+        (``"package.module:Class"``, or ``"package.module.Class"`` when no kind has
+        that name); :class:`PlacedConfigError` names close kinds, or says why the
+        path did not import."""
         path = as_path(place)
         self._discover()
         cls = self._classes.get(kind)
         if cls is not None:
             return cls
+        where = (*path, "kind") if path else path
+        if ":" in kind:
+            return self._import(kind, where)
         loaded = self._load(kind, path)
         if loaded is not None:
             return loaded
+        if "." in kind.strip("."):  # "package.module.Class": tried as a path
+            module, _, attr = kind.rpartition(".")
+            try:
+                return self._import(f"{module}:{attr}", where, shown=kind)
+            except PlacedConfigError as exc:
+                why = f" ({exc.detail})"
+        else:
+            why = ""
         known = self.known()
         hint = did_you_mean(kind, known, ".")
         listed = ", ".join(known) or "(none)"
         raise PlacedConfigError(
-            (*path, "kind") if path else path,
-            f"no {self.noun} kind {kind!r}{hint} Known kinds: {listed}",
+            where,
+            f"no {self.noun} kind {kind!r}{why}{hint} Known kinds: {listed}; a class of "
+            f'your own by its import path: kind: "package.module:Class"',
         )
+
+    def _import(self, target: str, where: Path, *, shown: str | None = None) -> K:
+        """The class ``"package.module:Class"`` names, checked as a registered one is."""
+        obj = import_target(target, where, expected="package.module:Class")
+        name = shown or target
+        if not isinstance(obj, type):
+            raise PlacedConfigError(
+                where, f"{name!r} names {obj!r:.60} ({type(obj).__name__}), not a {self.noun} class"
+            )
+        try:
+            self._check(obj)
+        except TypeError as exc:
+            raise PlacedConfigError(where, f"{name!r}: {exc}") from None
+        cls: K = obj  # type: ignore[assignment]
+        return cls
 
     def build(self, specs: Iterable[Any], *, place: str | Path) -> list[Any]:
         """Validate every spec, then construct each: ``cls(**fields)``."""

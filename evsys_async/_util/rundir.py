@@ -48,6 +48,7 @@ from .paths import expand_path
 __all__ = [
     "CLAIMS_FILE",
     "MAX_KEY_BYTES",
+    "check_inside",
     "check_run_key",
     "claim_logger_dir",
     "claim_run_dir",
@@ -207,6 +208,22 @@ def logger_path(path: str | os.PathLike[str], run_dir: Path, *, what: str) -> Pa
             "elsewhere"
         )
     return inside
+
+
+def check_inside(path: Path, *, what: str) -> Path:
+    """Refuse, before any run, a relative logger path that leads out of whatever run
+    directory it lands in (``../../x.csv``); return ``path``.
+
+    Raises :class:`ConfigError` (a ``ValueError``: a config names its place) saying
+    that a relative path is inside the run directory and an absolute one goes anywhere.
+    """
+    if not path.is_absolute() and os.path.normpath(path).split(os.sep)[0] == os.pardir:
+        raise ConfigError(
+            f"{what} {os.fspath(path)!r} leads out of the run directory; a relative path is "
+            "inside the run directory (a replay's or a consumer's own, too): give an absolute "
+            "path to write elsewhere"
+        )
+    return path
 
 
 def _within(path: Path, root: Path) -> bool:

@@ -42,6 +42,7 @@ import msgspec
 
 from .._util.files import atomic_writer
 from .._util.paths import expand_path
+from .._util.rundir import check_inside, logger_path
 from ..state import LoopArtifacts, LoopState
 from ._format import due, eval_metric_name
 from ._writer import DEFAULT_MAX_HELD_BYTES, RowWriter
@@ -77,7 +78,8 @@ class CsvMetricsCallback(Callback):
             raise ValueError(f"delimiter must be one character, got {delimiter!r}")
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}")
-        self.out_path = expand_path(out_path, what="csv_metrics out_path")
+        what = "csv_metrics out_path"
+        self.out_path = check_inside(expand_path(out_path, what=what), what=what)
         self.delimiter = delimiter
         self.log_every = log_every
         self.path: Path | None = None
@@ -97,7 +99,7 @@ class CsvMetricsCallback(Callback):
         self._num_steps = state.num_steps
         if state.rank != 0:
             return
-        path = self.out_path if self.out_path.is_absolute() else state.run_dir / self.out_path
+        path = logger_path(self.out_path, state.run_dir, what="csv_metrics out_path")
         self.path = path
         if state.start_step > 0 and path.exists() and path.stat().st_size > 0:
             header = self._keep_rows_before(path, state.start_step)

@@ -37,7 +37,7 @@ import msgspec
 from .._util.files import write_atomic
 from .._util.log import get_logger
 from .._util.paths import expand_path
-from .._util.rundir import claim_logger_dir, logger_path
+from .._util.rundir import check_inside, claim_logger_dir, logger_path
 from ..errors import import_extra
 from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
 from ..state import LoopState
@@ -90,7 +90,8 @@ class TensorBoardLoggerCallback(Callback):
         if log_every < 1:
             raise ValueError(f"tensorboard_logger: log_every must be >= 1, got {log_every}")
         what = "tensorboard_logger log_dir"
-        self.log_dir = expand_path(log_dir, what=what) if log_dir is not None else None
+        given = expand_path(log_dir, what=what) if log_dir is not None else None
+        self.log_dir = check_inside(given, what=what) if given is not None else None
         self.flush_secs = flush_secs
         self.log_every = log_every
         self.prefix = prefix.strip("/")

@@ -139,6 +139,23 @@ def _add_run_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
         help="fail the run (exit 1) for what is otherwise logged and reported: a callback's "
         "error, a metric that is not a number, a logger that lost data (config: strict)",
     )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run in its own directory (default <output_dir>/<name>), from the "
+        "step after its last checkpoint (checkpoints.jsonl): callbacks get their saved "
+        "states back and the writers drop their rows from there on",
+    )
+    run.add_argument(
+        "--start-step",
+        type=_positive,
+        metavar="K",
+        help="with --resume: continue at step K (1-based, as the progress line counts) "
+        "instead of after the last checkpoint",
+    )
 
 
 def _positive(text: str) -> int:

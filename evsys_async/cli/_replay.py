@@ -81,6 +81,11 @@ def _print_replay(report: ReplayReport, out: TextIO) -> None:
         lines.append(f"unknown event type {kind!r} ({n:,}): delivered to on_event as UnknownEvent")
     for skipped in report.skipped:
         lines.append(f"skipped line {skipped.line}: {skipped.reason}")
+    if report.duplicates:
+        lines.append(
+            f"duplicates: {report.duplicates:,} envelope(s) repeated in the log (the same "
+            "bus_id and seq as an earlier line) skipped"
+        )
     if report.run_dir is not None:
         run_dir = report.run_dir
         files = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
@@ -107,6 +112,7 @@ def cmd_tail(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             rank=args.rank,
             world_size=args.world_size,
             start="$" if args.from_now else "0",
+            err=err,
         )
 
     try:

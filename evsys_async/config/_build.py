@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from .._util.params import explain_validation
+from .._util.params import explain_validation, validate_params
 from ..callbacks.base import Callback
 from ..callbacks.registry import build_callbacks
 from ..errors import ConfigPath, PlacedConfigError, PlacedMissingExtraError, did_you_mean
@@ -71,8 +71,27 @@ def _prefixed(prefix: ConfigPath, fn: Callable[[], T]) -> T:
         raise PlacedMissingExtraError((*prefix, *exc.place), exc.detail, kind=exc.kind) from None
 
 
+def check_step_params(step: object, params: Mapping[str, Any], target: str) -> None:
+    """Check a config's ``params`` against the step's ``Config`` (a msgspec Struct
+    the step function carries as an attribute, as the demo's does); a step without
+    one takes any params. Raises :class:`PlacedConfigError` at ``params.<name>``
+    naming the step's params."""
+    config = getattr(step, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, msgspec.Struct)):
+        return
+    try:
+        validate_params(step, params, ())  # type: ignore[arg-type]
+    except PlacedConfigError as exc:
+        known = ", ".join(f.name for f in msgspec.structs.fields(config))
+        detail = exc.detail.split("; known fields:")[0]
+        raise PlacedConfigError(
+            exc.path, f"{detail} (step {target!r} takes: {known})", kind=exc.kind
+        ) from None
+
+
 def _check_run(config: RunConfig, prefix: ConfigPath) -> None:
-    _prefixed(prefix, lambda: import_object(config.step, key="step"))
+    step = _prefixed(prefix, lambda: import_object(config.step, key="step"))
+    _prefixed(prefix, lambda: check_step_params(step, config.params, config.step))
     if config.checkpoint is not None:
         checkpoint = config.checkpoint
         _prefixed(prefix, lambda: import_object(checkpoint, key="checkpoint"))
@@ -94,6 +113,9 @@ def check_config(config: AnyConfig) -> None:
     _check_run(config.run, ("run",))
     for arm, overrides in config.arms.items():
         run = _arm_run(config, arm, overrides)
+        if "step" in overrides or "params" in overrides:  # the arm's step takes its params
+            step = _prefixed(("arms", arm), partial(import_object, run.step, key="step"))
+            _prefixed(("arms", arm), partial(check_step_params, step, run.params, run.step))
         for key in ARM_FIELDS:
             if key in overrides and key != "params":
                 if key == "step":

@@ -78,6 +78,7 @@ def load_callbacks(path: str | os.PathLike[str]) -> list[Callback]:
     file = Path(path)
     source = read_source(file)
     data = source.parse()
+    add_import_dirs(Path.cwd(), file.parent)  # a kind may be a path to a module beside it
     try:
         if isinstance(data, Mapping):
             for key in data:

@@ -6,7 +6,9 @@ its kind's parameters before anything is built (errors name
 ``url_env`` is read from the environment only when the object is built, so
 checking a config needs no credentials and a password never has to be in the
 file; checking (``build=False``) builds nothing and reads no environment
-variable. :func:`redacted` is how a config is recorded (``ctx.config``): URLs
+variable, but it does import the kind's optional dependency (``redis``), so a
+missing extra is an error naming the section and the install command.
+:func:`redacted` is how a config is recorded (``ctx.config``): URLs
 without their credentials.
 """
 
@@ -20,7 +22,14 @@ from .._util.params import validate_params
 from .._util.secrets import redact_url
 from ..callbacks.sink import SinkCallback
 from ..coordinator import Coordinator
-from ..errors import ConfigPath, PlacedConfigError, did_you_mean
+from ..errors import (
+    ConfigPath,
+    MissingExtraError,
+    PlacedConfigError,
+    PlacedMissingExtraError,
+    did_you_mean,
+    import_extra,
+)
 from ..transports import EnvelopeSink, RedisCoordinator, RedisStreamSink
 from ._schema import CoordinatorSpec, TransportSpec
 
@@ -73,6 +82,10 @@ def _redis_params(
             kind=kind,
         )
     fields = validate_params(cls, params, at, kind=kind)
+    try:  # checked with the rest, so `validate` says it, not the run at its start
+        import_extra("redis", "redis", f"the Redis {noun} ({kind})")
+    except MissingExtraError as exc:
+        raise PlacedMissingExtraError(at, str(exc), kind=kind) from None
     if url_env is not None:
         fields["url"] = f"${{{url_env}}}"  # resolved when built (see build_transports)
     return cls, fields

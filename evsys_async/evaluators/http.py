@@ -20,7 +20,14 @@ event; training goes on:
   slow server; the next due step asks again);
 - any other non-2xx reply (a 4xx, a redirect): not retried; the reason quotes
   the start of the reply's body;
-- a reply that is not JSON, or not a mapping of metric names to numbers.
+- a reply larger than ``max_reply_bytes`` (default 1 MiB): refused while it
+  streams in (an announced ``Content-Length`` past the limit before any of it
+  is read), never held whole; not retried;
+- a reply that is not JSON, nests deeper than 128 levels (checked before it is
+  decoded: never a ``RecursionError``), or is not a mapping of metric names to
+  numbers.
+
+Every reason names the URL (``POST http://...``) and, for a limit, the limit.
 
 One ``httpx.AsyncClient`` per evaluator (at most ``max_concurrency`` requests
 at a time), opened in :meth:`HttpEvaluator.setup` and closed in
@@ -44,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 import msgspec
 
+from .._util.jsonl import MAX_DEPTH, too_deep
 from .._util.log import get_logger
 from .._util.secrets import ScrubFilter, redact_headers, redact_url, scrub, secrets_of
 from ..errors import EvsysError, import_extra
@@ -61,6 +69,8 @@ _log = get_logger()
 _MAX_BACKOFF = 5.0
 #: how much of a reply's body an error quotes
 _PREVIEW = 80
+#: the default bound on a reply's body, in bytes (a reply of metrics is a few hundred)
+MAX_REPLY_BYTES = 1 << 20
 
 Payload = Callable[[LoopState, int], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
 
@@ -80,7 +90,9 @@ class HttpEvaluator:
     tried again, ``backoff`` seconds apart at first, doubling; ``payload(state,
     step_idx)`` (``def`` or ``async def``) adds to the JSON body; ``headers``
     go with every request (an ``Authorization`` token, say) and are never
-    shown. Needs the extra ``http`` (httpx), checked here.
+    shown. ``max_reply_bytes`` bounds a reply's (decoded) body: past it the
+    reply is dropped as it streams in and the eval fails. Needs the extra
+    ``http`` (httpx), checked here.
 
     Raises ``ValueError`` for a bad argument, :class:`MissingExtraError`
     without httpx. :meth:`evaluate` raises :class:`HttpEvalError`.
@@ -97,6 +109,7 @@ class HttpEvaluator:
         max_concurrency: int = 1
         headers: dict[str, str] | None = None
         backoff: float = 0.5
+        max_reply_bytes: int = MAX_REPLY_BYTES
 
     def __init__(
         self,
@@ -110,6 +123,7 @@ class HttpEvaluator:
         payload: Payload | None = None,
         headers: Mapping[str, str] | None = None,
         backoff: float = 0.5,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         safe = redact_url(url) if isinstance(url, str) else repr(url)
         if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
@@ -123,6 +137,7 @@ class HttpEvaluator:
             ("retries", retries, retries >= 0, ">= 0"),
             ("max_concurrency", max_concurrency, max_concurrency >= 1, ">= 1"),
             ("backoff", backoff, backoff >= 0, ">= 0 seconds"),
+            ("max_reply_bytes", max_reply_bytes, max_reply_bytes >= 1, ">= 1 (bytes)"),
         )
         for arg, value, ok, expected in checks:
             if not ok:
@@ -142,6 +157,7 @@ class HttpEvaluator:
         self.payload = payload
         self.headers = dict(headers or {})
         self.backoff = backoff
+        self.max_reply_bytes = max_reply_bytes
         #: the URL as errors and logs show it: credentials read ``***``
         self.safe_url = redact_url(url)
         self._secrets = secrets_of(url=url, headers=self.headers)
@@ -219,8 +235,8 @@ class HttpEvaluator:
             )
         body = await self._body(state, step_idx)
         async with limiter:
-            response = await self._post(client, body)
-        return self._metrics(response)
+            response, content = await self._post(client, body)
+        return self._metrics(response, content)
 
     @property
     def _where(self) -> str:
@@ -248,7 +264,7 @@ class HttpEvaluator:
                 "return numbers, strings, lists and dicts"
             ) from None
 
-    async def _post(self, client: httpx.AsyncClient, body: bytes) -> httpx.Response:
+    async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[httpx.Response, bytes]:
         hx = self._httpx
         attempts = self.retries + 1
         delay = self.backoff
@@ -256,9 +272,15 @@ class HttpEvaluator:
         for attempt in range(1, attempts + 1):
             try:
                 with anyio.fail_after(self.timeout):  # the whole attempt, not each phase
-                    response = await client.post(
-                        self.url, content=body, headers={"content-type": "application/json"}
-                    )
+                    async with client.stream(
+                        "POST",
+                        self.url,
+                        content=body,
+                        headers={"content-type": "application/json"},
+                    ) as response:
+                        ok = 200 <= response.status_code < 300
+                        # an error reply is only quoted: its first bytes are enough
+                        content = await self._read(response, whole=ok)
             except hx.ConnectTimeout:
                 reason = f"could not connect within {self.timeout}s"
             except (hx.TimeoutException, TimeoutError):
@@ -269,14 +291,15 @@ class HttpEvaluator:
                 reason = f"connection failed ({self._clean(f'{type(exc).__name__}: {exc}')})"
             else:
                 status = response.status_code
-                if 200 <= status < 300:
-                    return response
+                if ok:
+                    return response, content
                 # HTTP/1.1 servers may omit the phrase (Hypercorn does): the standard one
                 phrase = response.reason_phrase or hx.codes.get_reason_phrase(status)
                 line = f"HTTP {status} {self._clean(phrase)}".rstrip()
                 if status < 500:
+                    text = content.decode(response.encoding or "utf-8", errors="replace")
                     raise HttpEvalError(
-                        f"{self._where}: {line}, not retried: {self._preview(response.text)}"
+                        f"{self._where}: {line}, not retried: {self._preview(text)}"
                     )
                 reason = line
             if attempt < attempts:
@@ -293,13 +316,56 @@ class HttpEvaluator:
         tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
         raise HttpEvalError(f"{self._where}: {reason} after {tries}")
 
-    def _metrics(self, response: httpx.Response) -> dict[str, float]:
+    async def _read(self, response: httpx.Response, *, whole: bool) -> bytes:
+        """The reply's body, read as it streams in and bounded by ``max_reply_bytes``:
+        past it, raise (``whole``) or stop reading (an error reply, only quoted)."""
+        limit = self.max_reply_bytes if whole else min(self.max_reply_bytes, 4 * _PREVIEW)
+        announced = response.headers.get("content-length", "")
+        if whole and announced.isdigit() and int(announced) > limit:
+            raise self._too_large(f"its Content-Length is {int(announced):,} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        over = False
+        # Past the limit the connection is closed and the loop goes on until the read
+        # fails: httpx's body is a chain of async generators, and leaving the loop
+        # early would abandon the inner ones half-run (trio rightly warns when they
+        # are collected); a failed read ends every one of them.
         try:
-            data = msgspec.json.decode(response.content)
+            async for chunk in response.aiter_bytes():
+                if over:
+                    continue  # what was buffered before the close: dropped
+                size += len(chunk)
+                chunks.append(chunk)
+                if size > limit:
+                    over = True
+                    await response.aclose()
+        except self._httpx.HTTPError:
+            if not over:
+                raise
+        if over and whole:
+            raise self._too_large(f"more than {limit:,} bytes arrived")
+        return b"".join(chunks)
+
+    def _too_large(self, seen: str) -> HttpEvalError:
+        return HttpEvalError(
+            f"{self._where}: reply larger than the limit of {self.max_reply_bytes:,} bytes "
+            f"({seen}); dropped unread, not retried. A reply of metrics is a few hundred "
+            "bytes: have the server send fewer, or raise max_reply_bytes"
+        )
+
+    def _metrics(self, response: httpx.Response, content: bytes) -> dict[str, float]:
+        if too_deep(content):
+            raise HttpEvalError(
+                f"{self._where}: reply nests deeper than the limit of {MAX_DEPTH} levels of "
+                'arrays and objects; not decoded. Reply with {"name": number, ...}'
+            )
+        try:
+            data = msgspec.json.decode(content)
         except msgspec.DecodeError:
             kind = response.headers.get("content-type", "no content-type")
+            text = content.decode(response.encoding or "utf-8", errors="replace")
             raise HttpEvalError(
-                f"{self._where}: reply is not JSON ({kind}): {self._preview(response.text)}"
+                f"{self._where}: reply is not JSON ({kind}): {self._preview(text)}"
             ) from None
         inner = data.get("metrics") if isinstance(data, dict) else None
         metrics = inner if isinstance(inner, dict) else data

@@ -7,7 +7,8 @@ What this module promises:
   class has been defined since the last call, and cached otherwise;
 * every failure is an :class:`~evsys_async.errors.EventDecodeError` that names
   the place (msgspec's ``- at `$.event.step```), or the two classes that share
-  a tag and the fix;
+  a tag and the fix; JSON nested deeper than ``MAX_DEPTH`` is refused before it
+  is decoded (never a ``RecursionError``);
 * JSON keeps NaN and infinities (as the strings msgspec reads back), and an
   :class:`UnknownEvent` is written as the event it stands for, so both round-trip.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from .._util.jsonl import non_finite_as_strings
+from .._util.jsonl import MAX_DEPTH, non_finite_as_strings, too_deep
 from ..errors import EventDecodeError, did_you_mean
 from ._base import Envelope, Event, event_classes
 from ._vocabulary import UnknownEvent
@@ -152,6 +153,9 @@ def _unknown(raw: Any, format: str) -> UnknownEvent | None:
         return None
 
 
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels of arrays and objects"
+
+
 def _index(format: str) -> int:
     if format == "json":
         return 0
@@ -167,6 +171,8 @@ def decode(data: bytes | str, *, format: str = "json", keep_unknown: bool = Fals
     :class:`UnknownEvent` instead of an error.
     """
     dec = _codec()[1][_index(format)]
+    if format == "json" and too_deep(data):
+        raise EventDecodeError(f"malformed event: {_TOO_DEEP}")
     try:
         event: Event = dec.decode(data)
     except msgspec.DecodeError as exc:
@@ -187,6 +193,8 @@ def decode_envelope(
     """
     _, events, wire, _ = _codec()
     i = _index(format)
+    if format == "json" and too_deep(data):
+        raise EventDecodeError(f"malformed envelope: {_TOO_DEEP}")
     try:
         raw = wire[i].decode(data)
     except msgspec.DecodeError as exc:

@@ -117,6 +117,9 @@ class Checkpoints:
             path = str(result["path"]) if result.get("path") is not None else None
         row["path"] = path
         row["steps_completed"] = run.artifacts.steps_completed
+        # the step a resume from this checkpoint starts at: the steps it holds, counted
+        # over the whole run (an ``interrupted`` one is saved during the failed step)
+        row["resume_step"] = self.start_step + run.artifacts.steps_completed
         run.artifacts.checkpoints.append(row)
         if run.state.rank == 0:
             _append_line(run.state.run_dir / "checkpoints.jsonl", json.dumps(row, default=str))

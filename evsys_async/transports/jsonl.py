@@ -16,6 +16,12 @@ block, line by line only where a block holds something unusual), names the
 file and line of a malformed one, skips a truncated last line (a writer killed
 mid-line), keeps events of unknown types as
 :class:`~evsys_async.events.UnknownEvent` and refuses a newer format version.
+A line nested deeper than :data:`~evsys_async._util.jsonl.MAX_DEPTH` is
+malformed, found before it is decoded. An envelope whose ``(bus_id, seq)``
+came earlier in the log is a duplicate: skipped and counted. Within one bus id
+the numbers rise through a log (a bus numbers events in publish order, and a
+writer appends them in that order), so "earlier" is "not above the highest
+number seen for that bus id": one integer per bus id, whatever the log's length.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import IO, Any
 
 import msgspec
 
+from .._util.jsonl import MAX_DEPTH, lines_may_nest_deeper, too_deep
 from .._version import __version__
 from ..errors import EventDecodeError
 from ..events import Envelope, Event, decode_envelope, encode, event_types
@@ -177,18 +184,24 @@ _TRUNCATED = (
     "truncated: the last line ends without a newline and does not parse "
     "(its writer stopped mid-line); skipped"
 )
+_TOO_DEEP = (
+    f"a value nested deeper than {MAX_DEPTH} levels of arrays and objects (no event "
+    "nests so deep: the line is damaged, or not an event)"
+)
 
 
 class EventLogReader:
     """Reads an event log batch by batch (see the module docstring).
 
     :meth:`read` returns the next :class:`LogBatch`, or ``None`` at the end. A
-    malformed line raises :class:`EventDecodeError` naming ``file:line`` and
-    what was wrong — unless ``skip_bad``, which records it in :attr:`skipped`
-    and reads on. A truncated last line is recorded there in any case. A
-    header of another format or of a newer version raises, ``skip_bad`` or
-    not. Blocking file I/O: call it off the event loop (replay reads in a
-    daemon thread). One thread at a time.
+    malformed line (one nested too deep included) raises
+    :class:`EventDecodeError` naming ``file:line`` and what was wrong — unless
+    ``skip_bad``, which records it in :attr:`skipped` and reads on. A
+    truncated last line is recorded there in any case. A duplicated envelope
+    is left out of the batches and counted in :attr:`duplicates`. A header of
+    another format or of a newer version raises, ``skip_bad`` or not.
+    Blocking file I/O: call it off the event loop (replay reads in a daemon
+    thread). One thread at a time.
     """
 
     def __init__(
@@ -207,6 +220,9 @@ class EventLogReader:
         self.events = 0
         #: header lines seen so far (the first one included)
         self.headers = 0
+        #: envelopes left out because their ``(bus_id, seq)`` came earlier in the log
+        self.duplicates = 0
+        self._highest: dict[str, int] = {}  # bus id -> highest seq seen
         self._file: IO[bytes] | None = None
         self._lines = 0  # lines consumed so far
         self._carry = b""
@@ -268,14 +284,44 @@ class EventLogReader:
             end = block.index(b"\n") + 1
             self._line(block[: end - 1], 1)
             block, first = block[end:], 2
-        try:  # the common case: one call for the whole block
-            decoded = _fast_decoder().decode_lines(block)
-        except msgspec.DecodeError:  # a header, an unknown type or a bad line in it
+        decoded: list[Any] | None = None
+        if not lines_may_nest_deeper(block):  # else a line may be too deep to decode
+            try:  # the common case: one call for the whole block
+                decoded = _fast_decoder().decode_lines(block)
+            except msgspec.DecodeError:  # a header, an unknown type or a bad line in it
+                decoded = None
+        if decoded is None:
             for i, line in enumerate(block.split(b"\n")[:-1]):
                 self._line(line, first + i)
         else:
-            self._batch().envelopes.extend(decoded)
-            self.events += len(decoded)
+            self._add(decoded)
+
+    def _add(self, decoded: list[Any]) -> None:
+        """Append the envelopes to the batch in hand, less the duplicates."""
+        highest = self._highest
+        fresh: list[Any] | None = None  # made only once a duplicate turns up
+        bus: str | None = None
+        top = -1
+        for i, envelope in enumerate(decoded):
+            if envelope.bus_id != bus:
+                if bus is not None:
+                    highest[bus] = top
+                bus = envelope.bus_id
+                top = highest.get(bus, -1)
+            seq = envelope.seq
+            if seq > top:
+                top = seq
+                if fresh is not None:
+                    fresh.append(envelope)
+            else:
+                if fresh is None:
+                    fresh = decoded[:i]
+                self.duplicates += 1
+        if bus is not None:
+            highest[bus] = top
+        kept = decoded if fresh is None else fresh
+        self._batch().envelopes.extend(kept)
+        self.events += len(kept)
 
     def _batch(self) -> LogBatch:
         if not self._ready:
@@ -285,6 +331,9 @@ class EventLogReader:
     def _last_line(self, data: bytes) -> None:
         """A last line without a newline: read if it is whole JSON, else truncated."""
         self._lines += 1
+        if too_deep(data):  # malformed, not merely cut short: no event nests so deep
+            self._bad(self._lines, _TOO_DEEP)
+            return
         try:
             msgspec.json.decode(data)
         except msgspec.DecodeError:
@@ -292,8 +341,21 @@ class EventLogReader:
             return
         self._line(data, self._lines)
 
+    def _bad(self, lineno: int, reason: str) -> None:
+        """A malformed line: raise naming ``file:line`` and the fix, or under
+        ``skip_bad`` record it and read on."""
+        if not self.skip_bad:
+            raise EventDecodeError(
+                f"{self.path}:{lineno}: {reason}; --skip-bad (skip_bad=True) skips such "
+                "lines and reports them"
+            )
+        self.skipped.append(SkippedLine(lineno, reason))
+
     def _line(self, line: bytes, lineno: int) -> None:
         if not line.strip():
+            return
+        if too_deep(line):
+            self._bad(lineno, _TOO_DEEP)
             return
         try:
             envelope: Any = _fast_decoder().decode(line)
@@ -308,15 +370,11 @@ class EventLogReader:
             try:
                 envelope = decode_envelope(line, keep_unknown=True)
             except EventDecodeError as exc:
-                if not self.skip_bad:
-                    raise EventDecodeError(
-                        f"{self.path}:{lineno}: {exc}; --skip-bad (skip_bad=True) skips such "
-                        "lines and reports them"
-                    ) from None
-                self.skipped.append(SkippedLine(lineno, str(exc)))
+                envelope, error = None, str(exc)
+            if envelope is None:  # raised outside the except: no chained context
+                self._bad(lineno, error)
                 return
-        self._batch().envelopes.append(envelope)
-        self.events += 1
+        self._add([envelope])
 
     def _header(self, line: bytes, lineno: int) -> LogHeader | None:
         """The header on this line, ``None`` if it is not one; raises for a header of

@@ -244,6 +244,19 @@ class RedisStreamSource:
         self._prepared = True
         return self._resume
 
+    def stream_exists(self) -> bool:
+        """Does the run's stream exist yet (a run that sends to it has started)?
+
+        Blocking, one ``EXISTS``. Raises
+        :class:`~evsys_async.transports.RedisUnavailableError` when Redis does not answer.
+        """
+        try:
+            return bool(self._client.exists(self.stream))
+        except _redis.outage_errors() as exc:
+            raise _redis.RedisUnavailableError.wrap(
+                exc, self.url, "read the run's stream"
+            ) from None
+
     def _create_group(self) -> bool:
         """True if the group was created now (nothing consumed yet)."""
         redis = _redis.redis_module()

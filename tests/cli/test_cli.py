@@ -532,8 +532,13 @@ BOMB = "name: bomb\nnum_steps: 10\na: &a [lol, lol, lol, lol, lol, lol, lol, lol
             b"name: x\nnum_steps: 3\ndrain_timeout: 1e-308x\n",
             "bad.yaml:3: drain_timeout: expected float",
         ),
+        (
+            b"name: x\nnum_steps: 3\nparams:\n  dealy: 0.01\n",
+            "bad.yaml:4: params.dealy: unknown field 'dealy' — did you mean 'delay'? (step "
+            "'demo' takes: lr, batch_size, n_features, n_train, n_test, noise, delay)",
+        ),
     ],
-    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number"],
+    ids=["binary", "nul", "alias-bomb", "recursive-alias", "not-a-number", "demo-param-typo"],
 )
 def test_a_bad_file_is_one_placed_line_and_exit_2(
     tmp_path: Path, content: bytes, expected: str
@@ -744,3 +749,189 @@ def test_the_summary_prints_sparklines_failed_evals_and_the_whole_run(tmp_path: 
     assert "█" in loss and "▁" in loss and "0.0323 → 0.0200" in loss
     [acc] = [x for x in text.splitlines() if x.startswith("  val/acc")]
     assert "(best 0.4900 at step 50)" in acc
+
+
+RESUMABLE = """\
+import json
+import os
+from pathlib import Path
+
+
+def step(state, step_idx):
+    if state.model is None:  # the first step of this process: a fresh model, or the saved one
+        state.model = 0.0
+        if state.start_step:
+            rows = (state.run_dir / "checkpoints.jsonl").read_text().splitlines()
+            state.model = json.loads(Path(json.loads(rows[-1])["path"]).read_text())["w"]
+    if step_idx == int(os.environ.get("FAIL_AT", "-1")):
+        raise RuntimeError("boom")
+    state.model = state.model * 0.9 + step_idx
+    return {"w": state.model}
+
+
+def save(state, name):
+    path = state.run_dir / f"ckpt-{name}.json"
+    path.write_text(json.dumps({"w": state.model}))
+    return str(path)
+"""
+
+RESUMABLE_CONFIG = """\
+name: r
+num_steps: 10
+step: resumable:step
+checkpoint: resumable:save
+save_every: 3
+callbacks:
+  - {kind: csv_metrics, params: {out_path: metrics.csv}}
+  - {kind: local_logger, params: {print_every: 0}}
+"""
+
+
+def test_resume_continues_from_the_last_checkpoint_as_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """A run that failed at step 8 (1-based), resumed with --resume: the same files as a
+    run that never failed; the summary counts the whole run; bad resumes are one line."""
+    (tmp_path / "resumable.py").write_text(RESUMABLE)
+    (tmp_path / "r.yaml").write_text(RESUMABLE_CONFIG)
+    whole = cli("run", "r.yaml", "--output-dir", "whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    failed = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "run", "r.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env(), "FAIL_AT": "7"},
+        timeout=90,
+    )
+    assert failed.returncode == 1, failed.stderr
+    resumed = cli("run", "r.yaml", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming runs/r at step 8 of 10" in resumed.stderr
+    assert "10 of 10 steps (resumed at step 8)" in resumed.stdout
+    run_dir = tmp_path / "runs" / "r"
+    assert (run_dir / "metrics.csv").read_text() == (tmp_path / "whole/r/metrics.csv").read_text()
+    rows = [json.loads(x) for x in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["resume_step"]) for r in rows] == [
+        ("step_3", 3),
+        ("step_6", 6),
+        ("interrupted", 7),
+        ("step_9", 9),
+        ("final", 10),
+    ]
+    # a finished run, a dir that is not there, one without checkpoints: exit 2, one line
+    for args, words in (
+        (["--resume"], "runs/r's last checkpoint is after step 10 of 10: nothing is left"),
+        (["--resume", "runs/nope"], "--resume: no run directory runs/nope"),
+        (["--resume", "whole/r", "--overwrite"], "--overwrite (or overwrite: true) would"),
+        (["--start-step", "3"], "--start-step K goes with --resume"),
+    ):
+        done = cli("run", "r.yaml", *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert words in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    (tmp_path / "plain.yaml").write_text("name: p\nnum_steps: 3\nparams: {delay: 0}\n")
+    assert cli("run", "plain.yaml", cwd=tmp_path).returncode == 0
+    done = cli("run", "plain.yaml", "--resume", cwd=tmp_path)
+    assert done.returncode == 2 and "runs/p has no checkpoint to resume from" in done.stderr
+    # train on past the end: RUN_DIR given, the config after --resume, more steps
+    done = cli("run", "--resume", "r.yaml", "--num-steps", "12", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "12 of 12 steps (resumed at step 11)" in done.stdout
+    steps = [r.split(",")[0] for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(12)]
+    # --start-step K: from step K (1-based) whatever the checkpoints say
+    done = cli(
+        "run", "r.yaml", "--resume", "runs/r", "--start-step", "12", "--num-steps", "12",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "12 of 12 steps (resumed at step 12)" in done.stdout
+
+
+BLOCKER = """\
+import os
+import sys
+
+ABSENT = set(filter(None, os.environ.get("EVSYS_TEST_ABSENT", "").split(",")))
+
+
+class Hiding:
+    \"\"\"A finder that finds nothing of $EVSYS_TEST_ABSENT and defers the rest: with every
+    finder wrapped, those modules look not installed (find_spec says None).\"\"\"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ABSENT:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
+"""
+
+
+@pytest.mark.parametrize(
+    ("section", "absent", "where", "extra"),
+    [
+        (
+            "transports:\n  - kind: redis\n    params: {url: 'redis://127.0.0.1:6379/0'}\n",
+            "redis",
+            "run.yaml:4: transports[0] (redis): the Redis transport (redis) needs",
+            "redis",
+        ),
+        (
+            "coordinator:\n  kind: redis\n  params: {url: 'redis://127.0.0.1:6379/0'}\n",
+            "redis",
+            "run.yaml:3: coordinator (redis): the Redis coordinator (redis) needs",
+            "redis",
+        ),
+        ("callbacks:\n  - {kind: wandb_logger}\n", "wandb", "run.yaml:4: callbacks[0]", "wandb"),
+        ("callbacks:\n  - {kind: mlflow}\n", "mlflow", "run.yaml:4: callbacks[0]", "mlflow"),
+        (
+            "callbacks:\n  - {kind: tensorboard_logger}\n",
+            "tensorboardX",
+            "run.yaml:4: callbacks[0]",
+            "tensorboard",
+        ),
+    ],
+    ids=["redis-transport", "redis-coordinator", "wandb", "mlflow", "tensorboard"],
+)
+def test_validate_names_a_missing_extra_with_its_place_and_install_command(
+    tmp_path: Path, section: str, absent: str, where: str, extra: str
+) -> None:
+    """The extra hidden by meta-path finders in a sitecustomize, as if not installed
+    (the checker itself is not touched): validate and run say it in one line, exit 2."""
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    (tmp_path / "run.yaml").write_text("name: x\nnum_steps: 3\n" + section)
+    absent_env = {**env(), "PYTHONPATH": str(tmp_path / "blocker"), "EVSYS_TEST_ABSENT": absent}
+    for command in ("validate", "run"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "evsys_async", command, "run.yaml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=absent_env,
+            timeout=90,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"evsys-async: bad config: {where}"), proc.stderr
+        assert f"needs the optional dependency '{absent}'" in proc.stderr
+        assert f"pip install 'evsys-async[{extra}]'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+    # the same config with the extra present: validate says ok
+    proc = subprocess.run(
+        [sys.executable, "-m", "evsys_async", "validate", "run.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=90,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: run.yaml"), proc.stderr

@@ -152,3 +152,66 @@ def test_cli_exits_1_when_a_callback_fails(recorded: Path) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "failing  40 failed" in done.stdout
+
+
+@pytest.mark.slow
+def test_cli_deep_lines_and_duplicates(recorded: Path) -> None:
+    """A 10,000-deep value (mid-log, or an unterminated last line of ``[``): one line
+    naming file:line and --skip-bad, exit 2; with --skip-bad listed. Repeated envelopes:
+    each step once in the CSV, the count printed."""
+    root = recorded.parent.parent
+    (root / "cbs.yaml").write_text(CALLBACKS["cbs.yaml"])
+    lines = (recorded / "events.jsonl").read_bytes().splitlines()
+    deep = b'{"bus_id":"x","seq":1,"event":' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    for name, data, where in (
+        ("mid.jsonl", b"\n".join([*lines[:3], deep, *lines[3:]]) + b"\n", 4),
+        ("last.jsonl", b"\n".join(lines) + b"\n" + b"[" * 10_000, len(lines) + 1),
+    ):
+        (root / name).write_bytes(data)
+        done = cli("replay", name, "--callbacks", "cbs.yaml", "--output-dir", "o", cwd=root)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert f"bad event log: {name}:{where}: a value nested deeper than 128" in done.stderr
+        assert "--skip-bad" in done.stderr
+        done = cli(
+            "replay", name, "--callbacks", "cbs.yaml", "--output-dir", "o", "--skip-bad", cwd=root
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"skipped line {where}: a value nested deeper than 128" in done.stdout
+    doubled = [lines[0], *(x for line in lines[1:] for x in (line, line))]
+    (root / "dup.jsonl").write_bytes(b"\n".join(doubled) + b"\n")
+    done = cli("replay", "dup.jsonl", "--callbacks", "cbs.yaml", "--output-dir", "d", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert f"duplicates: {len(lines) - 1} envelope(s) repeated in the log" in done.stdout
+    replayed = (root / "d" / "demo" / "metrics.csv").read_text()
+    assert replayed == (recorded / "metrics.csv").read_text()
+
+
+@pytest.mark.slow
+def test_cli_a_relative_path_out_of_the_replays_run_dir_is_refused(recorded: Path) -> None:
+    """``out_path: ../../x.csv`` or ``log_dir: ../tb`` would write outside the replay's
+    own run dir: one line naming the file, the place and the key, exit 2, nothing
+    written; an absolute path is the way to write elsewhere."""
+    root = recorded.parent.parent
+    for n, (kind, key, value) in enumerate(
+        [("csv_metrics", "out_path", "../../x.csv"), ("tensorboard_logger", "log_dir", "../tb")]
+    ):
+        (root / "esc.yaml").write_text(
+            "- {kind: csv_metrics, params: {out_path: m.csv}}\n"
+            f"- {{kind: {kind}, params: {{{key}: {value}}}}}\n"
+        )
+        done = cli("replay", "runs/demo", "--callbacks", "esc.yaml", "--output-dir", "o", cwd=root)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (
+            f"evsys-async: bad config: esc.yaml:2: callbacks[1].params ({kind}): {kind} {key} "
+            f"'{value}' leads out of the run directory; a relative path is inside the run "
+            "directory (a replay's or a consumer's own, too): give an absolute path to write "
+            "elsewhere\n"
+        ), n
+        assert not (root / "o").exists() and not (root.parent / "x.csv").exists()
+    (root / "abs.yaml").write_text(
+        f"- {{kind: csv_metrics, params: {{out_path: {root}/abs.csv}}}}\n"
+    )
+    done = cli("replay", "runs/demo", "--callbacks", "abs.yaml", "--output-dir", "o", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert (root / "abs.csv").read_text() == (recorded / "metrics.csv").read_text()

@@ -403,3 +403,137 @@ def test_strict_in_a_config_reaches_the_loop(tmp_path: Path) -> None:
     assert isinstance(config, RunConfig)
     assert config.strict is True
     assert build_loop(config).strict is True
+
+
+# -- a callback's or an evaluator's class by its import path --------------------------------
+
+KINDS_MODULE = """\
+import msgspec
+import evsys_async as ev
+
+
+class Counter(ev.Callback):
+    class Config(msgspec.Struct, forbid_unknown_fields=True):
+        out: str = "count.txt"
+
+    def __init__(self, out: str = "count.txt") -> None:
+        self.out = out
+        self.n = 0
+
+    def on_step_end(self, state, step_idx, batch, metrics):
+        self.n += 1
+
+    def teardown(self, state):
+        (state.run_dir / self.out).write_text(str(self.n))
+
+
+class Const:
+    def __init__(self, name: str = "const", run_every: int = 2) -> None:
+        self.name, self.run_every = name, run_every
+
+    async def evaluate(self, state, step_idx):
+        return {"c": 1.0}
+
+
+NOT_A_CLASS = 3
+"""
+
+
+@pytest.mark.anyio
+async def test_kinds_by_import_path_build_and_run(tmp_path: Path) -> None:
+    """``kind: "module:Class"`` (and ``module.Class``) for callbacks and evaluators: checked
+    like a registered kind (params included), built, run."""
+    (tmp_path / "path_kinds.py").write_text(KINDS_MODULE)
+    out = tmp_path / "out"
+    config = load_text(
+        tmp_path,
+        f"""\
+        name: kinds
+        output_dir: {out}
+        num_steps: 4
+        evaluators:
+          - {{kind: "path_kinds:Const", params: {{run_every: 2}}}}
+        callbacks:
+          - {{kind: "path_kinds:Counter", params: {{out: a.txt}}}}
+          - {{kind: path_kinds.Counter}}
+          - {{kind: csv_metrics, params: {{out_path: m.csv}}}}
+        """,
+    )
+    loop = build_loop(config)
+    with anyio.fail_after(30):
+        artifacts = await loop.run()
+    assert artifacts.status == "completed"
+    assert (out / "kinds" / "a.txt").read_text() == "4"
+    assert (out / "kinds" / "count.txt").read_text() == "4"
+    rows = (out / "kinds" / "m.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "val/const/c" and len(rows) == 1 + 4 + 2  # 2 eval rows
+    msg = error_of(tmp_path, 'num_steps: 3\ncallbacks:\n  - {kind: "path_kinds:Counter",'
+                   " params: {outt: x}}\n")  # fmt: skip
+    assert "callbacks[0].params.outt (path_kinds:Counter): unknown field 'outt'" in msg
+    assert "did you mean 'out'?" in msg
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        (
+            '"no_such_kinds_mod:Counter"',
+            "callbacks[0].kind: could not import module 'no_such_kinds_mod' for "
+            "'no_such_kinds_mod:Counter': no module named 'no_such_kinds_mod' (is it installed, "
+            "or beside the config file?)",
+        ),
+        (
+            '"path_kinds2:Countr"',
+            "callbacks[0].kind: could not import 'path_kinds2:Countr': 'path_kinds2' has no "
+            "attribute 'Countr' — did you mean 'Counter'?",
+        ),
+        ('"path_kinds2:NOT_A_CLASS"', "'path_kinds2:NOT_A_CLASS' names 3 (int), not a callback"),
+        ('"path_kinds2:Const"', "a callback kind must be a Callback subclass"),
+        ("path_kinds2.Countr", "no callback kind 'path_kinds2.Countr' (could not import"),
+        ("csv.metrics", "did you mean 'csv_metrics'?"),
+        ('":Counter"', "expected \"package.module:Class\", got ':Counter'"),
+    ],
+)
+def test_a_kind_path_that_does_not_import_says_why_as_a_step_does(
+    tmp_path: Path, kind: str, words: str
+) -> None:
+    (tmp_path / "path_kinds2.py").write_text(KINDS_MODULE)
+    msg = error_of(tmp_path, f"num_steps: 3\ncallbacks:\n  - kind: {kind}\n")
+    assert msg.startswith(f"{tmp_path / 'run.yaml'}:3: "), msg
+    assert words in msg, msg
+
+
+def test_a_callbacks_file_finds_a_kind_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "path_kinds3.py").write_text(KINDS_MODULE)
+    path = tmp_path / "cbs.yaml"
+    path.write_text('- {kind: "path_kinds3:Counter"}\n')
+    (built,) = ev.config.load_callbacks(path)
+    assert type(built).__name__ == "Counter"
+
+
+def test_the_demo_steps_params_are_checked_and_a_steps_config_is_honoured(tmp_path: Path) -> None:
+    """The demo's params (and any step function's ``Config``) are checked on load: a
+    misspelt name or a wrong type names the place and the step's params."""
+    msg = error_of(tmp_path, "num_steps: 3\nparams: {dealy: 0.01}\n")
+    assert "run.yaml:2: params.dealy: unknown field 'dealy' — did you mean 'delay'?" in msg
+    assert "(step 'demo' takes: lr, batch_size, n_features, n_train, n_test, noise, delay)" in msg
+    msg = error_of(tmp_path, "num_steps: 3\nparams: {lr: fast}\n")
+    assert "params.lr: expected float, got str 'fast'" in msg
+    msg = error_of(tmp_path, "name: e\nrun: {num_steps: 3}\narms: {a: {params: {batch: 2}}}\n")
+    assert "arms.a.params.batch: unknown field 'batch'" in msg
+    assert isinstance(load_text(tmp_path, "num_steps: 3\nparams: {delay: 0, lr: 0.2}\n"), RunConfig)
+    (tmp_path / "checked_steps.py").write_text(
+        "import msgspec\n"
+        "class P(msgspec.Struct, forbid_unknown_fields=True):\n"
+        "    width: int = 2\n"
+        "def step(state, i):\n"
+        "    return {}\n"
+        "step.Config = P\n"
+        "def free(state, i):\n"
+        "    return {}\n"
+    )
+    msg = error_of(tmp_path, "num_steps: 3\nstep: checked_steps:step\nparams: {widht: 3}\n")
+    assert "params.widht: unknown field 'widht' — did you mean 'width'?" in msg
+    assert "(step 'checked_steps:step' takes: width)" in msg
+    free = "num_steps: 3\nstep: checked_steps:free\nparams: {anything: 1}\n"
+    assert isinstance(load_text(tmp_path, free), RunConfig)

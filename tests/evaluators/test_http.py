@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.anyio
 
 
 ROUTES = ("flat", "nested", "flaky", "down5xx", "slow", "garbage", "words", "teapot")
-ROUTES += ("listing", "echo", "drip")
+ROUTES += ("listing", "echo", "drip", "endless", "announced", "deep")
 
 
 def written(root: Path) -> list[str]:
@@ -89,6 +90,31 @@ class EvalServer:
             yield b"}"
 
         return StreamingResponse(pieces(), media_type="application/json")
+
+    async def endless(self, request: Request) -> Response:
+        """A reply that never ends (no Content-Length): only a bound read while it
+        streams in stops the client; it counts what it sent."""
+        await self._record(request)
+        self.sent = 0
+
+        async def pieces() -> AsyncIterator[bytes]:
+            yield b'{"acc": [' + b"0.5, " * 1000
+            while True:
+                self.sent += 1
+                await anyio.lowlevel.checkpoint()
+                yield b"0.5, " * 1000
+
+        return StreamingResponse(pieces(), media_type="application/json")
+
+    async def announced(self, request: Request) -> Response:
+        """A 7 MB reply of 400,000 numbers, its Content-Length said up front."""
+        await self._record(request)
+        body = b'{"metrics": {' + b",".join(b'"m%d": 0.5' % i for i in range(400_000)) + b"}}"
+        return Response(body, media_type="application/json")
+
+    async def deep(self, request: Request) -> Response:
+        await self._record(request)
+        return Response(b"[" * 10_000 + b"]" * 10_000, media_type="application/json")
 
     async def garbage(self, request: Request) -> Response:
         await self._record(request)
@@ -268,6 +294,14 @@ async def test_500_then_200_is_retried_into_an_eval_ended(tmp_path: Path) -> Non
         ),
         ("listing", "reply is a JSON list, not a mapping of metric names to numbers"),
         ("teapot", 'HTTP 409 Conflict, not retried: {"detail":"step must be odd"}'),
+        (
+            "deep",
+            "reply nests deeper than the limit of 128 levels of arrays and objects; not decoded",
+        ),
+        (
+            "announced",
+            "reply larger than the limit of 1,048,576 bytes (its Content-Length is 5,",
+        ),
     ],
 )
 async def test_replies_that_are_not_metrics_are_eval_failed(
@@ -284,6 +318,28 @@ async def test_replies_that_are_not_metrics_are_eval_failed(
     assert failures[0][2].startswith(f"HttpEvalError: POST {url}/{route}: {reason}")
     assert len(server.requests) == 2  # none of these is retried
     assert "evaluator failed; training goes on" in warnings_log.text
+
+
+@pytest.mark.slow
+async def test_a_reply_past_max_reply_bytes_is_dropped_while_it_streams_in(
+    tmp_path: Path,
+) -> None:
+    """The body is read chunk by chunk and dropped past the limit: a reply that never
+    ends is an EvalFailed naming the URL and the limit, not a run that never ends."""
+    server = EvalServer()
+    with anyio.fail_after(30):
+        async with serving(server.app()) as url:
+            endless = HttpEvaluator(f"{url}/endless", run_every=2, max_reply_bytes=50_000)
+            artifacts, seen = await run_with(tmp_path, endless)
+    assert (artifacts.status, artifacts.steps_completed) == ("completed", 4)
+    failures = evals(seen)
+    assert [(k, s) for k, s, _ in failures] == [("EvalFailed", 1), ("EvalFailed", 3)]
+    assert failures[0][2] == (
+        f"HttpEvalError: POST {url}/endless: reply larger than the limit of 50,000 bytes "
+        "(more than 50,000 bytes arrived); dropped unread, not retried. A reply of metrics "
+        "is a few hundred bytes: have the server send fewer, or raise max_reply_bytes"
+    )
+    assert len(server.requests) == 2  # not retried
 
 
 @pytest.mark.slow
@@ -372,6 +428,7 @@ async def test_outside_a_loop_async_with_opens_and_closes_the_client() -> None:
         ({"retries": -1}, "retries must be >= 0, got -1"),
         ({"max_concurrency": 0}, "max_concurrency must be >= 1, got 0"),
         ({"payload": {"a": 1}}, "payload must be a callable (state, step_idx) -> mapping"),
+        ({"max_reply_bytes": 0}, "max_reply_bytes must be >= 1 (bytes), got 0"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs: dict[str, Any], words: str) -> None:

@@ -96,3 +96,47 @@ def test_the_example_runs_as_a_script(tmp_path: Path) -> None:
             "[eval of step 20",
         ]
         assert lines[-1].startswith("completed 20")
+
+
+@pytest.mark.parametrize(
+    ("backend", "sig"), [("asyncio", "SIGINT"), ("trio", "SIGINT"), ("asyncio", "SIGTERM")]
+)
+def test_the_eval_server_runs_alone_on_a_port_and_stops_cleanly(backend: str, sig: str) -> None:
+    """``python examples/eval_server.py --port N``: prints its URL, answers POST /eval
+    (queried with httpx), and Ctrl-C or SIGTERM stops it gracefully, exit 0."""
+    import os
+    import select
+    import signal
+
+    import httpx
+
+    from tests.servers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "eval_server.py"), "--port", str(port),
+         "--backend", backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the server printed nothing"
+        url = f"http://127.0.0.1:{port}/eval"
+        assert proc.stdout.readline() == f"eval server: POST {url} (Ctrl-C stops it)\n"
+        reply = httpx.post(url, json={"step": 9, "weight": 2.5}, timeout=30)
+        assert reply.status_code == 200
+        assert reply.json() == {"metrics": {"loss": 0.25, "close": 0.0}, "step": 9}
+        bad = httpx.post(url, json={"step": 9}, timeout=30)
+        assert bad.status_code == 422
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == f"{sig}: stopping\n" and "Traceback" not in err
