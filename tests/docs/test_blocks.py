@@ -16,11 +16,10 @@ import pytest
 
 from tests.docs.blocks import RUNNABLE, blocks, markers_without_a_block, pages, run_page
 
-#: pages whose blocks this runner leaves alone, and why. docs/services.md's blocks
-#: are excerpts of examples/service.py and examples/eval_server.py, held to them by
-#: tests/docs/test_services.py and run as tests/examples/ (that page is kept by the
-#: services work, which marks its own blocks)
-EXCLUDED = {"services.md": "excerpts of the examples, tested in tests/examples/"}
+#: pages whose blocks this runner leaves alone, and why (none: a page's excerpts of
+#: the examples are marked fragments, and tests/docs/test_services.py holds them to
+#: the examples' code)
+EXCLUDED: dict[str, str] = {}
 
 PAGES = [p for p in pages() if p.name not in EXCLUDED]
 
