@@ -3,9 +3,10 @@
 ``EventBus.publish`` is two lines over this module. On the event loop's
 thread :meth:`Intake.put` numbers the event, appends it to :attr:`new` and,
 when a batch falls due, rings the pump's doorbell. From any other thread
-:meth:`Intake.put_foreign` appends to a locked deque and wakes the loop
-through :class:`~evsys_async._util.aio.LoopWaker` (never waiting for it); the
-event is numbered when the loop takes it in (:meth:`take_foreign`). Both are
+:meth:`Intake.put_foreign` appends to a locked deque and, unless the pump's
+timer will take it in within a batch delay, wakes the loop through
+:class:`~evsys_async._util.aio.LoopWaker` (never waiting for it); the event is
+numbered when the loop takes it in (:meth:`take_foreign`). Both are
 O(1) whatever the number of subscribers. After :meth:`close` an event is
 counted in :attr:`dropped_after_close` and logged once.
 
@@ -108,7 +109,18 @@ class Intake:
         return seq
 
     def put_foreign(self, event: Event) -> None:
-        """Publish from another thread: never waits for the loop."""
+        """Publish from another thread: never waits for the loop.
+
+        It wakes the loop only when the pump's timer is not armed, when someone
+        waits for events (``urgent``: a barrier, a drain) or for a full batch.
+        While events flow the pump ticks every batch delay anyway and takes in
+        what other threads published, so a trainer's thread publishing a step
+        every few milliseconds does not pull the loop's thread onto the GIL once
+        a step (``benchmarks/bench_bridges.py``); such an event waits at most
+        about two batch delays. The pump, after disarming its timer, looks at the
+        foreign queue once more, so an event appended just before is never left
+        behind (:class:`~evsys_async.bus._pump.Pump`).
+        """
         if not isinstance(event, Event):
             raise TypeError(f"publish() takes an Event, got {type(event).__name__}")
         with self._lock:
@@ -116,6 +128,9 @@ class Intake:
                 self.drop_closed(event)
                 return
             self._foreign.append(event)
+            pending = len(self._foreign)
+        if self.timer_armed and not self.urgent and pending < self.batch_size:
+            return
         assert self._wake_loop is not None
         self._wake_loop()
 

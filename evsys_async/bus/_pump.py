@@ -10,9 +10,10 @@ is ``batch_delay`` old — at once while anyone waits (``hurry``). Each wake
 hands the subscriber everything pending. It returns when it must look again.
 
 The pump task sleeps until its doorbell rings (``Intake.ring``: a full batch
-at publish, a foreign publish, a thread's finished batch) or that deadline
-passes. While events flow it ticks every ``batch_delay`` instead of on every
-publish. ``docs/design.md`` ("How an event travels") has the whole path.
+at publish, a foreign publish while its timer is not armed, a thread's
+finished batch) or that deadline passes. While events flow it ticks every
+``batch_delay`` instead of on every publish. ``docs/design.md`` ("How an
+event travels") has the whole path.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Pump:
         self._moved = False  # a poll changed what waiters see (a call abandoned)
         self._last_tick = -math.inf
         self._thread_wake_pending = False
+        #: how often another thread woke the loop (a foreign publish, a thread's batch)
+        self.thread_wakes = 0
         self._progress: anyio.Event | None = None
         self._doorbell: anyio.Event | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event
@@ -122,6 +125,7 @@ class Pump:
         if self._thread_wake_pending:
             return
         self._thread_wake_pending = True
+        self.thread_wakes += 1
         if self._waker is None or not self._waker.soon(self._on_thread_wake):
             self._thread_wake_pending = False  # the loop is gone; nothing to wake
 
@@ -249,6 +253,10 @@ class Pump:
                 # publish may rely on the timer only if it fires within a batch delay;
                 # a def handler's timeout may be far away
                 intake.timer_armed = next_deadline <= time.monotonic() + self.batch_delay
+                if not intake.timer_armed and intake.has_foreign():
+                    # a thread published while the timer was still armed and so did
+                    # not wake the loop (Intake.put_foreign): take it in now
+                    intake.ring()
 
     def tick(self) -> float:
         """Walk, collect, wake (see the module docstring); the earliest deadline at

@@ -154,6 +154,48 @@ async def test_idle_loop_wakes_for_a_foreign_publish() -> None:
     assert [e.i for e in got.items] == [0, 1, 2] == [e.i for e in got_sync.items]
 
 
+async def test_a_thread_publishing_while_events_flow_does_not_wake_the_loop_each_time() -> None:
+    """A trainer's thread publishing a step every millisecond (a Session): the pump's
+    timer takes the events in while they flow, so the loop is woken for a few of them,
+    not for each (each wake is the loop's thread taking the GIL from the trainer's);
+    every event still arrives, in order, without a drain."""
+    n = 200
+
+    def trainer() -> None:
+        for i in range(n):
+            bus.publish(ThrTestMsg(source="trainer", i=i))
+            threading.Event().wait(0.001)
+
+    async with ev.EventBus(batch_delay=0.05, batch_size=1000, close_timeout=5) as bus:
+        got = Counter(n)
+        bus.subscribe(got, events=(ThrTestMsg,))
+        with anyio.fail_after(WAIT):
+            await anyio.to_thread.run_sync(trainer)
+            await got.done.wait()  # delivered by the pump's own ticks
+        wakes = bus._pump.thread_wakes
+    assert [e.i for e in got.items] == list(range(n))
+    # one wake per publish before (200); now one when the timer is not armed (the
+    # first, and after any pause of the trainer's thread longer than a batch delay)
+    assert wakes <= n // 4, wakes
+
+
+@pytest.mark.parametrize("gap", [0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+async def test_a_thread_publish_as_the_timer_disarms_is_never_left_behind(gap: float) -> None:
+    """Events from a thread with pauses around the pump's batch delay (0.02 s): some
+    land while the timer is about to disarm; each arrives on its own (no drain, no
+    barrier, no later publish to push it), within a bounded time."""
+    async with ev.EventBus(batch_delay=0.02, close_timeout=5) as bus:
+        got = Counter(1)
+        bus.subscribe(got, events=(ThrTestMsg,))
+        for k in range(8):
+            got.goal, got.done = k + 1, anyio.Event()
+            with anyio.fail_after(WAIT):
+                await anyio.to_thread.run_sync(threading.Event().wait, gap)
+                await anyio.to_thread.run_sync(bus.publish, ThrTestMsg(source="t", i=k))
+                await got.done.wait()
+    assert [e.i for e in got.items] == list(range(8))
+
+
 async def test_publish_from_a_thread_before_enter_raises_and_after_close_counts() -> None:
     bus = ev.EventBus(close_timeout=5)
     with anyio.fail_after(WAIT):
