@@ -317,7 +317,7 @@ class Service:
         stop_grace: float = 10.0,
         cancel_grace: float = 5.0,
         flush_every: float = 0.1,
-        send_buffer: int = 64 * 1024,
+        send_buffer: int = 16 * 1024,
     ) -> None:
         self.output_dir = Path(output_dir).resolve()
         self.steps = dict(steps)

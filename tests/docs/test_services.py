@@ -47,4 +47,4 @@ def test_the_services_defaults_are_the_ones_the_page_gives() -> None:
     assert defaults["cancel_grace"] == 5.0 and "`cancel_grace` seconds (5)" in DOC
     assert defaults["max_body"] == 64 * 1024 and "`max_body` (64 kB)" in DOC
     assert defaults["flush_every"] == 0.1 and "`flush_every` (100 ms)" in DOC
-    assert defaults["send_buffer"] == 64 * 1024 and "`SO_SNDBUF`, 64 kB" in DOC
+    assert defaults["send_buffer"] == 16 * 1024 and "`SO_SNDBUF`, 16 kB" in DOC
