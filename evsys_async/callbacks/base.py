@@ -215,7 +215,7 @@ class Callback:
 
     def on_run_start(self, ctx: LogContext) -> Any:
         """One run begins, before its loop starts: ``ctx.run_key`` and
-        ``ctx.run_config`` (the arm's params, its name, the repeat and the seed)
+        ``ctx.run_config`` (the arm's params, its name, the repeat and its random seed)
         are this run's."""
 
     def on_benchmark_eval(
