@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from ..events import StepEnded
+from typing import Any, Generic, TypeVar
 
 __all__ = ["DEFAULT_EVAL_NAME", "Cadence", "due", "eval_metric_name", "fmt_value", "human_step"]
+
+T = TypeVar("T")
 
 #: the eval name that gets no segment of its own in metric names
 DEFAULT_EVAL_NAME = "val"
@@ -53,25 +53,26 @@ def due(step_idx: int, every: int) -> bool:
     return every > 0 and (step_idx + 1) % every == 0
 
 
-class Cadence:
-    """A logger's ``log_every`` over ``StepEnded``: a step is logged when it is due or
-    the run's last; one that is not is held, so the last step that ran is logged at
-    the end whatever the cadence (:meth:`left`, at ``TrainEnded`` or teardown)."""
+class Cadence(Generic[T]):
+    """A logger's ``log_every``: a train row is written when the step is due or the
+    run's last; one that is not is held, so the last step that ran is written at the
+    end whatever the cadence (:meth:`left`, at the run's end or teardown). What is
+    held is the logger's own (an event, a row)."""
 
     __slots__ = ("_held",)
 
     def __init__(self) -> None:
-        self._held: StepEnded | None = None
+        self._held: T | None = None
 
-    def take(self, event: StepEnded, every: int) -> bool:
-        """True: log ``event`` now. False: it is held (replacing the one held)."""
-        if due(event.step, every) or event.step + 1 >= event.num_steps:
+    def take(self, step_idx: int, num_steps: int, every: int, row: T) -> bool:
+        """True: write ``row`` now. False: it is held (replacing the one held)."""
+        if every == 1 or due(step_idx, every) or step_idx + 1 >= num_steps:
             self._held = None
             return True
-        self._held = event
+        self._held = row
         return False
 
-    def left(self) -> StepEnded | None:
-        """The step held back, once (then ``None``): the last that ran, if unlogged."""
+    def left(self) -> T | None:
+        """The row held back, once (then ``None``): the last step's, if unwritten."""
         held, self._held = self._held, None
         return held

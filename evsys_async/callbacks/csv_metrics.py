@@ -44,7 +44,7 @@ from .._util.files import atomic_writer
 from .._util.paths import expand_path
 from .._util.rundir import check_inside, logger_path
 from ..state import LoopArtifacts, LoopState
-from ._format import due, eval_metric_name
+from ._format import Cadence, eval_metric_name
 from ._writer import DEFAULT_MAX_HELD_BYTES, RowWriter
 from .base import Callback
 from .registry import register_callback
@@ -86,7 +86,7 @@ class CsvMetricsCallback(Callback):
         self.columns: list[str] = ["step"]
         self._known: set[str] = {"step"}
         self._rows: list[Row] = []
-        self._unlogged: Row | None = None
+        self._cadence: Cadence[Row] = Cadence()
         self._writer: RowWriter | None = None
         self._num_steps = 0
         self._fast = delimiter not in _UNSAFE
@@ -94,7 +94,8 @@ class CsvMetricsCallback(Callback):
     # -- lifecycle (the callback's own thread) ----------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self.columns, self._known, self._rows, self._unlogged = ["step"], {"step"}, [], None
+        self.columns, self._known, self._rows = ["step"], {"step"}, []
+        self._cadence = Cadence()
         self.degraded = None
         self._num_steps = state.num_steps
         if state.rank != 0:
@@ -125,11 +126,9 @@ class CsvMetricsCallback(Callback):
     ) -> None:
         if self._writer is None:
             return
-        if self.log_every == 1 or due(step_idx, self.log_every) or step_idx + 1 == self._num_steps:
-            self._rows.append((step_idx, metrics))
-            self._unlogged = None
-        else:
-            self._unlogged = (step_idx, metrics)  # written at the end if it was the last
+        row = (step_idx, metrics)
+        if self._cadence.take(step_idx, self._num_steps, self.log_every, row):
+            self._rows.append(row)
 
     def on_eval(
         self, state: LoopState, step_idx: int, eval_name: str, metrics: dict[str, float]
@@ -139,9 +138,9 @@ class CsvMetricsCallback(Callback):
             self._rows.append((step_idx, named))
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        if self._unlogged is not None:  # the last step that ran is always a row
-            self._rows.append(self._unlogged)
-            self._unlogged = None
+        last = self._cadence.left()
+        if last is not None:  # the last step that ran is always a row
+            self._rows.append(last)
 
     def flush(self) -> None:
         """Format the batch's rows and write them: one append, or one atomic rewrite

@@ -48,7 +48,7 @@ from ..errors import describe
 from ..events import Envelope, EvalEnded, StepEnded, TrainStarted, UnknownEvent, encode
 from ..state import Degraded, LoopArtifacts, LoopState
 from ..transports.jsonl import log_header
-from ._format import due
+from ._format import Cadence, due
 from ._format import fmt_value as _fmt_value
 from ._picture import RunPicture
 from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
@@ -101,7 +101,7 @@ class LocalLoggerCallback(Callback):
         self._rows: list[_Row] = []
         self._envelopes: list[Envelope] = []
         self._printed: list[str] = []
-        self._unlogged: _Row | None = None
+        self._cadence: Cadence[_Row] = Cadence()
         self._metrics: RowWriter | None = None
         self._events: RowWriter | None = None
         self._summary_trouble: Degraded | None = None
@@ -110,7 +110,8 @@ class LocalLoggerCallback(Callback):
     # -- lifecycle ----------------------------------------------------------------
 
     def setup(self, state: LoopState) -> None:
-        self._rows, self._envelopes, self._printed, self._unlogged = [], [], [], None
+        self._rows, self._envelopes, self._printed = [], [], []
+        self._cadence = Cadence()
         self.picture, self._summary_trouble, self.degraded = RunPicture(), None, None
         self._num_steps = state.num_steps
         if state.rank != 0:
@@ -158,13 +159,10 @@ class LocalLoggerCallback(Callback):
     def _step(self, event: StepEnded) -> None:
         step, metrics = event.step, event.metrics
         self.picture.step(step, metrics)
-        every, last = self.log_every, step + 1 == self._num_steps
-        if every == 1 or last or due(step, every):
-            self._rows.append(_Row("train", step, event.ts, metrics))
-            self._unlogged = None
-        else:
-            self._unlogged = _Row("train", step, event.ts, metrics)
-        every = self.print_every
+        row = _Row("train", step, event.ts, metrics)
+        if self._cadence.take(step, self._num_steps, self.log_every, row):
+            self._rows.append(row)
+        every, last = self.print_every, step + 1 == self._num_steps
         if every and (due(step, every) or last):
             self._printed.append(f"[{step + 1}/{self._num_steps}] {self._cells(metrics)}")
 
@@ -177,9 +175,9 @@ class LocalLoggerCallback(Callback):
             self._printed.append(f"{where} eval {event.eval_name}: {cells}")
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:
-        if self._unlogged is not None:  # the last step that ran is always a row
-            self._rows.append(self._unlogged)
-            self._unlogged = None
+        last = self._cadence.left()
+        if last is not None:  # the last step that ran is always a row
+            self._rows.append(last)
         if self.run_dir is None:
             return
         steps_done = state.start_step + artifacts.steps_completed

@@ -120,7 +120,7 @@ class MlflowLoggerCallback(Callback):
         self._sender: Sender | None = None
         # a deque: a benchmark hook run by dispatch in another thread adds to it too
         self._points: deque[Point] = deque()
-        self._cadence = Cadence()
+        self._cadence: Cadence[StepEnded] = Cadence()
         self._status = "FINISHED"
         self._renamed: dict[str, str] = {}
 
@@ -207,7 +207,7 @@ class MlflowLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if self._cadence.take(event, self.log_every):
+            if self._cadence.take(event.step, event.num_steps, self.log_every, event):
                 self._add(event.ts, event.step, event.metrics.items())
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)

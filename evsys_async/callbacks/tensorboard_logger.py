@@ -100,7 +100,7 @@ class TensorBoardLoggerCallback(Callback):
         self.run_log_dir: Path | None = None
         self._file: EventFile | None = None
         self._protos: Any = None
-        self._cadence = Cadence()
+        self._cadence: Cadence[StepEnded] = Cadence()
         self._resume_step = 0
         self._started = False
 
@@ -162,7 +162,7 @@ class TensorBoardLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if self._cadence.take(event, self.log_every):
+            if self._cadence.take(event.step, event.num_steps, self.log_every, event):
                 self._scalars(events, event.ts, event.step, event.metrics.items())
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)

@@ -96,7 +96,7 @@ class WandbLoggerCallback(Callback):
         self.prefix = prefix.strip("/")
         #: why the callback is off for the current run (``None``: it is on)
         self.disabled_reason: str | None = None
-        self._cadence = Cadence()
+        self._cadence: Cadence[StepEnded] = Cadence()
         self._lost = self._unsent = 0
         self._missing_from: int | None = None
 
@@ -179,7 +179,7 @@ class WandbLoggerCallback(Callback):
         kind = type(event)
         if kind is StepEnded:
             assert isinstance(event, StepEnded)
-            if self._cadence.take(event, self.log_every):
+            if self._cadence.take(event.step, event.num_steps, self.log_every, event):
                 self._log(run, event.step, event.metrics.items())
         elif kind is EvalEnded:
             assert isinstance(event, EvalEnded)
