@@ -10,20 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["plain", "scalars"]
+__all__ = ["plain", "scalar", "scalars"]
 
 
 def scalars(values: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``values`` that are one number: ints, floats and one-element
     tensors, left as they are (the session converts them); the rest is left out."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        numel = getattr(value, "numel", None)
-        if (callable(numel) and numel() == 1) or (
-            isinstance(value, int | float) and not isinstance(value, bool)
-        ):
-            out[str(key)] = value
-    return out
+    return {str(key): value for key, value in values.items() if scalar(value)}
+
+
+def scalar(value: Any) -> bool:
+    """``value`` is one number: an int, a float or a one-element tensor."""
+    numel = getattr(value, "numel", None)
+    if callable(numel):
+        return bool(numel() == 1)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def plain(config: Mapping[str, Any]) -> dict[str, Any]:

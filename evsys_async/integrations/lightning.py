@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import import_extra
 from ..session import Session
-from ._values import plain, scalars
+from ._values import plain, scalar, scalars
 
 __all__ = ["EvsysCallback"]
 
@@ -125,8 +125,10 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
             return
         self._last_step = step
         metrics = self._logged(trainer.callback_metrics)
-        for key, value in scalars(_outputs(outputs)).items():
-            metrics.setdefault(key, value)
+        if outputs is not None:  # what training_step returned: its loss, unless logged
+            for key, value in _outputs(outputs).items():
+                if key not in metrics and scalar(value):
+                    metrics[key] = value
         session.step_ended(step, metrics, batch=batch)
         if session.should_stop:
             trainer.should_stop = True
@@ -156,13 +158,13 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
         call: Lightning stores each newly logged value as a new tensor, so a value that
         is still the very object seen last time was not logged again."""
         seen = self._seen
-        new = {k: v for k, v in current.items() if seen.get(k) is not v}
-        seen.update(current)
-        return scalars(new)
+        new = {}
+        for key, value in current.items():
+            if seen.get(key) is not value:
+                seen[key] = new[key] = value
+        return scalars(new) if new else new
 
 
 def _outputs(outputs: Any) -> Mapping[str, Any]:
     """``training_step``'s return as a mapping: a lone tensor is its ``loss``."""
-    if isinstance(outputs, Mapping):
-        return outputs
-    return {} if outputs is None else {"loss": outputs}
+    return outputs if isinstance(outputs, Mapping) else {"loss": outputs}

@@ -61,6 +61,8 @@ class Plan:
         # a steering callback sees every step (or a stop): then every boundary has work
         self._always = barrier.applies(StepEnded) or barrier.applies(StopRequested)
         self._coordinator = settings.coordinator
+        #: an eval or a checkpoint falls due at some steps
+        self._periodic = bool(self._every or self._save_every)
 
     def needed(self, step_idx: int) -> bool:
         """The boundary after ``step_idx`` has work: a steering callback, a request, or
@@ -69,6 +71,8 @@ class Plan:
             return True
         if self._coordinator is not None and self._coordinator.pending:
             return True
+        if not self._periodic:
+            return False
         i = step_idx + 1
         if self._save_every and i % self._save_every == 0:
             return True

@@ -47,6 +47,10 @@ _repr.maxstring = _repr.maxother = 60
 _TEXT = (str, bytes, bytearray)
 
 
+class _Never:
+    """Stands for ``torch.Tensor`` where torch is not imported: no value is of it."""
+
+
 class _OnDevice:
     """A metric value's copy, made on its device without waiting for it; ``value()``
     (in the converter's thread) waits for the copy and returns the float."""
@@ -115,6 +119,10 @@ class MetricReader:
         self.failed: BaseException | None = None
         self._warned: set[str] = set()
         self._lock = threading.Lock()  # _warned is also written by the converter
+        torch = sys.modules.get("torch")  # never imported here
+        #: ``torch.Tensor`` when torch was imported before this reader was made: a CPU
+        #: tensor of it takes the short path in :meth:`read`
+        self._tensor: type = torch.Tensor if torch is not None else _Never
 
     def step_output(self, out: Any, step_idx: int) -> tuple[dict[str, float] | Pending, Any]:
         """A step's return value as ``(metrics, batch)``; raises ``TypeError`` for one
@@ -142,6 +150,11 @@ class MetricReader:
                 out[key if key.__class__ is str else str(key)] = value
             elif cls is int:
                 out[key if key.__class__ is str else str(key)] = float(value)
+            elif cls is self._tensor and value.is_cpu:  # a trainer's logged loss
+                try:  # float() of a CPU tensor waits for nothing
+                    out[key if key.__class__ is str else str(key)] = float(value)
+                except ValueError:  # several elements
+                    self._not_a_number(str(key), value, step_idx)
             else:
                 on_device |= self._leaf(out, str(key), value, step_idx)
         if not on_device:

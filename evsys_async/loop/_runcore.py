@@ -45,6 +45,8 @@ class RunCore:
         self.state = state
         self.artifacts = artifacts
         self.adapters = adapters
+        #: the adapters of ``wants_batch`` callbacks: a step's batch goes to these
+        self.batch_takers = [a for a in adapters if getattr(a.callback, "wants_batch", False)]
         self.bus = bus
         #: the run made ``bus``: the shutdown drains all of it and bounds its close
         self.owns_bus = owns_bus

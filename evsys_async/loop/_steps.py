@@ -60,6 +60,9 @@ class StepsRun(BoundaryRun, Protocol):
     def adapters(self) -> Sequence[CallbackAdapter]: ...
 
     @property
+    def batch_takers(self) -> Sequence[CallbackAdapter]: ...
+
+    @property
     def step_thread(self) -> StepThread: ...
 
 
@@ -133,7 +136,7 @@ async def _async_steps(run: StepsRun, settings: RunSettings, steps: _Steps) -> S
     state, step, start = run.state, settings.step, settings.start_step
     artifacts, emit, plan, boundary = run.artifacts, run.emit, steps.plan, steps.boundary
     read, converter = steps.reader.step_output, steps.converter
-    batch_takers = _batch_takers(run)
+    batch_takers = run.batch_takers
     for step_idx in range(start, state.num_steps):
         state.step = step_idx
         try:
@@ -266,7 +269,7 @@ def _drive(run: StepsRun, settings: RunSettings, steps: _Steps, gate: Gate) -> S
 def _steps_in_thread(run: StepsRun, settings: RunSettings, steps: _Steps, gate: Gate) -> Status:
     state, step, start = run.state, settings.step, settings.start_step
     artifacts = run.artifacts
-    batch_takers = _batch_takers(run)
+    batch_takers = run.batch_takers
     publish, read, converter = run.bus.publish, steps.reader.step_output, steps.converter
     run_key, rank, num_steps = settings.run_key, state.rank, state.num_steps
     step_thread = run.step_thread
@@ -294,7 +297,3 @@ def _steps_in_thread(run: StepsRun, settings: RunSettings, steps: _Steps, gate: 
                 )
             )
     return "completed"
-
-
-def _batch_takers(run: StepsRun) -> list[CallbackAdapter]:
-    return [a for a in run.adapters if getattr(a.callback, "wants_batch", False)]

@@ -71,8 +71,12 @@ class SessionRun(RunCore):
         self.converter = Converter(
             f"evsys-convert:{settings.run_key}",
             bus.publish,
-            lambda step, metrics: self.make(
-                StepEnded, step=step, num_steps=state.num_steps, metrics=metrics
+            lambda step, metrics: StepEnded(
+                run_key=self.run_key,
+                rank=state.rank,
+                step=step,
+                num_steps=state.num_steps,
+                metrics=metrics,
             ),
         )
         #: the shutdown's view of a cancel (a session is never cancelled by loop.cancel)

@@ -45,7 +45,7 @@ from ..errors import describe
 from ..events import CheckpointSaved, EvalEnded, Event
 from ..events._frozen import FrozenDict
 from ..loop._checkpoints import check_state_keys
-from ..loop._metrics import MetricReader, Pending
+from ..loop._metrics import MetricReader
 from ..loop._runfiles import write_hparams
 from ..loop._settings import RunSettings
 from ..state import LogContext, LoopArtifacts, LoopState, Status
@@ -75,7 +75,11 @@ class Session:
     ``coordinator`` keeps ranks in step (``TorchDistributedCoordinator`` under
     torchrun): every rank's ``should_stop`` says stop after the same step.
     ``backend`` is the event loop of a ``with`` session (``"asyncio"`` or
-    ``"trio"``); ``async with`` uses the caller's.
+    ``"trio"``); ``async with`` uses the caller's. ``batch_delay`` is how long
+    an event may wait to reach the callbacks in a batch with the ones after it
+    (0.1 s, five times a loop's): each hand-over wakes threads that take the
+    GIL from the trainer, so a session makes few, large ones (docs/trainers.md,
+    "What it costs"). A stop check and the end never wait for it.
 
     Raises ``ValueError``/``TypeError`` for bad arguments, naming the argument
     and the fix, and ``ConfigError`` for a bad callback spec, all before
@@ -94,7 +98,7 @@ class Session:
         start_step: int = 0,
         control_timeout: float = 10.0,
         drain_timeout: float = 60.0,
-        batch_delay: float = 0.02,
+        batch_delay: float = 0.1,
         callback_errors: Literal["log", "raise"] = "log",
         strict: bool = False,
         rank: int | None = None,
@@ -187,17 +191,15 @@ class Session:
         number (nothing is published then) and ``RuntimeError`` outside the block.
         """
         run = self._open_run("step_ended")
-        values = self._read(metrics, step)
-        state = run.state
-        state.step = step
-        self._last_step = step
+        values = self._reader.read({} if metrics is None else metrics, step)
+        run.state.step = self._last_step = step
         done = step + 1 - self.start_step
-        if done > run.artifacts.steps_completed:
-            run.artifacts.steps_completed = done
+        artifacts = run.artifacts
+        if done > artifacts.steps_completed:
+            artifacts.steps_completed = done
         if batch is not None:
-            for adapter in run.adapters:
-                if adapter.callback.wants_batch:
-                    adapter.offer_batch(step, batch)
+            for adapter in run.batch_takers:
+                adapter.offer_batch(step, batch)
         run.converter.publish_step(step, values)
 
     def eval_ended(self, step: int, eval_name: str, metrics: Mapping[str, Any]) -> None:
@@ -303,12 +305,6 @@ class Session:
                 "`with Session(...) as session:` (or `async with`)"
             )
         return run
-
-    def _read(self, metrics: Mapping[str, Any] | None, step: int) -> dict[str, float] | Pending:
-        """The one place a session reads a step's metrics (the loop's rule): floats, or
-        values still on a device that the run's converter turns into floats off this
-        thread, in step order."""
-        return self._reader.read({} if metrics is None else metrics, step)
 
     def _on_loop(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the session's event loop: now on its thread, else soon, in order."""

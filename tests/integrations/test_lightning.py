@@ -121,6 +121,41 @@ def test_steps_evals_and_checkpoints_arrive_in_order_with_what_lightning_logged(
     assert trainer.global_step == 10
 
 
+class Returning(Tiny):
+    """Logs nothing; returns its loss beside values that are not one number."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.logged[self.global_step] = loss.item()
+        return {"loss": loss, "preds": self.layer(x).detach(), "tag": "a", "lr": 0.05}
+
+
+def test_what_training_step_returns_gives_its_numbers_and_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = Recorder()
+    bridge = EvsysCallback([rec], output_dir=tmp_path, run_key="ret")
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g))
+    trainer = pl.Trainer(
+        max_steps=4,
+        callbacks=[bridge],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    module = Returning()
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    steps = rec.steps()
+    assert {s: m["loss"] for s, m in steps.items()} == module.logged
+    assert all(set(m) == {"loss", "lr"} for m in steps.values())
+    assert not [r for r in caplog.records if "not a number" in r.getMessage()]
+
+
 def test_a_stop_asked_on_step_k_ends_fit_after_step_k(tmp_path: Path) -> None:
     rec = Recorder()
     bridge = EvsysCallback([StopAt(3), rec], output_dir=tmp_path)

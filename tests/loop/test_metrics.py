@@ -65,6 +65,23 @@ def test_a_non_number_is_skipped_with_one_warning_per_key(
         assert sum(f"key={key} type={kind} step=0" in w for w in warned) == 1, (key, warned)
 
 
+def test_cpu_tensors_become_floats_and_one_of_many_values_is_skipped(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    torch = pytest.importorskip("torch", reason="needs torch (the test-integrations extra)")
+    reader = MetricReader("step", strict=False)  # made after torch was imported: short path
+    loss = (torch.tensor(0.25, requires_grad=True) * 2).detach()
+    got = reader.read(
+        {"loss": loss, "one": torch.tensor([3.0]), "n": torch.tensor(7), "many": torch.ones(3)},
+        step_idx=0,
+    )
+    assert got == {"loss": 0.5, "one": 3.0, "n": 7.0}
+    assert all(type(v) is float for v in got.values())
+    assert len(not_a_number_warnings(warnings_log)) == 1
+    with pytest.raises(TypeError, match=r"returned metric 'many' = .*not a number \(Tensor\)"):
+        MetricReader("step", strict=True).read({"many": torch.ones(3)}, step_idx=0)
+
+
 def test_under_strict_a_non_number_is_an_error_naming_it() -> None:
     reader = MetricReader("evaluator 'val'", strict=True)
     with pytest.raises(TypeError, match=r"evaluator 'val' returned metric 'acc/1' = 'x', which"):
