@@ -38,12 +38,13 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from time import monotonic
+from typing import Any
 
 from .._util.log import get_logger
 from ..errors import describe
 from ..state import Degraded
 
-__all__ = ["DEFAULT_MAX_HELD", "EventFile", "frame"]
+__all__ = ["DEFAULT_MAX_HELD", "EventFile", "frame", "masked_crc32c"]
 
 _log = get_logger()
 
@@ -52,6 +53,28 @@ DEFAULT_MAX_HELD = 50_000
 
 _HEADER = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
+
+
+def masked_crc32c() -> Callable[[bytes], int]:
+    """TFRecord's masked CRC-32C: google-crc32c's C code where it is installed (the
+    ``tensorboard`` extra brings it; ~0.3 us a record), else tensorboardX's, which is
+    pure Python (~9 us a record) unless the ``crc32c`` package is installed."""
+    google_crc32c: Any
+    try:
+        import google_crc32c
+    except ImportError:
+        google_crc32c = None
+    if google_crc32c is None or google_crc32c.implementation != "c":
+        from tensorboardX.record_writer import masked_crc32c as slow
+
+        return slow  # type: ignore[no-any-return]
+    value: Callable[[bytes], int] = google_crc32c.value
+
+    def masked(data: bytes) -> int:
+        x = value(data)
+        return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    return masked
 
 
 def frame(data: bytes, masked_crc: Callable[[bytes], int]) -> bytes:

@@ -43,7 +43,7 @@ from ..events import Envelope, EvalEnded, StepEnded, TrainEnded, TrainStarted
 from ..state import LoopState
 from ._format import Cadence, eval_metric_name
 from ._hparams import flat_hparams, hparams_of, hparams_yaml
-from ._tfevents import EventFile, frame
+from ._tfevents import EventFile, frame, masked_crc32c
 from ._values import benchmark_metrics, benchmark_name
 from .base import Callback
 from .registry import register_callback
@@ -229,9 +229,8 @@ class _Protos:
 
     def __init__(self) -> None:
         from tensorboardX.proto import event_pb2, summary_pb2
-        from tensorboardX.record_writer import masked_crc32c
 
-        self.event_pb2, self.summary_pb2, self.crc = event_pb2, summary_pb2, masked_crc32c
+        self.event_pb2, self.summary_pb2, self.crc = event_pb2, summary_pb2, masked_crc32c()
 
     def _framed(self, event: Any) -> bytes:
         return frame(event.SerializeToString(), self.crc)

@@ -17,8 +17,12 @@ from typing import Any
 import anyio
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 import evsys_async as ev
+from evsys_async.callbacks import _tfevents
+from evsys_async.callbacks._tfevents import masked_crc32c
 from evsys_async.callbacks.tensorboard_logger import TensorBoardLoggerCallback
 from evsys_async.events import EvalEnded, StepEnded, TrainEnded, TrainStarted
 from tests.callbacks.helpers import WAIT, drive, make_state, read_tfevents, run_events
@@ -356,3 +360,15 @@ def test_import_evsys_async_does_not_import_extras() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+@given(st.binary(max_size=300))
+def test_each_records_crc_is_tensorboards(data: bytes) -> None:
+    """The C CRC (google-crc32c, in the extra) masks as tensorboardX's pure Python one."""
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.record_writer import u32
+
+    fast = masked_crc32c()
+    assert fast.__module__ == _tfevents.__name__  # the C one: the extra installs it
+    x = u32(crc32c(data))  # tensorboardX's table, whatever crc32c package is installed
+    assert fast(data) == u32(((x >> 15) | u32(x << 17)) + 0xA282EAD8)
