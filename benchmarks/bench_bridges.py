@@ -2,7 +2,7 @@
 bare, with their own 20 ms callback inline, and with evsys-async callbacks through the
 bridge (``evsys_async.integrations``, ``evsys_async.Session``).
 
-Run: ``python benchmarks/bench_bridges.py`` (about five minutes; ``--quick`` for a
+Run: ``python benchmarks/bench_bridges.py`` (about six minutes; ``--quick`` for a
 smoke run). Needs torch, lightning, transformers and accelerate
 (``pip install -c <(echo torch==2.13.0) -e '.[test-integrations]'``); a framework
 that is missing is skipped and the script says so.
@@ -305,7 +305,7 @@ def available() -> dict[str, bool]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median of these)")
-    ap.add_argument("--steps", type=int, default=100, help="steps per run")
+    ap.add_argument("--steps", type=int, default=300, help="steps per run")
     ap.add_argument("--inline-steps", type=int, default=25, help="steps for inline 20 ms runs")
     ap.add_argument("--quick", action="store_true", help="smoke: 1 round, few steps")
     args = ap.parse_args()

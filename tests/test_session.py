@@ -13,6 +13,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,27 @@ def test_a_controls_loop_stop_is_seen_by_the_check_after_its_step(
     assert artifacts is not None
     assert (artifacts.status, artifacts.stop_reason) == ("stopped", "stop at 3")
     assert manifest(tmp_path / "run")["status"] == "stopped"
+
+
+def test_neither_a_stop_check_nor_the_end_waits_for_the_batch_delay(
+    tmp_path: Path, backend: str
+) -> None:
+    """Events reach the callbacks in batches every ``batch_delay``; a steering check and
+    the drain at the end hurry them (a delay far beyond the test's bound shows it)."""
+    stopper, rec = StopAt(3), Recorder()
+    checks: list[bool] = []
+    started = time.monotonic()
+    with ev.Session(
+        [stopper, rec], output_dir=tmp_path, backend=backend, batch_delay=4 * WAIT
+    ) as session:
+        for i in range(10):
+            session.step_ended(i, {"loss": 1.0})
+            checks.append(session.should_stop)
+            if checks[-1]:
+                break
+    assert time.monotonic() - started < WAIT  # not one batch delay
+    assert checks == [False, False, False, True]
+    assert rec.kinds() == ["start", *["step"] * 4, "stop", "end"]
 
 
 def test_a_stop_asked_from_a_callbacks_thread_is_seen_at_the_next_check(tmp_path: Path) -> None:
