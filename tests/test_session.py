@@ -260,8 +260,14 @@ def test_misuse_is_a_clear_error(tmp_path: Path) -> None:
         ev.Session([Recorder])
     with pytest.raises(ConfigError, match=r"callbacks\[1\].params.patiense"):
         ev.Session([Recorder(), {"kind": "early_stopping", "params": {"patiense": 3}}])
-    with pytest.raises(ValueError, match="control_timeout must be > 0"):
+    with pytest.raises(ValueError, match="control_timeout must be a number of seconds > 0"):
         ev.Session(control_timeout=0)
+    with pytest.raises(ValueError, match=r"drain_timeout must be .* got '60'"):
+        ev.Session(drain_timeout="60")  # type: ignore[arg-type]
+    for bad in (-1, "0.1", float("inf"), True):
+        with pytest.raises(ValueError, match=rf"batch_delay must be .* >= 0, got {bad!r}"):
+            ev.Session(batch_delay=bad)  # type: ignore[arg-type]
+    ev.Session(batch_delay=0)  # hand each event over at once
     rec = Recorder()
     with pytest.raises(ValueError, match=r"callbacks\[1\] is the same Recorder"):
         ev.Session([rec, rec])

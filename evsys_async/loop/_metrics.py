@@ -151,6 +151,8 @@ class MetricReader:
             elif cls is int:
                 out[key if key.__class__ is str else str(key)] = float(value)
             elif cls is self._tensor and value.is_cpu:  # a trainer's logged loss
+                if value.requires_grad:  # a loss as the step computed it: no grad to log
+                    value = value.detach()
                 try:  # float() of a CPU tensor waits for nothing
                     out[key if key.__class__ is str else str(key)] = float(value)
                 except ValueError:  # several elements

@@ -10,6 +10,7 @@ instances are built through the registry, every error placed
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,7 +67,8 @@ def check_options(
     num_steps: object,
     start_step: object,
     callback_errors: str,
-    timeouts: Mapping[str, float],
+    timeouts: Mapping[str, object],
+    batch_delay: object,
 ) -> None:
     """The plain options, each with an error that names it and its range."""
     if config is not None and not isinstance(config, Mapping):
@@ -82,8 +84,17 @@ def check_options(
             f"Session: callback_errors must be 'log' or 'raise', got {callback_errors!r}"
         )
     for name, value in timeouts.items():
-        if not value > 0:
-            raise ValueError(f"Session: {name} must be > 0 seconds, got {value}")
+        if not _seconds(value) or not value > 0:  # type: ignore[operator]
+            raise ValueError(f"Session: {name} must be a number of seconds > 0, got {value!r}")
+    if not _seconds(batch_delay) or not batch_delay >= 0:  # type: ignore[operator]
+        raise ValueError(
+            f"Session: batch_delay must be a number of seconds >= 0, got {batch_delay!r}"
+        )
+
+
+def _seconds(value: object) -> bool:
+    """``value`` is a finite number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def ranks_of(

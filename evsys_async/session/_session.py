@@ -111,11 +111,8 @@ class Session:
             num_steps=num_steps,
             start_step=start_step,
             callback_errors=callback_errors,
-            timeouts={
-                "control_timeout": control_timeout,
-                "drain_timeout": drain_timeout,
-                "batch_delay": batch_delay + 1.0,  # >= 0
-            },
+            timeouts={"control_timeout": control_timeout, "drain_timeout": drain_timeout},
+            batch_delay=batch_delay,
         )
         self.callbacks = callbacks_of(callbacks)
         self.output_dir = expand_path(output_dir, what="Session(output_dir=...)")

@@ -70,7 +70,7 @@ def test_cpu_tensors_become_floats_and_one_of_many_values_is_skipped(
 ) -> None:
     torch = pytest.importorskip("torch", reason="needs torch (the test-integrations extra)")
     reader = MetricReader("step", strict=False)  # made after torch was imported: short path
-    loss = (torch.tensor(0.25, requires_grad=True) * 2).detach()
+    loss = torch.tensor(0.25, requires_grad=True) * 2  # as a step returns it: no warning
     got = reader.read(
         {"loss": loss, "one": torch.tensor([3.0]), "n": torch.tensor(7), "many": torch.ones(3)},
         step_idx=0,
