@@ -8,7 +8,8 @@ smoke run). Needs torch, lightning, transformers and accelerate
 that is missing is skipped and the script says so.
 
 Every step is a tiny model's forward, backward and optimizer step plus 2 ms of
-sleep (the rest of a real step: data, a bigger model), logging its loss. Per
+sleep (the rest of a real step: data, a bigger model; ``--wait-ms``, 0 for the
+model alone), logging its loss. Per
 framework, in one run, interleaved (each round runs every scenario once, in a
 rotated order; figures are medians over the rounds, ratios medians of the per-round
 pairs with that round's bare run):
@@ -53,7 +54,15 @@ from _common import check_count, fmt, machine, med, print_table, run_main, sprea
 
 import evsys_async as ev
 
+#: the rest of a step beside the tiny model (data, a bigger model): a sleep; --wait-ms
 STEP_S = 0.002
+
+
+def _wait() -> None:
+    if STEP_S:
+        time.sleep(STEP_S)
+
+
 CB_S = 0.020
 WIDTH = 16
 
@@ -147,7 +156,7 @@ def run_lightning(scenario: str, n: int, out: str) -> Result:
             self.layer = torch.nn.Linear(WIDTH, WIDTH)
 
         def training_step(self, batch: Any, idx: int) -> Any:
-            time.sleep(STEP_S)
+            _wait()
             loss = self.layer(batch[0]).pow(2).mean()
             self.log("loss", loss)
             return loss
@@ -210,7 +219,7 @@ def run_hf(scenario: str, n: int, out: str) -> Result:
             self.layer = torch.nn.Linear(WIDTH, WIDTH)
 
         def forward(self, x: Any) -> dict[str, Any]:
-            time.sleep(STEP_S)
+            _wait()
             return {"loss": self.layer(x).pow(2).mean()}
 
     timer = Timer()
@@ -251,7 +260,7 @@ def run_plain(scenario: str, n: int, out: str) -> Result:
     data = torch.randn(n, WIDTH)
 
     def step(i: int) -> Any:
-        time.sleep(STEP_S)
+        _wait()
         opt.zero_grad()
         loss = model(data[i]).pow(2).mean()
         loss.backward()
@@ -303,12 +312,22 @@ def available() -> dict[str, bool]:
 
 
 def main() -> None:
+    global STEP_S
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median of these)")
     ap.add_argument("--steps", type=int, default=300, help="steps per run")
     ap.add_argument("--inline-steps", type=int, default=25, help="steps for inline 20 ms runs")
+    ap.add_argument(
+        "--wait-ms",
+        type=float,
+        default=STEP_S * 1e3,
+        help="sleep in each step beside the tiny model (0: the model alone, never waiting)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke: 1 round, few steps")
     args = ap.parse_args()
+    if args.wait_ms < 0:
+        ap.error(f"--wait-ms must be >= 0, got {args.wait_ms:g}")
+    STEP_S = args.wait_ms / 1e3
     if args.quick:
         args.repeats, args.steps, args.inline_steps = 1, 12, 4
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
