@@ -120,9 +120,10 @@ class EvsysCallback(_hf.TrainerCallback):  # type: ignore[misc]
         session = self.session
         if session is None or not logs or _SUMMARY in logs:
             return
-        if any(str(key).startswith("eval_") for key in logs):  # on_evaluate has them
+        values = scalars(logs)
+        if any(key.startswith("eval_") for key in values):  # on_evaluate has them
             return
-        session.step_ended(max(state.global_step - 1, 0), scalars(logs))
+        session.step_ended(max(state.global_step - 1, 0), values)
         self._check(control)
 
     def on_evaluate(
