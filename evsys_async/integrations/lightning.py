@@ -68,6 +68,7 @@ class EvsysCallback(_pl.Callback):  # type: ignore[misc]
         self.callbacks = list(callbacks or ())
         self.eval_name = eval_name
         self.session_options = session_options
+        Session(self.callbacks, **session_options)  # bad options fail here, not inside fit
         self.session: Session | None = None
         self.artifacts: Any = None
         self._seen: dict[str, Any] = {}

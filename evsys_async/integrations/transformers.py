@@ -72,6 +72,7 @@ class EvsysCallback(_hf.TrainerCallback):  # type: ignore[misc]
         self.callbacks = list(callbacks or ())
         self.eval_name = eval_name
         self.session_options = session_options
+        Session(self.callbacks, **session_options)  # bad options fail here, not inside fit
         self.session: Session | None = None
         self.artifacts: Any = None
 
