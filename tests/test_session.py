@@ -362,3 +362,15 @@ def test_device_metrics_are_converted_off_the_callers_thread_in_order(tmp_path: 
     assert kinds[:11] == ["start", *["step"] * 10]
     assert kinds[11:13] == ["eval", "ckpt"]
     assert kinds[13:] == [*["step"] * 10, "end"]
+
+
+def test_progress_lines_without_a_known_number_of_steps_show_the_step_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with ev.Session(["local_logger", "print_progress"], output_dir=tmp_path) as session:
+        for i in range(3):
+            session.step_ended(i, {"loss": 0.5})
+        session.eval_ended(2, "val", {"acc": 0.75})
+    out = capsys.readouterr().out
+    assert "[3] loss=0.5000" in out and "[3] eval val: acc=0.7500" in out
+    assert "/0]" not in out

@@ -18,7 +18,15 @@ from __future__ import annotations
 import math
 from typing import Any, Generic, TypeVar
 
-__all__ = ["DEFAULT_EVAL_NAME", "Cadence", "due", "eval_metric_name", "fmt_value", "human_step"]
+__all__ = [
+    "DEFAULT_EVAL_NAME",
+    "Cadence",
+    "due",
+    "eval_metric_name",
+    "fmt_value",
+    "human_step",
+    "step_of",
+]
 
 T = TypeVar("T")
 
@@ -46,6 +54,12 @@ def eval_metric_name(eval_name: str, key: str) -> str:
 def human_step(step_idx: int | None) -> str:
     """The step as people count it: index 0 is step 1."""
     return "?" if step_idx is None else str(step_idx + 1)
+
+
+def step_of(step_idx: int, num_steps: int) -> str:
+    """A progress line's ``[step/steps]``; ``[step]`` when the number of steps is not
+    known (0: a session over a trainer that does not say)."""
+    return f"[{step_idx + 1}/{num_steps}]" if num_steps > 0 else f"[{step_idx + 1}]"
 
 
 def due(step_idx: int, every: int) -> bool:

@@ -48,7 +48,7 @@ from ..errors import describe
 from ..events import Envelope, EvalEnded, StepEnded, TrainStarted, UnknownEvent, encode
 from ..state import Degraded, LoopArtifacts, LoopState
 from ..transports.jsonl import log_header
-from ._format import Cadence, due
+from ._format import Cadence, due, step_of
 from ._format import fmt_value as _fmt_value
 from ._picture import RunPicture
 from ._values import DEFAULT_BENCHMARK_NAME, benchmark_name
@@ -164,14 +164,14 @@ class LocalLoggerCallback(Callback):
             self._rows.append(row)
         every, last = self.print_every, step + 1 == self._num_steps
         if every and (due(step, every) or last):
-            self._printed.append(f"[{step + 1}/{self._num_steps}] {self._cells(metrics)}")
+            self._printed.append(f"{step_of(step, self._num_steps)} {self._cells(metrics)}")
 
     def _eval(self, event: EvalEnded) -> None:
         self.picture.eval(event.step, event.eval_name, event.metrics)
         self._rows.append(_Row("val", event.step, event.ts, event.metrics, event.eval_name))
         if self.print_every:
             cells = self._cells(event.metrics, False)
-            where = f"[{event.step + 1}/{self._num_steps}]"
+            where = step_of(event.step, self._num_steps)
             self._printed.append(f"{where} eval {event.eval_name}: {cells}")
 
     def on_train_end(self, state: LoopState, artifacts: LoopArtifacts) -> None:

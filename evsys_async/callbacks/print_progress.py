@@ -23,7 +23,7 @@ import msgspec
 
 from ..policies import Latest, Lossless, Policy
 from ..state import LoopArtifacts, LoopState
-from ._format import due
+from ._format import due, step_of
 from ._format import fmt_value as _fmt_value
 from .base import Callback
 from .registry import register_callback
@@ -111,7 +111,7 @@ class PrintProgressCallback(Callback):
             self._unprinted = (step_idx, metrics)
             return
         self._printed_first, self._unprinted = True, None
-        line = f"[{step_idx + 1}/{num_steps}] {_cells(metrics, self.keys)}".rstrip()
+        line = f"{step_of(step_idx, num_steps)} {_cells(metrics, self.keys)}".rstrip()
         self.stream.write(line + "\n")
 
     def on_eval(
@@ -119,7 +119,7 @@ class PrintProgressCallback(Callback):
     ) -> None:
         if state.rank != 0:
             return
-        line = f"[{step_idx + 1}/{state.num_steps}] eval {eval_name}: {_cells(metrics, None)}"
+        line = f"{step_of(step_idx, state.num_steps)} eval {eval_name}: {_cells(metrics, None)}"
         if self._bar is not None:
             self._bar.write(line.rstrip(), file=self.stream)
         else:
@@ -129,7 +129,7 @@ class PrintProgressCallback(Callback):
         self._close_bar()
         if self._unprinted is not None and state.rank == 0:  # the last step that ran
             step_idx, metrics = self._unprinted
-            line = f"[{step_idx + 1}/{state.num_steps}] {_cells(metrics, self.keys)}"
+            line = f"{step_of(step_idx, state.num_steps)} {_cells(metrics, self.keys)}"
             self.stream.write(line.rstrip() + "\n")
             self._unprinted = None
         if artifacts.status != "completed" and state.rank == 0:
