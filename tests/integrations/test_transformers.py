@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from evsys_async.errors import ConfigError
 from tests.integrations.helpers import (
     INSTALL,
     Crashing,
@@ -176,15 +175,3 @@ def test_a_crashing_process_callback_never_stops_training(tmp_path: Path) -> Non
     assert [n["step"] for n in notes(path) if n["hook"] == "step"] == list(range(10))
     crashed = bridge.artifacts.callback_report["Crashing"]
     assert crashed.disabled is not None and "process died" in crashed.disabled
-
-
-def test_bad_options_fail_when_the_callback_is_made_not_inside_the_trainer(
-    tmp_path: Path,
-) -> None:
-    with pytest.raises(TypeError, match="outptu_dir"):
-        EvsysCallback(["local_logger"], outptu_dir=tmp_path)
-    with pytest.raises(ValueError, match="batch_delay must be a number of seconds"):
-        EvsysCallback(["local_logger"], batch_delay="x")
-    with pytest.raises(ConfigError, match=r"callbacks\[0\].*no_such_logger"):
-        EvsysCallback(["no_such_logger"], output_dir=tmp_path)
-    assert not list(tmp_path.iterdir())  # nothing claimed, nothing started
